@@ -7,12 +7,14 @@ roles), so a restarted labd, ``lab status`` and the tests see the same state.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from lab.config import LabConfig
@@ -63,6 +65,7 @@ class Build:
 class Service:
     pid: int
     version: str | None
+    started: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -126,6 +129,9 @@ class World:
         self.databases: dict[str, dict] = {}
         self.roles: dict[str, dict] = {}
         self.faults: dict[str, dict] = {}
+        # In memory only: per-host (and per-database) locks, the audit log handle.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._audit_file = None
 
     # -- loading and saving ------------------------------------------------------------
     @classmethod
@@ -212,3 +218,52 @@ class World:
 
     def build_running_on(self, state: HostState) -> Build | None:
         return self.builds.get(state.running or "")
+
+    def hosts_down(self) -> list[str]:
+        return [name for name, state in self.hosts.items() if not state.reachable]
+
+    # -- changes (callers save) ----------------------------------------------------------
+    def lock(self, key: str) -> asyncio.Lock:
+        """The lock serializing work on one host (its name) or database (``db:NAME``)."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def set_installed(self, state: HostState, version: str) -> None:
+        """The package is now ``version``; a new package drops hot patches."""
+        if state.installed != version:
+            state.patches = []
+        state.installed = version
+
+    def restart_services(self, state: HostState, services: list[str] | None = None) -> list[str]:
+        """Restart services (all by default): new PIDs, running the installed version."""
+        names = list(state.services) if services is None else services
+        now = time.time()
+        for name in names:
+            state.services[name] = Service(new_pid(), state.installed, now)
+        return names
+
+    def set_reachable(self, name: str, reachable: bool) -> None:
+        self.hosts[name].reachable = reachable
+        self.save_host(name)
+
+    # -- audit -------------------------------------------------------------------------
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / "audit.log"
+
+    def audit(self, host: str, command: str, code: int, duration: float) -> None:
+        """Append one line: ISO time, host, exit code, seconds, command (tab separated)."""
+        if self._audit_file is None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._audit_file = open(self.audit_path, "a", encoding="utf-8")  # noqa: SIM115
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        command = command.replace("\t", " ").replace("\n", " ")
+        self._audit_file.write(f"{stamp}\t{host}\t{code}\t{duration:.3f}\t{command}\n")
+        self._audit_file.flush()
+
+    def close(self) -> None:
+        if self._audit_file is not None:
+            self._audit_file.close()
+            self._audit_file = None

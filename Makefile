@@ -1,0 +1,62 @@
+# liftoff: `make demo` and `make test` each do the whole set-up first (make setup).
+SHELL := /bin/bash
+ROOT := $(shell pwd)
+VENV := $(ROOT)/.venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := openssh-server openssh-client haproxy prometheus prometheus-alertmanager prometheus-pushgateway
+ENV := source $(ROOT)/scripts/env.sh &&
+
+.PHONY: setup apt venv airflow-db demo test test-unit lint bench lab-up lab-down lab-status clean
+
+setup: apt venv airflow-db
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi; \
+	for svc in haproxy prometheus prometheus-alertmanager prometheus-pushgateway ssh; do \
+	  (command -v systemctl >/dev/null && systemctl is-active -q $$svc 2>/dev/null && systemctl stop $$svc) || true; \
+	done
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+airflow-db: venv
+	@$(ENV) mkdir -p "$$AIRFLOW_HOME" && airflow db migrate >"$$AIRFLOW_HOME/db-migrate.log" 2>&1 \
+	  || { tail -30 "$$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+
+demo: setup
+	$(ENV) python -m lab up && python -m demo
+
+test: setup
+	$(ENV) python -m pytest -q tests
+
+test-unit: setup
+	$(ENV) python -m pytest -q tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check dags plugins include lab tests bench
+
+bench: setup
+	$(ENV) python bench/fleet_rollout.py
+
+lab-up: setup
+	$(ENV) python -m lab up
+
+lab-down: venv
+	$(ENV) python -m lab down
+
+lab-status: venv
+	$(ENV) python -m lab status
+
+clean: lab-down
+	rm -rf .airflow .lab

@@ -1,0 +1,480 @@
+"""The GitLab REST v4 subset python-gitlab uses to trigger a QA pipeline and follow it.
+
+Listens on ``config.control_addr:config.gitlab_port``. One project,
+``gitlab-org/quality/gitlab-qa-runner``, whose triggered pipelines run the smoke jobs of
+``lab.qa_jobs``. Reads need the private token (``PRIVATE-TOKEN`` header,
+``Authorization: Bearer`` or ``private_token=``), else 401; triggering needs the trigger
+token, else 404 like GitLab. Both are generated on first start and kept in
+``<lab_dir>/secrets/gitlab.json`` (mode 0600).
+
+Endpoints (under ``/api/v4``): ``GET /user``, ``GET /version``, ``GET /projects``,
+``GET /projects/:id``, ``POST /projects/:id/trigger/pipeline``,
+``GET /projects/:id/pipelines[/:pid[/jobs|/variables]]``,
+``POST /projects/:id/pipelines/:pid/cancel|retry``, ``GET /projects/:id/jobs[/:jid[/trace]]``,
+``POST /projects/:id/jobs/:jid/cancel|retry``. ``:id`` is the number or the URL-encoded path.
+Plain HTML views answer at the ``web_url`` of pipelines and jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import json
+import math
+import os
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+
+from lab.config import LabConfig
+from lab.model import World
+from lab.qa_jobs import Job, Pipeline, QARunner
+
+QA_PROJECT_ID = 1
+QA_PROJECT_PATH = "gitlab-org/quality/gitlab-qa-runner"
+SERVER_VERSION = "17.6.0-ee"  # the ops instance's own version, not the fleet's
+DEFAULT_PER_PAGE = 20
+MAX_PER_PAGE = 100
+
+RUNNER = {"id": 1, "description": "lab-qa-runner", "active": True, "paused": False, "is_shared": False,
+          "runner_type": "project_type", "name": "gitlab-runner", "online": True, "status": "online"}
+
+
+# -- tokens ------------------------------------------------------------------------------
+def secrets_file(config: LabConfig) -> Path:
+    return config.path("secrets", "gitlab.json")
+
+
+def ensure_tokens(config: LabConfig) -> dict[str, str]:
+    """The lab's GitLab tokens, generated (mode 0600) on first use."""
+    file = secrets_file(config)
+    if file.exists():
+        return load_tokens(config)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(file.parent, 0o700)
+    tokens = {"private_token": "glpat-" + secrets.token_urlsafe(15),
+              "trigger_token": "glptt-" + secrets.token_hex(20)}
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(tokens, f, indent=1)
+    os.replace(tmp, file)
+    return tokens
+
+
+def load_tokens(config: LabConfig) -> dict[str, str]:
+    """``{"private_token": ..., "trigger_token": ...}`` of a lab that has started."""
+    return json.loads(secrets_file(config).read_text())
+
+
+# -- JSON shapes -------------------------------------------------------------------------
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sha_of(ref: str) -> str:
+    return hashlib.sha1(f"{QA_PROJECT_PATH}@{ref}".encode()).hexdigest()
+
+
+def user_json(base: str) -> dict:
+    return {"id": 1, "username": "liftoff-bot", "name": "liftoff bot", "state": "active", "locked": False,
+            "avatar_url": None, "web_url": f"{base}/liftoff-bot", "bot": True, "is_admin": False}
+
+
+def project_json(base: str) -> dict:
+    return {
+        "id": QA_PROJECT_ID,
+        "name": "gitlab-qa-runner",
+        "name_with_namespace": "GitLab.org / quality / gitlab-qa-runner",
+        "path": "gitlab-qa-runner",
+        "path_with_namespace": QA_PROJECT_PATH,
+        "description": "Runs GitLab QA smoke suites against deployed environments (lab).",
+        "default_branch": "master",
+        "visibility": "private",
+        "web_url": f"{base}/{QA_PROJECT_PATH}",
+        "http_url_to_repo": f"{base}/{QA_PROJECT_PATH}.git",
+        "namespace": {"id": 2, "name": "quality", "path": "quality", "kind": "group",
+                      "full_path": "gitlab-org/quality", "web_url": f"{base}/groups/gitlab-org/quality"},
+        "created_at": "2024-01-01T00:00:00.000Z",
+        "last_activity_at": iso(time.time()),
+        "archived": False,
+    }
+
+
+def _detailed_status(status: str, path: str) -> dict:
+    label = {"success": "passed", "failed": "failed", "running": "running", "canceled": "canceled"}
+    text = label.get(status, status)
+    return {"icon": f"status_{status}", "text": text, "label": text, "group": status, "tooltip": text,
+            "has_details": True, "details_path": path, "illustration": None,
+            "favicon": f"/assets/ci_favicons/favicon_status_{status}.png"}
+
+
+def pipeline_json(p: Pipeline, base: str) -> dict:
+    path = f"/{QA_PROJECT_PATH}/-/pipelines/{p.id}"
+    status = p.status
+    started, finished = p.started_at, p.finished_at
+    return {
+        "id": p.id,
+        "iid": p.iid,
+        "project_id": QA_PROJECT_ID,
+        "sha": sha_of(p.ref),
+        "ref": p.ref,
+        "status": status,
+        "source": p.source,
+        "created_at": iso(p.created_at),
+        "updated_at": iso(p.updated_at),
+        "web_url": f"{base}{path}",
+        "before_sha": "0" * 40,
+        "tag": False,
+        "yaml_errors": None,
+        "user": user_json(base),
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "committed_at": None,
+        "duration": round(finished - started) if started and finished else None,
+        "queued_duration": round(started - p.created_at, 3) if started else None,
+        "coverage": None,
+        "name": None,
+        "detailed_status": _detailed_status(status, path),
+    }
+
+
+def job_json(job: Job, pipeline: Pipeline, base: str) -> dict:
+    data = {
+        "id": job.id,
+        "status": job.status,
+        "stage": job.stage,
+        "name": job.name,
+        "ref": pipeline.ref,
+        "tag": False,
+        "coverage": None,
+        "allow_failure": False,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "erased_at": None,
+        "duration": job.duration,
+        "queued_duration": (job.started_at - job.created_at) if job.started_at else None,
+        "user": user_json(base),
+        "commit": {"id": sha_of(pipeline.ref), "short_id": sha_of(pipeline.ref)[:8],
+                   "title": f"QA for {pipeline.ref}", "created_at": iso(pipeline.created_at)},
+        "pipeline": {k: v for k, v in pipeline_json(pipeline, base).items()
+                     if k in ("id", "iid", "project_id", "sha", "ref", "status", "source",
+                              "created_at", "updated_at", "web_url")},
+        "web_url": f"{base}/{QA_PROJECT_PATH}/-/jobs/{job.id}",
+        "project": {"ci_job_token_scope_enabled": False},
+        "artifacts": [],
+        "artifacts_expire_at": None,
+        "runner": RUNNER,
+        "tag_list": ["qa"],
+        "retried": job.retried,
+    }
+    if job.status == "failed":
+        data["failure_reason"] = job.failure_reason or "script_failure"
+    return data
+
+
+def _error(status: int, message: str, key: str = "message") -> web.Response:
+    return web.json_response({key: message}, status=status)
+
+
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def paginate(request: web.Request, items: list) -> web.Response:
+    """One page of ``items`` with GitLab's pagination headers and Link."""
+    per_page = min(max(_int(request.query.get("per_page"), DEFAULT_PER_PAGE), 1), MAX_PER_PAGE)
+    total = len(items)
+    pages = max(1, math.ceil(total / per_page))
+    page = max(_int(request.query.get("page"), 1), 1)
+    chunk = items[(page - 1) * per_page: page * per_page]
+    headers = {"X-Page": str(page), "X-Per-Page": str(per_page), "X-Total": str(total),
+               "X-Total-Pages": str(pages), "X-Next-Page": str(page + 1) if page < pages else "",
+               "X-Prev-Page": str(page - 1) if page > 1 else ""}
+    links = []
+    if page > 1:
+        links.append(f'<{request.url.update_query(page=page - 1, per_page=per_page)}>; rel="prev"')
+    if page < pages:
+        links.append(f'<{request.url.update_query(page=page + 1, per_page=per_page)}>; rel="next"')
+    links.append(f'<{request.url.update_query(page=1, per_page=per_page)}>; rel="first"')
+    links.append(f'<{request.url.update_query(page=pages, per_page=per_page)}>; rel="last"')
+    headers["Link"] = ", ".join(links)
+    return web.json_response(chunk, headers=headers)
+
+
+def _scopes(request: web.Request) -> set[str]:
+    values = request.query.getall("scope[]", []) + request.query.getall("scope", [])
+    return {s for v in values for s in v.split(",") if s}
+
+
+def parse_variables(data) -> dict[str, str]:
+    """Trigger variables from a JSON object or form fields ``variables[KEY]=V``."""
+    variables: dict[str, str] = {}
+    raw = data.get("variables") if hasattr(data, "get") else None
+    if isinstance(raw, dict):
+        variables.update({str(k): "" if v is None else str(v) for k, v in raw.items()})
+    elif raw is not None and not isinstance(raw, str):
+        raise ValueError("variables is invalid")
+    for key in data:
+        if isinstance(key, str) and key.startswith("variables[") and key.endswith("]"):
+            variables[key[len("variables["):-1]] = str(data[key])
+    return variables
+
+
+# -- the server --------------------------------------------------------------------------
+class GitlabApi:
+    """The QA GitLab instance; ``close()`` stops it and its running jobs."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.config = world.config
+        self.url = self.config.gitlab_url
+        self.tokens = ensure_tokens(self.config)
+        self.runner = QARunner(world)
+        self.app = web.Application(middlewares=[self._auth])
+        self._routes()
+        self._runner: web.AppRunner | None = None
+
+    def _routes(self) -> None:
+        r = self.app.router
+        api = "/api/v4"
+        proj = f"{api}/projects/{{project}}"
+        r.add_get(f"{api}/user", self.get_user)
+        r.add_get(f"{api}/version", self.get_version)
+        r.add_get(f"{api}/projects", self.list_projects)
+        r.add_get(proj, self.get_project)
+        r.add_post(f"{proj}/trigger/pipeline", self.trigger)
+        r.add_get(f"{proj}/pipelines", self.list_pipelines)
+        r.add_get(f"{proj}/pipelines/{{pid}}", self.get_pipeline)
+        r.add_get(f"{proj}/pipelines/{{pid}}/jobs", self.list_pipeline_jobs)
+        r.add_get(f"{proj}/pipelines/{{pid}}/variables", self.pipeline_variables)
+        r.add_post(f"{proj}/pipelines/{{pid}}/cancel", self.cancel_pipeline)
+        r.add_post(f"{proj}/pipelines/{{pid}}/retry", self.retry_pipeline)
+        r.add_get(f"{proj}/jobs", self.list_jobs)
+        r.add_get(f"{proj}/jobs/{{jid}}", self.get_job)
+        r.add_get(f"{proj}/jobs/{{jid}}/trace", self.job_trace)
+        r.add_post(f"{proj}/jobs/{{jid}}/cancel", self.cancel_job)
+        r.add_post(f"{proj}/jobs/{{jid}}/retry", self.retry_job)
+        r.add_get(f"/{QA_PROJECT_PATH}/-/pipelines/{{pid}}", self.pipeline_page)
+        r.add_get(f"/{QA_PROJECT_PATH}/-/jobs/{{jid}}", self.job_page)
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.config.control_addr, self.config.gitlab_port).start()
+
+    async def close(self) -> None:
+        await self.runner.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    # -- auth and lookups ----------------------------------------------------------------
+    def _authorized(self, request: web.Request) -> bool:
+        token = request.headers.get("PRIVATE-TOKEN") or request.query.get("private_token") or ""
+        auth = request.headers.get("Authorization", "")
+        if not token and auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        return bool(token) and hmac.compare_digest(token, self.tokens["private_token"])
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        is_trigger = request.method == "POST" and request.path.endswith("/trigger/pipeline")
+        if request.path.startswith("/api/") and not is_trigger and not self._authorized(request):
+            return _error(401, "401 Unauthorized")
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return _error(404, "404 Not Found")
+        except web.HTTPMethodNotAllowed:
+            return _error(405, "405 Method Not Allowed")
+
+    @staticmethod
+    def _project_ok(request: web.Request) -> bool:
+        return request.match_info["project"] in (str(QA_PROJECT_ID), QA_PROJECT_PATH)
+
+    def _pipeline(self, request: web.Request) -> Pipeline | None:
+        if not self._project_ok(request):
+            return None
+        return self.runner.pipelines.get(_int(request.match_info["pid"], -1))
+
+    def _job(self, request: web.Request) -> Job | None:
+        if not self._project_ok(request):
+            return None
+        return self.runner.jobs.get(_int(request.match_info["jid"], -1))
+
+    def _job_and_pipeline(self, request: web.Request) -> tuple[Job, Pipeline] | None:
+        job = self._job(request)
+        pipeline = self.runner.pipelines.get(job.pipeline_id) if job else None
+        return (job, pipeline) if job and pipeline else None
+
+    # -- handlers ------------------------------------------------------------------------
+    async def get_user(self, request: web.Request) -> web.Response:
+        return web.json_response(user_json(self.url))
+
+    async def get_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": SERVER_VERSION, "revision": "0ab19c4f", "enterprise": True})
+
+    async def list_projects(self, request: web.Request) -> web.Response:
+        return paginate(request, [project_json(self.url)])
+
+    async def get_project(self, request: web.Request) -> web.Response:
+        if not self._project_ok(request):
+            return _error(404, "404 Project Not Found")
+        return web.json_response(project_json(self.url))
+
+    async def trigger(self, request: web.Request) -> web.Response:
+        data: dict = dict(request.query)
+        if request.content_type == "application/json":
+            try:
+                body = await request.json()
+            except ValueError:
+                return _error(400, "body is not valid JSON", "error")
+            if not isinstance(body, dict):
+                return _error(400, "body is invalid", "error")
+            data.update(body)
+        elif request.can_read_body:
+            data.update(await request.post())
+        token = str(data.get("token") or "")
+        if not self._project_ok(request) or not hmac.compare_digest(token, self.tokens["trigger_token"]):
+            return _error(404, "404 Not Found")
+        ref = data.get("ref")
+        if not ref or not isinstance(ref, str):
+            return _error(400, "ref is missing", "error")
+        try:
+            variables = parse_variables(data)
+        except ValueError as e:
+            return _error(400, str(e), "error")
+        pipeline = self.runner.trigger(ref, variables)
+        return web.json_response(pipeline_json(pipeline, self.url), status=201)
+
+    async def list_pipelines(self, request: web.Request) -> web.Response:
+        if not self._project_ok(request):
+            return _error(404, "404 Project Not Found")
+        q = request.query
+        pipelines = list(self.runner.pipelines.values())
+        for key in ("status", "ref", "source"):
+            if q.get(key):
+                pipelines = [p for p in pipelines if getattr(p, key) == q[key]]
+        pipelines.sort(key=lambda p: p.id, reverse=q.get("sort", "desc") != "asc")
+        return paginate(request, [pipeline_json(p, self.url) for p in pipelines])
+
+    async def get_pipeline(self, request: web.Request) -> web.Response:
+        pipeline = self._pipeline(request)
+        if pipeline is None:
+            return _error(404, "404 Not found")
+        return web.json_response(pipeline_json(pipeline, self.url))
+
+    async def list_pipeline_jobs(self, request: web.Request) -> web.Response:
+        pipeline = self._pipeline(request)
+        if pipeline is None:
+            return _error(404, "404 Not found")
+        include_retried = request.query.get("include_retried") == "true"
+        jobs = pipeline.jobs if include_retried else pipeline.current_jobs
+        scopes = _scopes(request)
+        if scopes:
+            jobs = [j for j in jobs if j.status in scopes]
+        return paginate(request, [job_json(j, pipeline, self.url) for j in jobs])
+
+    async def pipeline_variables(self, request: web.Request) -> web.Response:
+        pipeline = self._pipeline(request)
+        if pipeline is None:
+            return _error(404, "404 Not found")
+        return web.json_response([{"key": k, "value": v, "variable_type": "env_var"}
+                                  for k, v in pipeline.variables.items()])
+
+    async def cancel_pipeline(self, request: web.Request) -> web.Response:
+        pipeline = self._pipeline(request)
+        if pipeline is None:
+            return _error(404, "404 Not found")
+        self.runner.cancel(pipeline)
+        return web.json_response(pipeline_json(pipeline, self.url), status=201)
+
+    async def retry_pipeline(self, request: web.Request) -> web.Response:
+        pipeline = self._pipeline(request)
+        if pipeline is None:
+            return _error(404, "404 Not found")
+        self.runner.retry(pipeline)
+        return web.json_response(pipeline_json(pipeline, self.url), status=201)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        if not self._project_ok(request):
+            return _error(404, "404 Project Not Found")
+        jobs = sorted(self.runner.jobs.values(), key=lambda j: j.id, reverse=True)
+        scopes = _scopes(request)
+        if scopes:
+            jobs = [j for j in jobs if j.status in scopes]
+        pipelines = self.runner.pipelines
+        return paginate(request, [job_json(j, pipelines[j.pipeline_id], self.url) for j in jobs
+                                  if j.pipeline_id in pipelines])
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        found = self._job_and_pipeline(request)
+        if found is None:
+            return _error(404, "404 Not found")
+        return web.json_response(job_json(*found, self.url))
+
+    async def job_trace(self, request: web.Request) -> web.Response:
+        found = self._job_and_pipeline(request)
+        if found is None:
+            return _error(404, "404 Not found")
+        return web.Response(text="\n".join(found[0].trace) + "\n", content_type="text/plain")
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        found = self._job_and_pipeline(request)
+        if found is None:
+            return _error(404, "404 Not found")
+        job, pipeline = found
+        self.runner.cancel_job(job)
+        return web.json_response(job_json(job, pipeline, self.url), status=201)
+
+    async def retry_job(self, request: web.Request) -> web.Response:
+        found = self._job_and_pipeline(request)
+        if found is None:
+            return _error(404, "404 Not found")
+        job, pipeline = found
+        if job.status in ("created", "pending", "running"):
+            return _error(403, "403 Forbidden - Job is not retryable")
+        new = self.runner.retry_job(job)
+        return web.json_response(job_json(new, pipeline, self.url), status=201)
+
+    # -- HTML views ----------------------------------------------------------------------
+    async def pipeline_page(self, request: web.Request) -> web.Response:
+        pipeline = self.runner.pipelines.get(_int(request.match_info["pid"], -1))
+        if pipeline is None:
+            raise web.HTTPNotFound()
+        rows = "".join(
+            f'<tr><td><a href="/{QA_PROJECT_PATH}/-/jobs/{j.id}">#{j.id}</a></td>'
+            f"<td>{html.escape(j.name)}</td><td>{j.status}</td></tr>"
+            for j in pipeline.current_jobs
+        )
+        variables = html.escape(" ".join(f"{k}={v}" for k, v in pipeline.variables.items()))
+        body = (f"<html><head><title>Pipeline #{pipeline.id}</title></head><body>"
+                f"<h1>Pipeline #{pipeline.id}: {pipeline.status}</h1><p>ref {html.escape(pipeline.ref)}; "
+                f"{variables}</p><table>{rows}</table></body></html>")
+        return web.Response(text=body, content_type="text/html")
+
+    async def job_page(self, request: web.Request) -> web.Response:
+        job = self.runner.jobs.get(_int(request.match_info["jid"], -1))
+        if job is None:
+            raise web.HTTPNotFound()
+        body = (f"<html><head><title>{html.escape(job.name)} #{job.id}</title></head><body>"
+                f"<h1>{html.escape(job.name)} #{job.id}: {job.status}</h1>"
+                f"<pre>{html.escape(chr(10).join(job.trace))}</pre></body></html>")
+        return web.Response(text=body, content_type="text/html")
+
+
+async def start(world: World) -> GitlabApi:
+    """Serve the QA GitLab API on ``config.control_addr:config.gitlab_port``."""
+    api = GitlabApi(world)
+    await api._start()
+    return api

@@ -1,0 +1,132 @@
+"""What points liftoff at a lab: ``<lab>/inventory.yaml`` and ``<lab>/liftoff.env``.
+
+The env file holds shell exports: Airflow connections as JSON (``AIRFLOW_CONN_*``), the
+inventory path and the lab directory. It carries tokens, so it is mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+import yaml
+
+from lab import configs
+from lab.config import LabConfig
+from lab.topology import DATABASE, ENVIRONMENTS, Topology
+
+CONNECTIONS = {
+    "ssh": "liftoff_ssh",
+    "gitlab": "liftoff_ops_gitlab",
+    "alertmanager": "liftoff_alertmanager",
+    "pushgateway": "liftoff_pushgateway",
+    "prometheus": "liftoff_prometheus",
+    "state": "liftoff_state",
+}
+QA_PROJECT = "gitlab-org/quality/gitlab-qa-runner"
+QA_REF = "main"
+CANARY_QA_COOKIE = f"{configs.CANARY_COOKIE}=true"
+# Deploy order: gitaly first, then the fleet in parallel.
+ROLE_PLAN: list[dict] = [
+    {"name": "gitaly", "stage": "gitaly", "batch": "10%", "capacity_floor": "50%",
+     "restart": ["gitaly"], "hup": []},
+    {"name": "web", "stage": "fleet", "batch": "10%", "capacity_floor": "60%",
+     "restart": ["workhorse", "nginx"], "hup": ["puma"]},
+    {"name": "api", "stage": "fleet", "batch": "10%", "capacity_floor": "60%",
+     "restart": ["workhorse", "nginx"], "hup": ["puma"]},
+    {"name": "git", "stage": "fleet", "batch": "10%", "capacity_floor": "60%",
+     "restart": ["workhorse", "nginx", "gitlab-sshd"], "hup": ["puma"]},
+    {"name": "sidekiq", "stage": "fleet", "batch": "10%", "capacity_floor": "50%",
+     "restart": [], "hup": ["sidekiq"]},
+]
+
+
+def inventory_file(config: LabConfig) -> Path:
+    return config.path("inventory.yaml")
+
+
+def env_file(config: LabConfig) -> Path:
+    return config.path("liftoff.env")
+
+
+def gitlab_secrets(config: LabConfig) -> dict:
+    """Tokens labd wrote on its first start (``secrets/gitlab.json``)."""
+    file = config.path("secrets", "gitlab.json")
+    if not file.exists():
+        raise FileNotFoundError(f"{file} is missing: labd writes it on its first start (python -m lab up)")
+    return json.loads(file.read_text())
+
+
+def inventory(config: LabConfig, topology: Topology | None = None) -> dict:
+    topology = topology or Topology(config)
+    envs = {}
+    for env in ENVIRONMENTS:
+        deploy = topology.deploy_node(env)
+        roles = []
+        for plan in ROLE_PLAN:
+            hosts = topology.env_hosts(env, plan["name"])
+            roles.append({**plan, "hosts": [{"name": h.name, "address": h.addr} for h in hosts]})
+        envs[env] = {
+            "url": topology.env_url(env),
+            "qa_cookie": CANARY_QA_COOKIE if env == "gprd-cny" else None,
+            "database": DATABASE[env],
+            "canary_of": "gprd" if env == "gprd-cny" else None,
+            "alert_matchers": {"env": env},
+            "load_balancers": [
+                {"name": lb.name, "admin": f"{lb.addr}:{config.lb_admin_port}"}
+                for lb in topology.lbs_for(env)
+            ],
+            "deploy_node": {"name": deploy.name, "address": deploy.addr},
+            "roles": roles,
+        }
+    return {"connections": dict(CONNECTIONS), "environments": envs}
+
+
+def exports(config: LabConfig) -> dict[str, str]:
+    """Environment variables that point liftoff (and Airflow) at this lab."""
+    secrets = gitlab_secrets(config)
+    ssh = {
+        "conn_type": "ssh",
+        "login": config.user,
+        "port": config.ssh_port,
+        "extra": {
+            "key_file": str(configs.client_key(config)),
+            "known_hosts": str(configs.known_hosts_file(config)),
+        },
+    }
+    gitlab = {
+        "conn_type": "http",
+        "host": config.gitlab_url,
+        "password": secrets["private_token"],
+        "extra": {"trigger_token": secrets["trigger_token"], "qa_project": QA_PROJECT, "qa_ref": QA_REF},
+    }
+    conns = {
+        "AIRFLOW_CONN_LIFTOFF_SSH": ssh,
+        "AIRFLOW_CONN_LIFTOFF_OPS_GITLAB": gitlab,
+        "AIRFLOW_CONN_LIFTOFF_ALERTMANAGER": {"conn_type": "http", "host": f"http://{config.alertmanager_addr}"},
+        "AIRFLOW_CONN_LIFTOFF_PUSHGATEWAY": {"conn_type": "http", "host": f"http://{config.pushgateway_addr}"},
+        "AIRFLOW_CONN_LIFTOFF_PROMETHEUS": {"conn_type": "http", "host": f"http://{config.prometheus_addr}"},
+    }
+    out = {name: json.dumps(value, separators=(",", ":")) for name, value in conns.items()}
+    out["LIFTOFF_INVENTORY"] = str(inventory_file(config))
+    out["LIFTOFF_LAB_DIR"] = str(config.lab_dir)
+    return out
+
+
+def shell(env: dict[str, str]) -> str:
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
+def write(config: LabConfig, topology: Topology | None = None) -> dict[str, str]:
+    """Write inventory.yaml and liftoff.env (0600); returns the exports."""
+    inventory_file(config).write_text(yaml.safe_dump(inventory(config, topology), sort_keys=False))
+    env = exports(config)
+    file = env_file(config)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# liftoff pointed at the lab in " + str(config.lab_dir) + " (source this file)\n")
+        f.write(shell(env))
+    os.chmod(file, 0o600)
+    return env
