@@ -6,8 +6,8 @@ address it was dialled on and behaves as that host's running build dictates.
 
 A host with ``reachable=False`` does not answer: its listening socket is closed
 (connection refused) and requests still arriving on kept-alive connections are reset.
-Listeners follow the world every ``SYNC_INTERVAL`` seconds; labd may call ``sync()``
-right after a fault change to apply it at once.
+Listeners follow the world every ``SYNC_INTERVAL`` seconds, and at once when labd's
+control API runs its reachability hooks (``lab.control.add_reachability_hook``).
 """
 
 from __future__ import annotations
@@ -161,6 +161,15 @@ class AppServer:
         raise_fd_limit()
         await self.sync()
         self._sync_task = asyncio.create_task(self._sync_loop(), name="lab.app.sync")
+        try:  # labd's control API then applies host-down/up before it answers
+            from lab import control
+
+            control.add_reachability_hook(self.on_reachability_change)
+        except (ImportError, AttributeError):
+            pass
+
+    async def on_reachability_change(self, world: World) -> None:
+        await self.sync()
 
     async def sync(self) -> None:
         """Listen on the address of every reachable host, and only those."""
@@ -262,6 +271,10 @@ class AppServer:
         return response
 
     async def close(self) -> None:
+        with contextlib.suppress(ImportError, AttributeError, ValueError):
+            from lab import control
+
+            control.REACHABILITY_HOOKS.remove(self.on_reachability_change)
         if self._sync_task:
             self._sync_task.cancel()
             await asyncio.gather(self._sync_task, return_exceptions=True)

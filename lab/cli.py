@@ -78,10 +78,10 @@ def config_for_up(args: argparse.Namespace) -> LabConfig:
     lab_dir = lab_dir_of(args)
     octet = octet_of(args)
     try:
-        config = LabConfig.load(lab_dir)
-    except FileNotFoundError:
-        config = LabConfig(lab_dir=lab_dir, octet=octet or DEFAULT_OCTET)
-    try:
+        try:
+            config = LabConfig.load(lab_dir)
+        except FileNotFoundError:
+            config = LabConfig(lab_dir=lab_dir, octet=octet or DEFAULT_OCTET)
         if octet is not None:
             config.octet = octet
             config.__post_init__()

@@ -176,6 +176,9 @@ def sshd_config(config: LabConfig, denied: list[str] | None = None) -> str:
         "ClientAliveInterval 30",
         "LogLevel ERROR",
         f"ForceCommand {d / 'hostsim.sh'}",
+        # sshd runs ForceCommand through the user's shell; Debian's bash sources ~/.bashrc
+        # when started by sshd at SHLVL < 2 (slow rc files cost every command). Not so at 2.
+        "SetEnv SHLVL=1",
     ]
     if sshd_supports("PerSourcePenalties no"):
         lines.append("PerSourcePenalties no")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import time
@@ -166,7 +167,7 @@ async def _json_body(request: web.Request) -> object:
     try:
         return await request.json()
     except ValueError as exc:
-        raise web.HTTPBadRequest(text=f'{{"error": "body is not JSON: {exc}"}}',
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"body is not JSON: {exc}"}),
                                  content_type="application/json") from exc
 
 

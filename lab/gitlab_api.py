@@ -8,7 +8,8 @@ token, else 404 like GitLab. Both are generated on first start and kept in
 ``<lab_dir>/secrets/gitlab.json`` (mode 0600).
 
 Endpoints (under ``/api/v4``): ``GET /user``, ``GET /version``, ``GET /projects``,
-``GET /projects/:id``, ``POST /projects/:id/trigger/pipeline``,
+``GET /projects/:id``, ``POST /projects/:id/trigger/pipeline`` (trigger token),
+``POST /projects/:id/pipeline`` (private token; JSON ``ref`` and ``variables`` list),
 ``GET /projects/:id/pipelines[/:pid[/jobs|/variables]]``,
 ``POST /projects/:id/pipelines/:pid/cancel|retry``, ``GET /projects/:id/jobs[/:jid[/trace]]``,
 ``POST /projects/:id/jobs/:jid/cancel|retry``. ``:id`` is the number or the URL-encoded path.
@@ -218,11 +219,18 @@ def _scopes(request: web.Request) -> set[str]:
 
 
 def parse_variables(data) -> dict[str, str]:
-    """Trigger variables from a JSON object or form fields ``variables[KEY]=V``."""
+    """Pipeline variables: a JSON object (trigger), a JSON list of ``{"key", "value"}``
+    (create pipeline) or form fields ``variables[KEY]=V``."""
     variables: dict[str, str] = {}
     raw = data.get("variables") if hasattr(data, "get") else None
     if isinstance(raw, dict):
         variables.update({str(k): "" if v is None else str(v) for k, v in raw.items()})
+    elif isinstance(raw, list):
+        for item in raw:
+            if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+                raise ValueError("variables is invalid")
+            value = item.get("value")
+            variables[item["key"]] = "" if value is None else str(value)
     elif raw is not None and not isinstance(raw, str):
         raise ValueError("variables is invalid")
     for key in data:
@@ -254,6 +262,7 @@ class GitlabApi:
         r.add_get(f"{api}/projects", self.list_projects)
         r.add_get(proj, self.get_project)
         r.add_post(f"{proj}/trigger/pipeline", self.trigger)
+        r.add_post(f"{proj}/pipeline", self.create_pipeline)
         r.add_get(f"{proj}/pipelines", self.list_pipelines)
         r.add_get(f"{proj}/pipelines/{{pid}}", self.get_pipeline)
         r.add_get(f"{proj}/pipelines/{{pid}}/jobs", self.list_pipeline_jobs)
@@ -295,6 +304,8 @@ class GitlabApi:
             return await handler(request)
         except web.HTTPNotFound:
             return _error(404, "404 Not Found")
+        except web.HTTPBadRequest:
+            return _error(400, "body is not a valid JSON object", "error")
         except web.HTTPMethodNotAllowed:
             return _error(405, "405 Method Not Allowed")
 
@@ -332,21 +343,37 @@ class GitlabApi:
             return _error(404, "404 Project Not Found")
         return web.json_response(project_json(self.url))
 
-    async def trigger(self, request: web.Request) -> web.Response:
+    @staticmethod
+    async def _params(request: web.Request) -> dict:
+        """Query string, then the JSON or form body, as one dict (GitLab reads both)."""
         data: dict = dict(request.query)
         if request.content_type == "application/json":
             try:
                 body = await request.json()
             except ValueError:
-                return _error(400, "body is not valid JSON", "error")
+                raise web.HTTPBadRequest() from None
             if not isinstance(body, dict):
-                return _error(400, "body is invalid", "error")
+                raise web.HTTPBadRequest()
             data.update(body)
         elif request.can_read_body:
             data.update(await request.post())
+        return data
+
+    async def trigger(self, request: web.Request) -> web.Response:
+        """``POST /projects/:id/trigger/pipeline`` with the trigger token."""
+        data = await self._params(request)
         token = str(data.get("token") or "")
         if not self._project_ok(request) or not hmac.compare_digest(token, self.tokens["trigger_token"]):
             return _error(404, "404 Not Found")
+        return self._run_pipeline(data, "trigger")
+
+    async def create_pipeline(self, request: web.Request) -> web.Response:
+        """``POST /projects/:id/pipeline`` (python-gitlab ``pipelines.create``), private token."""
+        if not self._project_ok(request):
+            return _error(404, "404 Project Not Found")
+        return self._run_pipeline(await self._params(request), "api")
+
+    def _run_pipeline(self, data: dict, source: str) -> web.Response:
         ref = data.get("ref")
         if not ref or not isinstance(ref, str):
             return _error(400, "ref is missing", "error")
@@ -354,7 +381,7 @@ class GitlabApi:
             variables = parse_variables(data)
         except ValueError as e:
             return _error(400, str(e), "error")
-        pipeline = self.runner.trigger(ref, variables)
+        pipeline = self.runner.trigger(ref, variables, source)
         return web.json_response(pipeline_json(pipeline, self.url), status=201)
 
     async def list_pipelines(self, request: web.Request) -> web.Response:
@@ -378,7 +405,7 @@ class GitlabApi:
         pipeline = self._pipeline(request)
         if pipeline is None:
             return _error(404, "404 Not found")
-        include_retried = request.query.get("include_retried") == "true"
+        include_retried = request.query.get("include_retried", "").lower() == "true"
         jobs = pipeline.jobs if include_retried else pipeline.current_jobs
         scopes = _scopes(request)
         if scopes:

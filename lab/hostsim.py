@@ -55,10 +55,12 @@ def parse(command: str) -> tuple[dict[str, str], list[str]]:
     env: dict[str, str] = {}
     while argv:
         head = argv[0]
-        if head in ("sudo", "env"):
+        if head in ("sudo", "env", "/usr/bin/sudo", "/usr/bin/env"):
             argv.pop(0)
             while argv and argv[0].startswith("-") and argv[0] != "--":
-                argv.pop(0)
+                flag = argv.pop(0)
+                if flag in ("-u", "-g") and argv:
+                    argv.pop(0)  # sudo -u USER
             if argv and argv[0] == "--":
                 argv.pop(0)
         elif ENV_ASSIGN.match(head):
@@ -66,6 +68,8 @@ def parse(command: str) -> tuple[dict[str, str], list[str]]:
             env[name] = value
         else:
             break
+    if argv and argv[0].startswith("/"):
+        argv[0] = argv[0].rsplit("/", 1)[1]  # /usr/bin/gitlab-ctl
     return env, argv
 
 

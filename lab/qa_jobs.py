@@ -10,7 +10,8 @@ tasks in labd (``created`` -> ``running`` -> ``success``/``failed``/``canceled``
 
 Variables: ``QA_ENVIRONMENT`` (gstg, gprd-cny, gprd), ``QA_URL`` (front end; defaults to
 the environment's), ``QA_EXPECTED_VERSION``, ``QA_CANARY`` (``true`` sends the
-``gitlab_canary=true`` cookie; the default for gprd-cny). A job fails on any non-2xx
+``gitlab_canary=true`` cookie; the default for gprd-cny), ``QA_COOKIES`` (a Cookie header
+to send, as GitLab QA reads it). A job fails on any non-2xx
 answer, connection error or version mismatch, and when an answer comes from a build with
 ``qa_fails`` (the suite "finds a bug"). Pipelines persist under ``state/qa/``.
 """
@@ -33,6 +34,7 @@ from lab.topology import ENVIRONMENTS
 log = logging.getLogger("lab.qa")
 
 STAGE = "qa"
+CANARY_COOKIE = "gitlab_canary=true"
 JOB_NAMES = ("qa-smoke-health", "qa-smoke-pages", "qa-smoke-version")
 HEALTH_CHECKS = 5
 PAGE_ROUNDS = 2
@@ -132,6 +134,7 @@ class QASettings:
     environment: str | None
     expected_version: str | None
     canary: bool
+    cookies: str = ""  # the Cookie header QA sends
 
     @classmethod
     def from_variables(cls, variables: dict[str, str], world: World | None = None) -> QASettings:
@@ -142,7 +145,10 @@ class QASettings:
         canary_var = variables.get("QA_CANARY", "").strip().lower()
         canary = canary_var in ("true", "1", "yes") or (not canary_var and env == "gprd-cny")
         expected = variables.get("QA_EXPECTED_VERSION") or None
-        return cls(url.rstrip("/") if url else None, env, expected, canary)
+        cookies = "".join(c for c in variables.get("QA_COOKIES", "") if c not in "\r\n").strip()
+        if canary and "gitlab_canary=" not in cookies:
+            cookies = "; ".join(c for c in (cookies, CANARY_COOKIE) if c)
+        return cls(url.rstrip("/") if url else None, env, expected, canary, cookies)
 
 
 class SmokeCheck:
@@ -164,8 +170,8 @@ class SmokeCheck:
         """GET ``path`` on the front end; checks status, version and QA faults."""
         url = f"{self.settings.url}{path}"
         headers = {"User-Agent": "gitlab-qa/lab"}
-        if self.settings.canary:
-            headers["Cookie"] = "gitlab_canary=true"
+        if self.settings.cookies:
+            headers["Cookie"] = self.settings.cookies
         self.requests += 1
         started = time.monotonic()
         try:
@@ -245,8 +251,8 @@ async def run_check(world: World, name: str, variables: dict[str, str], trace: l
     if not settings.url:
         trace.append("ERROR: QA_URL is not set and QA_ENVIRONMENT names no environment")
         return False
-    if settings.canary:
-        trace.append("Using cookie gitlab_canary=true")
+    if settings.cookies:
+        trace.append(f"Using cookies: {settings.cookies}")
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     connector = aiohttp.TCPConnector(limit=2, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:

@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-
 from liftoff.errors import InvalidInput, InventoryError
 from liftoff.versions import validate_name
 
@@ -75,7 +74,8 @@ def _parse_share(value: Any, path: str, *, allow_zero: bool) -> tuple[str, float
     else:
         raise InventoryError(f"{path}: expected a percentage like '10%' or a host count, got {value!r}")
     if number < 0 or (number == 0 and not allow_zero):
-        raise InventoryError(f"{path}: must be {'at least 0' if allow_zero else 'more than 0'}, got {value!r}")
+        least = "at least 0" if allow_zero else "more than 0"
+        raise InventoryError(f"{path}: must be {least}, got {value!r}")
     return kind, number
 
 
@@ -190,8 +190,8 @@ class Inventory:
             return self.environments[name]
         except KeyError:
             known = ", ".join(self.environments) or "none"
-            raise InventoryError(f"unknown environment {name!r} (inventory {self.source or '?'} has: {known})") \
-                from None
+            raise InventoryError(
+                f"unknown environment {name!r} (inventory {self.source or '?'} has: {known})") from None
 
     def conn_id(self, purpose: str) -> str:
         """The Airflow connection id for ``ssh``, ``gitlab``, ``alertmanager``, ..."""
@@ -327,7 +327,8 @@ def _load_balancer(data: Any, path: str) -> LoadBalancerRef:
     if "admin" in d:
         admin = d["admin"]
         if not isinstance(admin, str) or ":" not in admin:
-            raise InventoryError(f"{path}.admin: expected 'host:port' of the HAProxy runtime API, got {admin!r}")
+            raise InventoryError(
+                f"{path}.admin: expected 'host:port' of the HAProxy runtime API, got {admin!r}")
         host, _, port = admin.rpartition(":")
         host = host.strip("[]")
     else:
@@ -345,10 +346,11 @@ def _qa(data: Any, path: str) -> QAConfig:
     if project is not None and (not isinstance(project, str) or
                                 not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*|[0-9]+", project)
                                 or ".." in project):
-        raise InventoryError(f"{path}.project: expected a project path like {DEFAULT_QA_PROJECT}, got {project!r}")
+        raise InventoryError(
+            f"{path}.project: expected a project path like {DEFAULT_QA_PROJECT}, got {project!r}")
     ref = d.get("ref")
-    if ref is not None and (not isinstance(ref, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}", ref)
-                            or ".." in ref):
+    if ref is not None and (not isinstance(ref, str) or ".." in ref
+                            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}", ref)):
         raise InventoryError(f"{path}.ref: expected a branch or tag name, got {ref!r}")
     timeout = _positive(d.get("timeout", QAConfig.timeout_s), f"{path}.timeout")
     poll = _positive(d.get("poll", QAConfig.poll_s), f"{path}.poll")
@@ -361,7 +363,8 @@ def _check_cross(environments: dict[str, Environment]) -> None:
         if env.canary_of is not None:
             target = environments.get(env.canary_of)
             if target is None:
-                raise InventoryError(f"environments.{env.name}.canary_of: unknown environment {env.canary_of!r}")
+                raise InventoryError(
+                    f"environments.{env.name}.canary_of: unknown environment {env.canary_of!r}")
             if target.canary_of is not None:
                 raise InventoryError(f"environments.{env.name}.canary_of: {env.canary_of} is itself a canary")
         for h in (*env.hosts(), env.deploy_node):
@@ -417,6 +420,9 @@ def _unique(names: list[str], path: str, what: str) -> None:
         seen.add(n)
 
 
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
+
+
 def _address(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
         raise InventoryError(f"{path}: expected an IP address or host name, got {value!r}")
@@ -424,8 +430,7 @@ def _address(value: Any, path: str) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    if len(value) > 253 or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*",
-                                            value):
+    if len(value) > 253 or not _HOSTNAME_RE.fullmatch(value):
         raise InventoryError(f"{path}: {value!r} is not an IP address or host name")
     return value
 
@@ -445,7 +450,8 @@ def _url(value: Any, path: str) -> str:
         raise InventoryError(f"{path}: expected an http(s) URL, got {value!r}")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
-        raise InventoryError(f"{path}: expected an http(s) URL like https://staging.gitlab.com, got {value!r}")
+        raise InventoryError(
+            f"{path}: expected an http(s) URL like https://staging.gitlab.com, got {value!r}")
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:

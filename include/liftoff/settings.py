@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
-
 from liftoff.errors import ConfigError, ConnectionNotFound
 
 if TYPE_CHECKING:
@@ -123,7 +122,8 @@ def parse_connection(conn_id: str, value: str | dict) -> ConnInfo:
         try:
             data = json.loads(text)
         except ValueError:
-            raise ConfigError(f"connection {conn_id}: AIRFLOW_CONN_{conn_id.upper()} is not valid JSON") from None
+            raise ConfigError(
+                f"connection {conn_id}: AIRFLOW_CONN_{conn_id.upper()} is not valid JSON") from None
         return _from_dict(conn_id, data)
     return _from_uri(conn_id, text)
 

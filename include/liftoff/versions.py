@@ -102,7 +102,8 @@ def parse_version(value: object) -> PackageVersion:
         raise InvalidVersion(f"package version is too long ({len(value)} > {MAX_VERSION_LENGTH} characters)")
     bad = _first_bad_char(value, allowed=".-+" + "abcdefghijklmnopqrstuvwxyz0123456789")
     if bad is not None:
-        raise InvalidVersion(f"package version {value!r} contains {_describe(bad)}; expected e.g. {EXAMPLES[0]}")
+        raise InvalidVersion(
+            f"package version {value!r} contains {_describe(bad)}; expected e.g. {EXAMPLES[0]}")
     for kind, pattern in _PATTERNS.items():
         m = pattern.match(value)
         if m:
@@ -125,8 +126,9 @@ def _build(kind: str, text: str, g: tuple[str, ...]) -> PackageVersion:
                               _key=(major, minor, 1, patch, 0, rc, revision, text))
     if kind == "nightly":
         patch, pipeline, sha, revision = int(g[2]), int(g[3]), g[4], int(g[5])
+        key = (major, minor, 0, _RANK[kind], pipeline, patch, revision, text)
         return PackageVersion(text, kind, major, minor, patch, revision=revision, pipeline_id=pipeline,
-                              shas=(sha,), _key=(major, minor, 0, _RANK[kind], pipeline, patch, revision, text))
+                              shas=(sha,), _key=key)
     stamp = g[2]
     try:
         when = datetime.strptime(stamp, "%Y%m%d%H%M")
@@ -216,7 +218,8 @@ def validate_name(kind: str, value: object) -> str:
         if ch in _CONTROL or ch.isspace() or ch in SHELL_METACHARACTERS or ch == "/":
             raise InvalidInput(f"{label} {value!r} contains {_describe(ch)}")
     if not re.fullmatch(pattern, value):
-        raise InvalidInput(f"{label} {value!r} is not valid (expected {pattern}, at most {max_len} characters)")
+        raise InvalidInput(
+            f"{label} {value!r} is not valid (expected {pattern}, at most {max_len} characters)")
     return value
 
 

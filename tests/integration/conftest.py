@@ -63,6 +63,8 @@ class Lab:
         self.topology = Topology(config)
         self.env = env
 
+    wait_for = staticmethod(wait_for)
+
     # -- the lab's own interfaces ---------------------------------------------------------
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return run_lab_cli(self.config.lab_dir, *args, timeout=timeout)
@@ -137,6 +139,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     finally:
         down = run_lab_cli(lab_dir, "down")
         assert down.returncode == 0, f"lab down failed:\n{down.stdout}\n{down.stderr}"
+
+
+@pytest.fixture(scope="session")
+def lab_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """``lab_cli(lab_dir, *args)`` runs ``python -m lab --lab-dir lab_dir *args``."""
+    return run_lab_cli
+
+
+@pytest.fixture(scope="session")
+def lab_test_octet() -> int:
+    """The session lab's octet (43, or LIFTOFF_TEST_LAB_OCTET)."""
+    return lab_octet()
 
 
 @pytest.fixture

@@ -40,6 +40,8 @@ def test_parse_strips_sudo_and_env_prefixes():
     assert parse("sudo -n SKIP_POST_DEPLOYMENT_MIGRATIONS=true gitlab-rake db:migrate") == (
         {"SKIP_POST_DEPLOYMENT_MIGRATIONS": "true"}, ["gitlab-rake", "db:migrate"])
     assert parse("chef-client-disable 'deploy 17.6'") == ({}, ["chef-client-disable", "deploy 17.6"])
+    assert parse("sudo -u git /opt/gitlab/bin/gitlab-rake db:migrate:status") == (
+        {}, ["gitlab-rake", "db:migrate:status"])
 
 
 def test_apt_install_changes_only_that_host_and_persists(world):
@@ -121,8 +123,8 @@ def test_migrations_regular_then_post(world):
 
 
 def test_canary_shares_the_production_database(world):
-    run(world, "deploy-01-sv-gprd-cny", f"apt-get install -y gitlab-ee={NEW}")
-    run(world, "deploy-01-sv-gprd-cny", "SKIP_POST_DEPLOYMENT_MIGRATIONS=true gitlab-rake db:migrate")
+    run(world, "deploy-cny-01-sv-gprd", f"apt-get install -y gitlab-ee={NEW}")
+    run(world, "deploy-cny-01-sv-gprd", "SKIP_POST_DEPLOYMENT_MIGRATIONS=true gitlab-rake db:migrate")
     assert world.builds[NEW].regular_migration in world.database_of("gprd")["applied"]
 
 
@@ -190,21 +192,22 @@ def test_unreachable_host_answers_255(world):
 
 def test_hosts_run_concurrently_but_one_host_serializes(world):
     world.config.install_seconds = 0.2
+    web, web2 = world.hosts[WEB], world.hosts[WEB2]
 
     async def scenario():
-        install = asyncio.create_task(run_command(world, world.hosts[WEB], f"apt-get install -y gitlab-ee={NEW}"))
+        install = asyncio.create_task(run_command(world, web, f"apt-get install -y gitlab-ee={NEW}"))
+        await asyncio.sleep(0)  # the install now sleeps holding WEB's lock
+        assert world.lock(WEB).locked()
+        assert (await run_command(world, web2, "gitlab-ctl restart"))[0] == 0
+        assert not install.done()  # another host was not held up by the install
+        restart = asyncio.create_task(run_command(world, web, "gitlab-ctl restart"))
         await asyncio.sleep(0)
-        same_host = asyncio.create_task(run_command(world, world.hosts[WEB], "gitlab-ctl restart"))
-        other = await run_command(world, world.hosts[WEB2], f"apt-get install -y gitlab-ee={NEW}")
-        # WEB2's install finished while WEB's install (same duration, started first) was still
-        # running: its restart waits for the host lock.
-        assert other[0] == 0
-        assert not same_host.done()
+        assert not restart.done()  # the same host waits for the install
         await install
-        await same_host
-        return world.hosts[WEB].running
+        await restart
 
-    assert asyncio.run(scenario()) == NEW
+    asyncio.run(scenario())
+    assert web.running == NEW  # the restart ran after the install
 
 
 def test_relay_script_is_bash_aimed_at_labd(world):

@@ -1,0 +1,409 @@
+"""HAProxy runtime API over every load balancer of an environment.
+
+Each LB exposes its admin socket on TCP ``host:port``. HAProxy's non-interactive CLI runs
+one line per connection; several commands go on that line joined by ``;`` and their
+answers come back in order, each ended by an empty line. A change to a server is applied
+in every backend that holds it, on every LB, with one connection per LB (long batches
+are split into a few lines).
+
+Before changing anything every LB is read (``show stat`` + ``show servers state``); an
+unreachable LB raises :class:`HAProxyError` naming it and nothing is changed. If an LB
+fails after others were changed, :class:`PartialApplication` says which LBs hold the change
+and which do not. Async methods (``a*``) are the real implementation; the plain ones run
+them with ``asyncio.run`` for callers outside an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from liftoff.errors import HAProxyError, InvalidInput
+from liftoff.inventory import Environment, LoadBalancerRef
+from liftoff.versions import validate_name
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("UP", "DOWN", "MAINT", "DRAIN", "NOLB")
+ADMIN_STATES = ("ready", "drain", "maint")
+# srv_admin_state bits (HAProxy src/server.h): forced/inherited/config/resolution/hostname maint,
+# forced/inherited drain.
+_ADMF_MAINT = 0x01 | 0x02 | 0x04 | 0x20 | 0x40
+_ADMF_DRAIN = 0x08 | 0x10
+MAX_LINE = 8000  # bytes per CLI line (HAProxy's buffer is 16 kB by default)
+
+
+class PartialApplication(HAProxyError):
+    """A change reached some load balancers but not all; both lists are named."""
+
+    def __init__(self, action: str, applied: dict[str, list[str]], failed: dict[str, str]):
+        self.action = action
+        self.applied = applied
+        self.failed = failed
+        ok = ", ".join(sorted(applied)) or "none"
+        bad = "; ".join(f"{lb}: {err}" for lb, err in sorted(failed.items()))
+        super().__init__(f"{action} applied only partly: done on {ok}; NOT done on {bad}")
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """One server line of one backend on one LB."""
+
+    lb: str
+    backend: str
+    server: str
+    status: str  # UP, DOWN, MAINT, DRAIN, NOLB
+    admin: str  # ready, drain, maint
+    weight: int
+    sessions: int
+    address: str = ""
+    raw_status: str = ""
+
+    @property
+    def in_service(self) -> bool:
+        return self.status == "UP" and self.admin == "ready"
+
+
+@dataclass
+class ChangeResult:
+    """What a drain/ready/maint/weight change did: ``backend/server`` per LB, hosts found nowhere."""
+
+    action: str
+    applied: dict[str, list[str]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """The same server reported differently by two or more LBs."""
+
+    backend: str
+    server: str
+    states: dict[str, str]  # lb -> "STATUS/admin/weight"; "absent" when an LB lacks it
+
+
+def base_status(raw: str) -> str:
+    """``UP 1/3`` -> UP, ``MAINT (via x/y)`` -> MAINT, ``no check`` -> UP."""
+    text = raw.strip()
+    if text.lower() == "no check":
+        return "UP"
+    word = text.split(" ", 1)[0].split("(", 1)[0].upper()
+    return word if word in STATUSES else "DOWN"
+
+
+def admin_state(bits: int) -> str:
+    if bits & _ADMF_MAINT:
+        return "maint"
+    if bits & _ADMF_DRAIN:
+        return "drain"
+    return "ready"
+
+
+def split_answers(text: str, count: int) -> list[str]:
+    """Cut the output of ``count`` ``;``-joined commands into one answer each.
+
+    Every answer ends with an empty line; answers themselves never contain one.
+    """
+    answers: list[str] = []
+    current: list[str] = []
+    for line in text.split("\n"):
+        if line == "":
+            answers.append("\n".join(current))
+            current = []
+            if len(answers) == count:
+                break
+        else:
+            current.append(line)
+    if current and len(answers) < count:
+        answers.append("\n".join(current))
+    while len(answers) < count:
+        answers.append("")
+    return answers
+
+
+def parse_stat(text: str) -> list[dict[str, str]]:
+    """Rows of ``show stat`` CSV (header ``# pxname,svname,...``) as dicts."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines or not lines[0].startswith("# "):
+        raise HAProxyError(f"unexpected 'show stat' answer: {text[:120]!r}")
+    header = lines[0][2:].split(",")
+    rows = []
+    for values in csv.reader(io.StringIO("\n".join(lines[1:]))):
+        rows.append(dict(zip(header, values, strict=False)))
+    return rows
+
+
+def parse_servers_state(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """``show servers state`` (version 1) -> {(backend, server): fields}."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    header: list[str] = []
+    for line in lines:
+        if line.startswith("# "):
+            header = line[2:].split()
+        elif header and not line.strip().isdigit():
+            values = line.split()
+            row = dict(zip(header, values, strict=False))
+            if "be_name" in row and "srv_name" in row:
+                out[(row["be_name"], row["srv_name"])] = row
+    return out
+
+
+def _int(value: str | None, default: int = 0) -> int:
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def server_states(lb: str, stat: str, state: str) -> list[ServerState]:
+    """Merge ``show stat`` (status, sessions) with ``show servers state`` (admin, user weight)."""
+    admin_rows = parse_servers_state(state)
+    out = []
+    for row in parse_stat(stat):
+        server = row.get("svname", "")
+        if server in ("FRONTEND", "BACKEND") or row.get("type") not in (None, "2"):
+            continue
+        backend = row.get("pxname", "")
+        extra = admin_rows.get((backend, server), {})
+        raw = row.get("status", "")
+        status = base_status(raw)
+        if extra:
+            admin = admin_state(_int(extra.get("srv_admin_state")))
+            weight = _int(extra.get("srv_uweight"), _int(row.get("weight")))
+        else:
+            admin = "maint" if status == "MAINT" else "drain" if status == "DRAIN" else "ready"
+            weight = _int(row.get("weight"))
+        if admin == "drain" and status == "UP":
+            status = "DRAIN"
+        out.append(ServerState(lb, backend, server, status, admin, weight, _int(row.get("scur")),
+                               row.get("addr", ""), raw))
+    return out
+
+
+def _chunks(commands: Sequence[str], limit: int = MAX_LINE) -> list[list[str]]:
+    out: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for cmd in commands:
+        if current and size + len(cmd) + 1 > limit:
+            out.append(current)
+            current, size = [], 0
+        current.append(cmd)
+        size += len(cmd) + 1
+    if current:
+        out.append(current)
+    return out
+
+
+class HAProxy:
+    """Every LB of one environment, addressed as one."""
+
+    def __init__(self, lbs: Sequence[LoadBalancerRef], *, timeout: float = 10.0, poll: float = 0.5):
+        self.lbs = tuple(lbs)
+        self.timeout = timeout
+        self.poll = poll
+
+    @classmethod
+    def for_env(cls, env: Environment, **kwargs) -> HAProxy:
+        return cls(env.load_balancers, **kwargs)
+
+    # -- transport -----------------------------------------------------------------------------
+    async def asend(self, lb: LoadBalancerRef, commands: Sequence[str]) -> list[str]:
+        """Run commands on one LB (one connection per ``;``-joined line); one answer per command."""
+        answers: list[str] = []
+        for chunk in _chunks(commands):
+            line = ";".join(chunk)
+            if "\n" in line or "\r" in line:
+                raise InvalidInput("HAProxy command contains a newline")
+            try:
+                opening = asyncio.open_connection(lb.host, lb.port)
+                reader, writer = await asyncio.wait_for(opening, self.timeout)
+            except (OSError, TimeoutError) as exc:
+                raise HAProxyError(f"load balancer {lb.name} ({lb.admin}) is unreachable: "
+                                   f"{type(exc).__name__}: {exc}") from None
+            try:
+                writer.write(line.encode() + b"\n")
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(), self.timeout)
+            except (OSError, TimeoutError) as exc:
+                raise HAProxyError(f"load balancer {lb.name} ({lb.admin}) failed during "
+                                   f"{chunk[0].split(' ', 3)[:3]}: {type(exc).__name__}: {exc}") from None
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            answers.extend(split_answers(data.decode("utf-8", errors="replace"), len(chunk)))
+        return answers
+
+    async def _read(self, lb: LoadBalancerRef) -> list[ServerState]:
+        stat, state = await self.asend(lb, ["show stat -1 4 -1", "show servers state"])
+        return server_states(lb.name, stat, state)
+
+    # -- reading ---------------------------------------------------------------------------------
+    async def asnapshot(self) -> dict[str, list[ServerState]]:
+        """Every server line of every LB; raises HAProxyError naming each unreachable LB."""
+        results = await asyncio.gather(*(self._read(lb) for lb in self.lbs), return_exceptions=True)
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise HAProxyError("; ".join(errors))
+        return {lb.name: r for lb, r in zip(self.lbs, results, strict=True)}  # type: ignore[misc]
+
+    async def aservers(self, host_name: str | None = None) -> dict[str, list[ServerState]]:
+        """``{lb: [ServerState]}`` for one host (every backend it is in), or for every server."""
+        snap = await self.asnapshot()
+        if host_name is None:
+            return snap
+        return {lb: [s for s in states if s.server == host_name] for lb, states in snap.items()}
+
+    async def adisagreements(self) -> list[Disagreement]:
+        """Servers whose status, admin state or weight differ between LBs."""
+        snap = await self.asnapshot()
+        return disagreements(snap)
+
+    # -- changing --------------------------------------------------------------------------------
+    async def _apply(self, action: str, hosts: Iterable[str], make: Callable[[str], str]) -> ChangeResult:
+        names = [validate_name("server", h) for h in hosts]
+        wanted = set(names)
+        snap = await self.asnapshot()  # every LB must answer before anything changes
+        targets: dict[str, list[str]] = {}
+        for lb in self.lbs:
+            here = [f"{validate_name('backend', s.backend)}/{s.server}"
+                    for s in snap[lb.name] if s.server in wanted]
+            if here:
+                targets[lb.name] = here
+        found = {t.split("/", 1)[1] for ts in targets.values() for t in ts}
+        result = ChangeResult(action, missing=[h for h in names if h not in found])
+        lb_by_name = {lb.name: lb for lb in self.lbs}
+
+        async def one(name: str) -> None:
+            answers = await self.asend(lb_by_name[name], [make(t) for t in targets[name]])
+            errors = [f"{t}: {a.strip()}" for t, a in zip(targets[name], answers, strict=True) if a.strip()]
+            if errors:
+                raise HAProxyError("; ".join(errors))
+
+        todo = list(targets)
+        outcomes = await asyncio.gather(*(one(n) for n in todo), return_exceptions=True)
+        failed = {n: str(o) for n, o in zip(todo, outcomes, strict=True) if isinstance(o, BaseException)}
+        result.applied = {n: targets[n] for n in todo if n not in failed}
+        if failed:
+            raise PartialApplication(action, result.applied, failed)
+        if names:
+            log.info("haproxy %s: %s on %d LB(s)", action, ", ".join(names), len(result.applied))
+        return result
+
+    async def adrain(self, hosts: Iterable[str]) -> ChangeResult:
+        return await self._apply("drain", hosts, lambda t: f"set server {t} state drain")
+
+    async def aready(self, hosts: Iterable[str]) -> ChangeResult:
+        return await self._apply("ready", hosts, lambda t: f"set server {t} state ready")
+
+    async def amaint(self, hosts: Iterable[str]) -> ChangeResult:
+        return await self._apply("maint", hosts, lambda t: f"set server {t} state maint")
+
+    async def aset_weight(self, hosts: Iterable[str], weight: int) -> ChangeResult:
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 256:
+            raise InvalidInput(f"HAProxy weight must be an integer 0..256, got {weight!r}")
+        return await self._apply(f"weight {weight}", hosts, lambda t: f"set weight {t} {weight}")
+
+    # -- waiting ---------------------------------------------------------------------------------
+    async def await_sessions_zero(self, hosts: Iterable[str], timeout: float) -> dict[str, int]:
+        """Wait (at most ``timeout`` s) until the hosts hold no session on any LB.
+
+        Returns the hosts still holding sessions (empty when all are idle)."""
+        names = set(hosts)
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = await self.asnapshot()
+            left: dict[str, int] = {}
+            for states in snap.values():
+                for s in states:
+                    if s.server in names and s.sessions:
+                        left[s.server] = left.get(s.server, 0) + s.sessions
+            if not left or time.monotonic() >= deadline:
+                return left
+            await asyncio.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
+
+    async def await_up(self, hosts: Iterable[str], timeout: float) -> dict[str, dict[str, str]]:
+        """Wait (at most ``timeout`` s) until every LB reports each host UP (and ready) in every
+        backend. Returns ``{host: {lb: status}}`` for those that are not (empty: all UP)."""
+        names = set(hosts)
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = await self.asnapshot()
+            bad: dict[str, dict[str, str]] = {}
+            for lb, states in snap.items():
+                for s in states:
+                    if s.server in names and not s.in_service:
+                        bad.setdefault(s.server, {})[lb] = f"{s.backend}:{s.raw_status or s.status}/{s.admin}"
+            if not bad or time.monotonic() >= deadline:
+                return bad
+            await asyncio.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
+
+    # -- sync API --------------------------------------------------------------------------------
+    def servers(self, host_name: str | None = None) -> dict[str, list[ServerState]]:
+        return asyncio.run(self.aservers(host_name))
+
+    def snapshot(self) -> dict[str, list[ServerState]]:
+        return asyncio.run(self.asnapshot())
+
+    def drain(self, hosts: Iterable[str]) -> ChangeResult:
+        return asyncio.run(self.adrain(list(hosts)))
+
+    def ready(self, hosts: Iterable[str]) -> ChangeResult:
+        return asyncio.run(self.aready(list(hosts)))
+
+    def maint(self, hosts: Iterable[str]) -> ChangeResult:
+        return asyncio.run(self.amaint(list(hosts)))
+
+    def set_weight(self, hosts: Iterable[str], weight: int) -> ChangeResult:
+        return asyncio.run(self.aset_weight(list(hosts), weight))
+
+    def wait_sessions_zero(self, hosts: Iterable[str], timeout: float) -> dict[str, int]:
+        return asyncio.run(self.await_sessions_zero(list(hosts), timeout))
+
+    def wait_up(self, hosts: Iterable[str], timeout: float) -> dict[str, dict[str, str]]:
+        return asyncio.run(self.await_up(list(hosts), timeout))
+
+    def disagreements(self) -> list[Disagreement]:
+        return asyncio.run(self.adisagreements())
+
+
+def disagreements(snap: dict[str, list[ServerState]]) -> list[Disagreement]:
+    """Servers reported differently (status, admin state, weight, or absent) across LBs."""
+    if len(snap) < 2:
+        return []
+    seen: dict[tuple[str, str], dict[str, str]] = {}
+    for lb, states in snap.items():
+        for s in states:
+            seen.setdefault((s.backend, s.server), {})[lb] = f"{s.status}/{s.admin}/{s.weight}"
+    out = []
+    for (backend, server), by_lb in sorted(seen.items()):
+        full = {lb: by_lb.get(lb, "absent") for lb in snap}
+        if len(set(full.values())) > 1:
+            out.append(Disagreement(backend, server, full))
+    return out
+
+
+def out_of_service(snap: dict[str, list[ServerState]]) -> dict[str, str]:
+    """Servers not in service on some LB: ``{server: "lb backend STATUS/admin"}`` (first seen)."""
+    out: dict[str, str] = {}
+    for lb, states in snap.items():
+        for s in states:
+            if not s.in_service and s.server not in out:
+                out[s.server] = f"{lb} {s.backend} {s.raw_status or s.status}/{s.admin}"
+    return out
+
+
+def lb_hosts(snap: dict[str, list[ServerState]]) -> set[str]:
+    """Every server name present on any LB."""
+    return {s.server for states in snap.values() for s in states}

@@ -1,0 +1,226 @@
+"""Pipeline and stage metrics, pushed to the Prometheus Pushgateway (job ``liftoff``).
+
+Groups (grouping keys under job ``liftoff``):
+
+* ``{pipeline, env, stage}``: ``liftoff_stage_duration_seconds``, ``liftoff_stage_status{status}``
+  (1 for the current status, 0 for the others), ``liftoff_stage_start_timestamp_seconds``,
+  ``liftoff_stage_end_timestamp_seconds`` (replaced as a whole on each push);
+* ``{pipeline}``: ``liftoff_pipeline_status{status}``, ``liftoff_pipeline_start_timestamp_seconds``,
+  ``liftoff_pipeline_end_timestamp_seconds``, ``liftoff_pipelines_total{status}``;
+* ``{env}``: ``liftoff_deployed_version_info{env,version}`` (``version="internal"`` when
+  redacted, for undisclosed security builds), ``liftoff_deployed_timestamp_seconds``,
+  ``liftoff_rollbacks_total``.
+
+``pipeline`` is the pipeline's name (e.g. the DAG id), not a run id, so series stay few.
+Counters are read back from the gateway and pushed incremented. A failed push is logged
+(without credentials) and returns False: metrics never break a deploy.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import default_handler, pushadd_to_gateway
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
+
+JOB = "liftoff"
+STAGE_STATUSES = ("running", "success", "failed", "skipped", "halted", "rolled_back")
+PIPELINE_STATUSES = ("running", "success", "failed", "halted", "canceled", "rolled_back")
+REDACTED = "internal"
+
+
+class _Families:
+    """A collector of ready-made metric families (counters without ``_created`` series)."""
+
+    def __init__(self, *families: Metric):
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def _safe(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+    return url
+
+
+class PipelineMetrics:
+    """Pushes one pipeline's metrics; every method returns True on success, False on failure."""
+
+    def __init__(self, gateway_url: str, pipeline: str, *, timeout: float = 5.0, redact_version: bool = False,
+                 login: str | None = None, password: str | None = None, job: str = JOB):
+        self.gateway_url = gateway_url.rstrip("/")
+        self.pipeline = pipeline
+        self.timeout = timeout
+        self.redact_version = redact_version
+        self.job = job
+        self._auth = (login, password) if login else None
+
+    def __repr__(self) -> str:
+        return f"PipelineMetrics({_safe(self.gateway_url)!r}, pipeline={self.pipeline!r})"
+
+    @classmethod
+    def from_settings(cls, pipeline: str, inventory=None, **kwargs: Any) -> PipelineMetrics:
+        from liftoff.settings import connection_for
+
+        conn = connection_for("pushgateway", inventory)
+        return cls(conn.base_url(), pipeline, login=conn.login, password=conn.password, **kwargs)
+
+    # -- public, never raising -------------------------------------------------------------------
+    def stage(self, env: str, stage: str, status: str, start: float, end: float | None = None) -> bool:
+        """Push a stage's status, start/end timestamps and duration (so far, if still running)."""
+        return self._guard("stage", self._stage, env, stage, status, start, end)
+
+    @contextmanager
+    def stage_timer(self, env: str, stage: str) -> Iterator[None]:
+        """Push ``running`` on entry, then ``success`` or ``failed`` with the duration on exit."""
+        start = time.time()
+        self.stage(env, stage, "running", start)
+        try:
+            yield
+        except BaseException:
+            self.stage(env, stage, "failed", start, time.time())
+            raise
+        self.stage(env, stage, "success", start, time.time())
+
+    def pipeline_status(self, status: str, start: float | None = None, end: float | None = None,
+                        count: bool = True) -> bool:
+        """Push the pipeline's status and timestamps; a final status bumps ``liftoff_pipelines_total``."""
+        return self._guard("pipeline_status", self._pipeline_status, status, start, end, count)
+
+    def deployed_version(self, env: str, version: str, redact: bool | None = None,
+                         at: float | None = None) -> bool:
+        """Push ``liftoff_deployed_version_info{env,version} 1`` (version ``internal`` when redacted)."""
+        return self._guard("deployed_version", self._deployed_version, env, version, redact, at)
+
+    def rollback(self, env: str) -> bool:
+        """Count one rollback of ``env``."""
+        return self._guard("rollback", self._rollback, env)
+
+    def _guard(self, what: str, fn, *args: Any) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # never raise into a deploy
+            msg = str(exc)
+            if self._auth and self._auth[1]:
+                msg = msg.replace(self._auth[1], "***")
+            log.warning("metrics push (%s) to %s failed: %s: %s", what, _safe(self.gateway_url),
+                        type(exc).__name__, msg[:300])
+            return False
+
+    # -- implementation --------------------------------------------------------------------------
+    def _handler(self, url, method, timeout, headers, data):
+        if self._auth:
+            token = base64.b64encode(f"{self._auth[0]}:{self._auth[1] or ''}".encode()).decode()
+            headers = [*headers, ("Authorization", f"Basic {token}")]
+        return default_handler(url, method, timeout, headers, data)
+
+    def _push(self, registry: CollectorRegistry, grouping: dict[str, str], replace: bool) -> None:
+        from prometheus_client.exposition import push_to_gateway
+
+        push = push_to_gateway if replace else pushadd_to_gateway
+        push(self.gateway_url, job=self.job, registry=registry, grouping_key=grouping, timeout=self.timeout,
+             handler=self._handler)
+
+    def _stage(self, env: str, stage: str, status: str, start: float, end: float | None) -> None:
+        reg = CollectorRegistry()
+        duration = Gauge("liftoff_stage_duration_seconds", "Stage duration (so far, while running).",
+                         registry=reg)
+        st = Gauge("liftoff_stage_status", "1 for the stage's current status.", ["status"], registry=reg)
+        started = Gauge("liftoff_stage_start_timestamp_seconds", "Stage start.", registry=reg)
+        ended = Gauge("liftoff_stage_end_timestamp_seconds", "Stage end (0 while running).", registry=reg)
+        for s in dict.fromkeys((*STAGE_STATUSES, status)):
+            st.labels(s).set(1 if s == status else 0)
+        started.set(start)
+        ended.set(end or 0)
+        duration.set(max(0.0, (end if end is not None else time.time()) - start))
+        self._push(reg, {"pipeline": self.pipeline, "env": env, "stage": stage}, replace=True)
+
+    def _pipeline_status(self, status: str, start: float | None, end: float | None, count: bool) -> None:
+        grouping = {"pipeline": self.pipeline}
+        reg = CollectorRegistry()
+        st = Gauge("liftoff_pipeline_status", "1 for the pipeline's current status.", ["status"],
+                   registry=reg)
+        for s in dict.fromkeys((*PIPELINE_STATUSES, status)):
+            st.labels(s).set(1 if s == status else 0)
+        if start is not None:
+            Gauge("liftoff_pipeline_start_timestamp_seconds", "Pipeline start.", registry=reg).set(start)
+        if end is not None:
+            Gauge("liftoff_pipeline_end_timestamp_seconds", "Pipeline end.", registry=reg).set(end)
+        if count and status != "running":
+            totals = self._read_counter("liftoff_pipelines_total", grouping, "status")
+            totals[status] = totals.get(status, 0.0) + 1
+            fam = CounterMetricFamily("liftoff_pipelines", "Finished pipelines by status.", labels=["status"])
+            for s, value in sorted(totals.items()):
+                fam.add_metric([s], value)
+            reg.register(_Families(fam))
+        self._push(reg, grouping, replace=False)
+
+    def _deployed_version(self, env: str, version: str, redact: bool | None, at: float | None) -> None:
+        redact = self.redact_version if redact is None else redact
+        reg = CollectorRegistry()
+        info = Gauge("liftoff_deployed_version_info", "The version deployed to the environment.",
+                     ["env", "version"], registry=reg)
+        info.labels(env, REDACTED if redact else str(version)).set(1)
+        Gauge("liftoff_deployed_timestamp_seconds", "When the environment's version was deployed.",
+              registry=reg).set(at if at is not None else time.time())
+        self._push(reg, {"env": env}, replace=False)
+
+    def _rollback(self, env: str) -> None:
+        grouping = {"env": env}
+        current = self._read_counter("liftoff_rollbacks_total", grouping)
+        reg = CollectorRegistry()
+        fam = CounterMetricFamily("liftoff_rollbacks", "Rollbacks started.", value=current.get("", 0.0) + 1)
+        reg.register(_Families(fam))
+        self._push(reg, grouping, replace=False)
+
+    def _read_counter(self, sample: str, grouping: Mapping[str, str],
+                      label: str | None = None) -> dict[str, float]:
+        """Current values of a counter in our group on the gateway (by ``label`` value)."""
+        req = urllib.request.Request(f"{self.gateway_url}/metrics")
+        if self._auth:
+            token = base64.b64encode(f"{self._auth[0]}:{self._auth[1] or ''}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - configured URL
+            text = resp.read().decode("utf-8", "replace")
+        want = {"job": self.job, **grouping}
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name != sample or any(s.labels.get(k) != v for k, v in want.items()):
+                    continue
+                values[s.labels.get(label, "") if label else ""] = s.value
+        return values
+
+
+def delete_group(gateway_url: str, grouping: Mapping[str, str], timeout: float = 5.0, job: str = JOB) -> bool:
+    """Remove one group from the gateway (e.g. a finished pipeline's stages); never raises."""
+    from prometheus_client.exposition import delete_from_gateway
+
+    try:
+        delete_from_gateway(gateway_url, job=job, grouping_key=dict(grouping), timeout=timeout)
+        return True
+    except Exception as exc:
+        log.warning("metrics delete of %s at %s failed: %s", dict(grouping), _safe(gateway_url),
+                    type(exc).__name__)
+        return False
+
+
+def group_path(grouping: Mapping[str, str], job: str = JOB) -> str:
+    """The gateway URL path of a group (for reading it back)."""
+    return f"/metrics/job/{quote(job, safe='')}" + "".join(
+        f"/{quote(k, safe='')}/{quote(v, safe='')}" for k, v in grouping.items())

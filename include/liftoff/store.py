@@ -1,0 +1,621 @@
+"""liftoff's durable state: environment locks, drain records, host progress, audit trail,
+deployments, patches and halts, in SQL (SQLite or PostgreSQL) through SQLAlchemy core.
+
+The state lives outside Airflow's metadata so it survives Airflow restarts, is shared by
+every worker and the ChatOps CLI, and can sit in the same Postgres under ``liftoff_*``
+tables. Locks are atomic across processes: taking one is a primary-key insert, and the
+loser reads the holder back and raises :class:`LockHeld` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from liftoff.errors import InvalidInput, LockHeld, StoreError
+from liftoff.versions import validate_name, validate_reason
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+log = logging.getLogger(__name__)
+
+HOST_STATUSES = ("pending", "draining", "installing", "done", "failed", "skipped")
+DEPLOYMENT_KINDS = ("deploy", "rollback")
+DEPLOYMENT_STATUSES = ("running", "success", "failed", "halted", "canceled", "rolled_back")
+OUTPUT_TAIL_CHARS = 4000
+
+metadata = MetaData()
+
+locks_t = Table(
+    "liftoff_locks", metadata,
+    Column("env", String(64), primary_key=True),
+    Column("run_id", String(250), nullable=False),
+    Column("who", String(128), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("since", Float, nullable=False),
+)
+lock_events_t = Table(
+    "liftoff_lock_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("env", String(64), nullable=False, index=True),
+    Column("action", String(32), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("who", String(128), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("at", Float, nullable=False),
+)
+drained_t = Table(
+    "liftoff_drained", metadata,
+    Column("env", String(64), primary_key=True),
+    Column("host", String(253), primary_key=True),
+    Column("run_id", String(250), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("since", Float, nullable=False),
+)
+progress_t = Table(
+    "liftoff_host_progress", metadata,
+    Column("rollout", String(250), primary_key=True),
+    Column("host", String(253), primary_key=True),
+    Column("env", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("version", String(128), nullable=False, default=""),
+    Column("detail", Text, nullable=False, default=""),
+    Column("updated", Float, nullable=False),
+)
+audit_t = Table(
+    "liftoff_audit", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("env", String(64), nullable=False),
+    Column("host", String(253), nullable=False, index=True),
+    Column("command", Text, nullable=False),
+    Column("exit_code", Integer, nullable=True),
+    Column("duration_s", Float, nullable=False),
+    Column("output_tail", Text, nullable=False, default=""),
+)
+deployments_t = Table(
+    "liftoff_deployments", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("env", String(64), nullable=False, index=True),
+    Column("version", String(128), nullable=False),
+    Column("run_id", String(250), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("started", Float, nullable=False),
+    Column("updated", Float, nullable=False),
+)
+patches_t = Table(
+    "liftoff_patches", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("patch_id", String(128), nullable=False, index=True),
+    Column("env", String(64), nullable=False, index=True),
+    Column("run_id", String(250), nullable=False),
+    Column("who", String(128), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("hosts", Text, nullable=False, default=""),
+    Column("detail", Text, nullable=False, default=""),
+    Column("at", Float, nullable=False),
+)
+halts_t = Table(
+    "liftoff_halts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("reason", Text, nullable=False),
+    Column("patch_id", String(128), nullable=True),
+    Column("who", String(128), nullable=False),
+    Column("since", Float, nullable=False),
+    Column("lifted_by", String(128), nullable=True),
+    Column("lifted_reason", Text, nullable=True),
+    Column("lifted_at", Float, nullable=True),
+)
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC)
+
+
+@dataclass(frozen=True)
+class Lock:
+    env: str
+    run_id: str
+    who: str
+    reason: str
+    since: datetime
+
+
+@dataclass(frozen=True)
+class LockEvent:
+    env: str
+    action: str  # acquire | release | force_release
+    run_id: str
+    who: str
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class DrainRecord:
+    env: str
+    host: str
+    run_id: str
+    reason: str
+    since: datetime
+
+
+@dataclass(frozen=True)
+class HostProgress:
+    rollout: str
+    env: str
+    host: str
+    status: str
+    version: str
+    detail: str
+    updated: datetime
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: datetime
+    run_id: str
+    env: str
+    host: str
+    command: str
+    exit_code: int | None
+    duration_s: float
+    output_tail: str
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: int
+    env: str
+    version: str
+    run_id: str
+    kind: str
+    status: str
+    started: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    id: int
+    patch_id: str
+    env: str
+    run_id: str
+    who: str
+    status: str
+    hosts: tuple[str, ...]
+    detail: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Halt:
+    id: int
+    reason: str
+    patch_id: str | None
+    who: str
+    since: datetime
+    lifted_by: str | None = None
+    lifted_reason: str | None = None
+    lifted_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.lifted_at is None
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable url>"
+
+
+class Store:
+    """The state store at a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``)."""
+
+    def __init__(self, url: str, *, create: bool = True, echo: bool = False):
+        self.url = url
+        try:
+            parsed = make_url(url)
+        except Exception:
+            raise StoreError(f"not a database URL: {_safe_url(url)}") from None
+        kwargs: dict = {"echo": echo}
+        if parsed.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            if parsed.database in (None, "", ":memory:"):
+                kwargs["poolclass"] = StaticPool
+        else:
+            kwargs["pool_pre_ping"] = True
+        try:
+            self.engine: Engine = create_engine(parsed, **kwargs)
+        except Exception as exc:
+            raise StoreError(
+                f"cannot open state store {_safe_url(url)}: {type(exc).__name__}: {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine, "begin", _sqlite_on_begin)
+        if create:
+            self.create_tables()
+
+    @classmethod
+    def from_settings(cls, inventory=None) -> Store:
+        from liftoff.settings import state_url
+
+        return cls(state_url(inventory))
+
+    def __repr__(self) -> str:
+        return f"Store({_safe_url(self.url)!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create_tables(self) -> None:
+        """Create the tables if missing (safe when several processes start at once)."""
+        for attempt in range(5):
+            try:
+                metadata.create_all(self.engine)
+                return
+            except (IntegrityError, ProgrammingError, OperationalError) as exc:
+                if attempt == 4:
+                    raise StoreError(f"cannot create tables in {_safe_url(self.url)}: {exc.orig}") from None
+                time.sleep(0.1 * (attempt + 1))
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (IntegrityError, LockHeld, InvalidInput):
+            raise
+        except SQLAlchemyError as exc:
+            raise StoreError(f"state store {_safe_url(self.url)} failed: {type(exc).__name__}: "
+                             f"{getattr(exc, 'orig', exc)}") from None
+
+    # -- locks -----------------------------------------------------------------------------------
+    def acquire(self, env: str, run_id: str, who: str, reason: str = "") -> Lock:
+        """Take the environment lock, or raise LockHeld naming the holder.
+
+        Re-entrant for the same run id (a retried or cleared task keeps its lock)."""
+        validate_name("env", env)
+        validate_name("run_id", run_id)
+        validate_name("who", who)
+        reason = validate_reason(reason) if reason else ""
+        for _ in range(20):
+            now = time.time()
+            try:
+                with self._tx() as conn:
+                    conn.execute(insert(locks_t).values(env=env, run_id=run_id, who=who, reason=reason,
+                                                        since=now))
+                    self._event(conn, env, "acquire", run_id, who, reason, now)
+                log.info("lock %s taken by run %s (%s)", env, run_id, who)
+                return Lock(env, run_id, who, reason, _dt(now))
+            except IntegrityError:
+                holder = self.get_lock(env)
+                if holder is None:
+                    continue  # released between our insert and our read: try again
+                if holder.run_id == run_id:
+                    return holder
+                raise LockHeld(holder) from None
+        raise StoreError(f"could not take the lock on {env}: it kept changing hands")
+
+    def release(self, env: str, run_id: str) -> bool:
+        """Release the lock if ``run_id`` holds it; True when it did."""
+        with self._tx() as conn:
+            row = conn.execute(select(locks_t).where(and_(locks_t.c.env == env, locks_t.c.run_id == run_id))
+                               ).first()
+            if row is None:
+                return False
+            res = conn.execute(delete(locks_t).where(and_(locks_t.c.env == env, locks_t.c.run_id == run_id)))
+            if res.rowcount:
+                self._event(conn, env, "release", run_id, row.who, "", time.time())
+            return bool(res.rowcount)
+
+    def force_release(self, env: str, who: str, reason: str) -> Lock | None:
+        """Remove whoever holds the lock, recording who did it and why; returns the removed lock."""
+        validate_name("who", who)
+        reason = validate_reason(reason)
+        with self._tx() as conn:
+            row = conn.execute(select(locks_t).where(locks_t.c.env == env)).first()
+            if row is None:
+                return None
+            res = conn.execute(
+                delete(locks_t).where(and_(locks_t.c.env == env, locks_t.c.run_id == row.run_id)))
+            if not res.rowcount:
+                return None
+            self._event(conn, env, "force_release", row.run_id, who, reason, time.time())
+        log.warning("lock %s of run %s force-released by %s: %s", env, row.run_id, who, reason)
+        return _lock(row)
+
+    def get_lock(self, env: str) -> Lock | None:
+        with self._tx() as conn:
+            row = conn.execute(select(locks_t).where(locks_t.c.env == env)).first()
+        return _lock(row) if row else None
+
+    def list_locks(self) -> list[Lock]:
+        with self._tx() as conn:
+            rows = conn.execute(select(locks_t).order_by(locks_t.c.env)).all()
+        return [_lock(r) for r in rows]
+
+    def lock_events(self, env: str | None = None) -> list[LockEvent]:
+        """Lock history, newest first."""
+        q = select(lock_events_t).order_by(lock_events_t.c.id.desc())
+        if env is not None:
+            q = q.where(lock_events_t.c.env == env)
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [LockEvent(r.env, r.action, r.run_id, r.who, r.reason, _dt(r.at)) for r in rows]
+
+    @staticmethod
+    def _event(conn: Connection, env: str, action: str, run_id: str, who: str, reason: str,
+               at: float) -> None:
+        conn.execute(insert(lock_events_t).values(env=env, action=action, run_id=run_id, who=who,
+                                                  reason=reason, at=at))
+
+    # -- drain records (write-ahead) ------------------------------------------------------------
+    def record_drained(self, env: str, host: str, run_id: str, reason: str = "") -> DrainRecord:
+        """Record that ``host`` is (about to be) drained; call BEFORE draining it."""
+        validate_name("env", env)
+        validate_name("host", host)
+        now = time.time()
+        values = {"run_id": run_id, "reason": reason[:1000]}
+        self._upsert(drained_t, {"env": env, "host": host}, values, {"since": now})
+        rec = [r for r in self.drained(env) if r.host == host]
+        return rec[0]
+
+    def clear_drained(self, env: str, host: str) -> bool:
+        """Forget the drain record; call AFTER the host is ready on every LB."""
+        with self._tx() as conn:
+            res = conn.execute(
+                delete(drained_t).where(and_(drained_t.c.env == env, drained_t.c.host == host)))
+        return bool(res.rowcount)
+
+    def drained(self, env: str | None = None) -> list[DrainRecord]:
+        q = select(drained_t).order_by(drained_t.c.env, drained_t.c.since, drained_t.c.host)
+        if env is not None:
+            q = q.where(drained_t.c.env == env)
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [DrainRecord(r.env, r.host, r.run_id, r.reason, _dt(r.since)) for r in rows]
+
+    # -- host progress -----------------------------------------------------------------------------
+    def set_host_status(self, rollout: str, env: str, host: str, status: str, version: str,
+                        detail: str = "") -> None:
+        if status not in HOST_STATUSES:
+            raise InvalidInput(f"host status {status!r} is not one of {', '.join(HOST_STATUSES)}")
+        validate_name("rollout", rollout)
+        validate_name("host", host)
+        values = {"env": env, "status": status, "version": str(version), "detail": detail[:2000],
+                  "updated": time.time()}
+        self._upsert(progress_t, {"rollout": rollout, "host": host}, values, {})
+
+    def host_statuses(self, rollout: str) -> dict[str, HostProgress]:
+        with self._tx() as conn:
+            rows = conn.execute(select(progress_t).where(progress_t.c.rollout == rollout)
+                                .order_by(progress_t.c.host)).all()
+        return {r.host: HostProgress(r.rollout, r.env, r.host, r.status, r.version, r.detail, _dt(r.updated))
+                for r in rows}
+
+    # -- audit -------------------------------------------------------------------------------------
+    def audit(self, run_id: str, env: str, host: str, command: str, exit_code: int | None,
+              duration_s: float, output_tail: str = "") -> None:
+        self.audit_many([(run_id, env, host, command, exit_code, duration_s, output_tail)])
+
+    def audit_many(self, records: Iterable[tuple]) -> None:
+        """Several audit rows in one transaction: (run_id, env, host, command, exit_code, duration_s,
+        output_tail)."""
+        now = time.time()
+        rows = [
+            {"at": now, "run_id": r[0], "env": r[1], "host": r[2], "command": r[3], "exit_code": r[4],
+             "duration_s": float(r[5]), "output_tail": (r[6] if len(r) > 6 else "")[-OUTPUT_TAIL_CHARS:]}
+            for r in records
+        ]
+        if rows:
+            with self._tx() as conn:
+                conn.execute(insert(audit_t), rows)
+
+    def audit_records(self, run_id: str | None = None, host: str | None = None,
+                      env: str | None = None) -> list[AuditRecord]:
+        """Audit rows in the order they were written."""
+        q = select(audit_t).order_by(audit_t.c.id)
+        if run_id is not None:
+            q = q.where(audit_t.c.run_id == run_id)
+        if host is not None:
+            q = q.where(audit_t.c.host == host)
+        if env is not None:
+            q = q.where(audit_t.c.env == env)
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [AuditRecord(r.id, _dt(r.at), r.run_id, r.env, r.host, r.command, r.exit_code, r.duration_s,
+                            r.output_tail) for r in rows]
+
+    # -- deployments --------------------------------------------------------------------------------
+    def record_deployment(self, env: str, version: str, run_id: str, kind: str = "deploy",
+                          status: str = "running") -> Deployment:
+        """Record a deployment of ``version`` to ``env``, or update the status of this run's one."""
+        from liftoff.versions import parse_version
+
+        validate_name("env", env)
+        version = str(parse_version(version))
+        validate_name("run_id", run_id)
+        if kind not in DEPLOYMENT_KINDS:
+            raise InvalidInput(f"deployment kind {kind!r} is not one of {', '.join(DEPLOYMENT_KINDS)}")
+        if status not in DEPLOYMENT_STATUSES:
+            raise InvalidInput(f"deployment status {status!r} is not one of {', '.join(DEPLOYMENT_STATUSES)}")
+        now = time.time()
+        key = and_(deployments_t.c.env == env, deployments_t.c.run_id == run_id, deployments_t.c.kind == kind,
+                   deployments_t.c.version == version)
+        with self._tx() as conn:
+            res = conn.execute(update(deployments_t).where(key).values(status=status, updated=now))
+            if not res.rowcount:
+                conn.execute(insert(deployments_t).values(env=env, version=version, run_id=run_id, kind=kind,
+                                                          status=status, started=now, updated=now))
+            row = conn.execute(select(deployments_t).where(key).order_by(deployments_t.c.id.desc())).first()
+        return _deployment(row)
+
+    def deployments(self, env: str, limit: int | None = None) -> list[Deployment]:
+        """This environment's deployments and rollbacks, newest first."""
+        q = select(deployments_t).where(deployments_t.c.env == env).order_by(deployments_t.c.id.desc())
+        if limit:
+            q = q.limit(limit)
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [_deployment(r) for r in rows]
+
+    def current_version(self, env: str) -> str | None:
+        """Version of the newest successful deployment (or rollback)."""
+        for d in self.deployments(env):
+            if d.status == "success":
+                return d.version
+        return None
+
+    def previous_version(self, env: str) -> str | None:
+        """The successfully deployed version before the current one (a different version)."""
+        current = None
+        for d in self.deployments(env):
+            if d.status != "success":
+                continue
+            if current is None:
+                current = d.version
+            elif d.version != current:
+                return d.version
+        return None
+
+    # -- patches and halts ----------------------------------------------------------------------
+    def record_patch(self, patch_id: str, env: str, run_id: str, who: str, status: str = "applied",
+                     hosts: Iterable[str] = (), detail: str = "") -> PatchRecord:
+        validate_name("patch", patch_id)
+        validate_name("env", env)
+        validate_name("who", who)
+        host_list = [validate_name("host", h) for h in hosts]
+        now = time.time()
+        with self._tx() as conn:
+            res = conn.execute(insert(patches_t).values(patch_id=patch_id, env=env, run_id=run_id, who=who,
+                                                        status=status, hosts=",".join(host_list),
+                                                        detail=detail[:2000], at=now))
+            pk = res.inserted_primary_key[0]
+        return PatchRecord(pk, patch_id, env, run_id, who, status, tuple(host_list), detail[:2000], _dt(now))
+
+    def patches(self, env: str | None = None) -> list[PatchRecord]:
+        """Patch records, newest first."""
+        q = select(patches_t).order_by(patches_t.c.id.desc())
+        if env is not None:
+            q = q.where(patches_t.c.env == env)
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [PatchRecord(r.id, r.patch_id, r.env, r.run_id, r.who, r.status,
+                            tuple(h for h in r.hosts.split(",") if h), r.detail, _dt(r.at)) for r in rows]
+
+    def set_halt(self, reason: str, patch_id: str | None, who: str) -> Halt:
+        """Halt canary deploys (e.g. until a build containing ``patch_id`` is deployed)."""
+        reason = validate_reason(reason)
+        if patch_id is not None:
+            validate_name("patch", patch_id)
+        validate_name("who", who)
+        now = time.time()
+        with self._tx() as conn:
+            res = conn.execute(insert(halts_t).values(reason=reason, patch_id=patch_id, who=who, since=now))
+            pk = res.inserted_primary_key[0]
+        return Halt(pk, reason, patch_id, who, _dt(now))
+
+    def lift_halt(self, who: str, reason: str, patch_id: str | None = None) -> Halt | None:
+        """Lift the active halts (only those of ``patch_id`` when given); returns the newest lifted."""
+        validate_name("who", who)
+        reason = validate_reason(reason)
+        now = time.time()
+        cond = halts_t.c.lifted_at.is_(None)
+        if patch_id is not None:
+            cond = and_(cond, halts_t.c.patch_id == patch_id)
+        with self._tx() as conn:
+            rows = conn.execute(select(halts_t.c.id).where(cond).order_by(halts_t.c.id.desc())).all()
+            if not rows:
+                return None
+            ids = [r.id for r in rows]
+            conn.execute(update(halts_t).where(and_(halts_t.c.id.in_(ids), halts_t.c.lifted_at.is_(None)))
+                         .values(lifted_by=who, lifted_reason=reason, lifted_at=now))
+            row = conn.execute(select(halts_t).where(halts_t.c.id == ids[0])).first()
+        return _halt(row)
+
+    def active_halt(self) -> Halt | None:
+        halts = self.active_halts()
+        return halts[0] if halts else None
+
+    def active_halts(self) -> list[Halt]:
+        """Active halts, newest first."""
+        with self._tx() as conn:
+            rows = conn.execute(select(halts_t).where(halts_t.c.lifted_at.is_(None))
+                                .order_by(halts_t.c.id.desc())).all()
+        return [_halt(r) for r in rows]
+
+    def halts(self) -> list[Halt]:
+        with self._tx() as conn:
+            rows = conn.execute(select(halts_t).order_by(halts_t.c.id.desc())).all()
+        return [_halt(r) for r in rows]
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _upsert(self, table: Table, key: dict, values: dict, insert_only: dict) -> None:
+        cond = and_(*(table.c[k] == v for k, v in key.items()))
+        for _ in range(5):
+            try:
+                with self._tx() as conn:
+                    res = conn.execute(update(table).where(cond).values(**values))
+                    if not res.rowcount:
+                        conn.execute(insert(table).values(**key, **values, **insert_only))
+                return
+            except IntegrityError:
+                continue  # inserted concurrently: update it on the next round
+        raise StoreError(f"could not write {table.name} for {key}")
+
+
+def _lock(row) -> Lock:
+    return Lock(row.env, row.run_id, row.who, row.reason, _dt(row.since))
+
+
+def _deployment(row) -> Deployment:
+    return Deployment(row.id, row.env, row.version, row.run_id, row.kind, row.status, _dt(row.started),
+                      _dt(row.updated))
+
+
+def _halt(row) -> Halt:
+    return Halt(row.id, row.reason, row.patch_id, row.who, _dt(row.since), row.lifted_by, row.lifted_reason,
+                _dt(row.lifted_at))
+
+
+def _sqlite_on_connect(dbapi_conn, _record) -> None:
+    # Let SQLAlchemy issue BEGIN itself (pysqlite's implicit transactions break locking).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    with contextlib.suppress(Exception):  # e.g. in-memory databases
+        cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_on_begin(conn) -> None:
+    # BEGIN IMMEDIATE: take the write lock at the start, so read-then-write is serialised.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,296 @@
+"""The lab's external processes and command line, against real sshd, HAProxy, Prometheus,
+Alertmanager and Pushgateway (the session ``lab`` fixture), plus config checks that need
+no running lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import stat
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab import configs, processes
+from lab.cli import parse_show_stat
+from lab.config import LabConfig
+from lab.topology import CANARY_WEIGHT, MAIN_WEIGHT, Topology, host_counts
+
+GPRD_LBS = ("fe-01-lb-gprd", "fe-02-lb-gprd")
+
+
+# -- configs (no processes) ------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [None, 1000])
+def test_generated_configs_validate_and_stay_on_loopback(tmp_path: Path, scale: int | None) -> None:
+    config = LabConfig(lab_dir=tmp_path, octet=44, hosts=host_counts(scale))
+    topology = Topology(config)
+    configs.write_all(config, topology)  # validates with haproxy -c, sshd -t, promtool, amtool
+
+    for lb in topology.lbs:
+        text = configs.haproxy_config_file(config, lb).read_text()
+        binds = re.findall(r"^\s*bind (\S+)", text, re.M) + re.findall(r"stats socket ipv4@(\S+)", text)
+        assert binds and all(b.startswith(f"{lb.addr}:") for b in binds), binds
+        assert ("frontend canary" in text) == (lb.tier == "gprd")
+    sshd = configs.sshd_config_file(config).read_text()
+    assert f"AllowUsers {config.user}@127.0.0.0/8" in sshd
+    assert "PasswordAuthentication no" in sshd and "Match LocalAddress" not in sshd
+    prom = yaml.safe_load(configs.prometheus_config_file(config).read_text())
+    targets = json.loads(config.path("prometheus", "targets", "app.json").read_text())
+    assert len(targets) == topology.size
+    assert {t["labels"]["env"] for t in targets} == {"gstg", "gprd-cny", "gprd"}
+    assert [j["job_name"] for j in prom["scrape_configs"]] == [
+        "app", "haproxy", "pushgateway", "prometheus", "alertmanager"]
+    known = configs.known_hosts_file(config).read_text().splitlines()
+    assert len(known) == topology.size
+    assert known[0].startswith(f"[{topology.hosts[0].addr}]:{config.ssh_port} ssh-ed25519 ")
+
+
+def test_gprd_lbs_weigh_canary_in_main_backends(tmp_path: Path) -> None:
+    config = LabConfig(lab_dir=tmp_path, octet=44, hosts=host_counts())
+    topology = Topology(config)
+    lb = topology.lbs_for("gprd")[0]
+    text = configs.haproxy_config(config, topology, lb)
+    backends = dict(re.findall(r"^backend (\S+)\n((?:    server .*\n)+)", text + "\n", re.M))
+    assert set(backends) == {"web", "api", "git", "canary_web", "canary_api", "canary_git"}
+    for host in topology.env_hosts("gprd-cny", "web"):
+        line = f"server {host.name} {host.addr}:{config.app_port} check weight"
+        assert f"{line} {CANARY_WEIGHT}\n" in backends["web"]
+        assert f"{line} {MAIN_WEIGHT}\n" in backends["canary_web"]
+    for host in topology.env_hosts("gprd", "web"):
+        line = f"server {host.name} {host.addr}:{config.app_port} check weight"
+        assert f"{line} {MAIN_WEIGHT}\n" in backends["web"]
+    assert all(h.name not in text for h in topology.env_hosts("gstg"))
+
+
+def test_denied_addresses_become_a_match_block(tmp_path: Path) -> None:
+    config = LabConfig(lab_dir=tmp_path, octet=44, hosts=host_counts())
+    configs.ensure_keys(config)
+    configs.denied_file(config).write_text("127.43.10.7\n127.43.10.9\n")
+    text = configs.sshd_config(config)
+    assert "Match LocalAddress 127.43.10.7,127.43.10.9\n    DenyUsers *" in text
+    configs.sshd_config_file(config).write_text(text)
+    configs.check_sshd(config)
+
+
+def test_cli_refuses_bad_input_and_missing_lab(tmp_path: Path, lab_cli) -> None:
+    run_lab_cli = lab_cli
+    missing = run_lab_cli(tmp_path / "nolab", "status")
+    assert missing.returncode == 2 and "no lab at" in missing.stderr
+    for bad in (["up", "--hosts", "gprd:web=0"], ["up", "--hosts", "prod:web=3"], ["up", "--scale", "0"],
+                ["--octet", "300", "up"], ["up", "--install-seconds", "-1"]):
+        out = run_lab_cli(tmp_path / "bad", *bad)
+        assert out.returncode == 2, (bad, out.stderr)
+        assert out.stderr.startswith("lab: ")
+    assert not (tmp_path / "bad" / "run").exists()  # nothing was started
+
+
+# -- the running lab -------------------------------------------------------------------------
+def test_drain_on_both_gprd_lbs_shows_in_show_stat(lab) -> None:
+    server = "web/web-01-sv-gprd"
+    try:
+        for lb in GPRD_LBS:
+            assert lab.haproxy(lb, f"set server {server} state drain").strip() == ""
+        for lb in GPRD_LBS:
+            stats = parse_show_stat(lab.haproxy(lb, "show stat"))
+            assert stats["web-01-sv-gprd"]["web"]["status"] == "DRAIN"
+            assert stats["web-02-sv-gprd"]["web"]["status"] == "UP"
+        host = lab.host_status("web-01-sv-gprd")
+        assert {lb: s["web"]["status"] for lb, s in host["lbs"].items()} == dict.fromkeys(GPRD_LBS, "DRAIN")
+    finally:
+        for lb in GPRD_LBS:
+            lab.haproxy(lb, f"set server {server} state ready")
+    for lb in GPRD_LBS:
+        assert parse_show_stat(lab.haproxy(lb, "show stat"))["web-01-sv-gprd"]["web"]["status"] == "UP"
+
+
+def test_pushed_metric_is_queryable_in_prometheus(lab) -> None:
+    value = random.randint(1000, 10**6)
+    body = f"liftoff_lab_test_value {value}\n".encode()
+    url = f"http://{lab.config.pushgateway_addr}/metrics/job/liftoff_lab_test/env/gstg"
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, method="PUT"), timeout=10) as resp:
+        assert resp.status in (200, 202)
+
+    def scraped():
+        result = lab.prometheus_query('liftoff_lab_test_value{job="liftoff_lab_test"}')
+        return result if result and float(result[0]["value"][1]) == value else None
+
+    result = lab.wait_for("the pushed metric in Prometheus", scraped, timeout=60)
+    assert result[0]["metric"]["env"] == "gstg"  # honor_labels keeps the pushed labels
+
+
+def test_ssh_reads_the_installed_version(lab) -> None:
+    host = "gitaly-01-stor-gstg"
+    out = lab.ssh(host, "dpkg-query -W -f='${Version}' gitlab-ee")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == lab.host_status(host)["installed"]  # the relay ends lines with \n
+
+
+def test_unknown_ssh_command_is_refused(lab) -> None:
+    out = lab.ssh("deploy-01-sv-gstg", "cat /etc/shadow")
+    assert out.returncode == 127
+    assert "unknown command" in out.stderr
+
+
+def test_ssh_install_changes_exactly_the_dialled_host(lab) -> None:
+    target = "sidekiq-02-sv-gprd"
+    version = "17.6.1-ee.0"
+    lab.build_add(version)
+    before = {h["name"]: h["installed"] for e in lab.status()["environments"].values() for h in e["hosts"]}
+    assert lab.ssh(target, "sudo chef-client-disable 'lab test: install'").returncode == 0
+    try:
+        out = lab.ssh(target, f"sudo apt-get install -y gitlab-ee={version}")
+        assert out.returncode == 0, out.stderr
+        after = {h["name"]: h["installed"] for e in lab.status()["environments"].values() for h in e["hosts"]}
+        assert after[target] == version
+        del after[target], before[target]
+        assert after == before
+    finally:
+        lab.ssh(target, "sudo chef-client-enable")
+
+
+def test_host_down_fault_refuses_ssh_to_that_host_only(lab) -> None:
+    down, other = "git-01-sv-gprd", "git-02-sv-gprd"
+    query = "dpkg-query -W -f='${Version}' gitlab-ee"
+    lab.fault("host-down", down)
+    try:
+        assert lab.ssh(down, query).returncode == 255
+        assert lab.ssh(other, query).returncode == 0
+        assert lab.host_status(down)["reachable"] is False
+    finally:
+        lab.fault("host-up", down)
+    assert lab.ssh(down, query).returncode == 0
+
+
+def test_lb_routes_by_path_and_canary_cookie(lab) -> None:
+    lb = lab.topology.lbs_for("gprd")[0]
+    base = f"http://{lb.addr}:{lab.config.lb_http_port}"
+
+    def served_by(path: str, cookie: str | None = None) -> str:
+        req = urllib.request.Request(base + path, headers={"Cookie": cookie} if cookie else {})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.headers["X-Lab-Host"]
+
+    assert served_by("/api/v4/projects").startswith("api-")
+    assert served_by("/explore", "gitlab_canary=true") == "web-cny-01-sv-gprd"
+    assert served_by("/api/v4/projects", "gitlab_canary=true") == "api-cny-01-sv-gprd"
+    canary_url = lab.topology.env_url("gprd-cny") + "/help"
+    with urllib.request.urlopen(canary_url, timeout=10) as resp:
+        assert resp.headers["X-Lab-Host"] == "web-cny-01-sv-gprd"
+
+
+def test_liftoff_env_points_at_the_lab(lab, lab_env: dict[str, str]) -> None:
+    env_file = lab.config.path("liftoff.env")
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert os.environ["LIFTOFF_LAB_DIR"] == str(lab.config.lab_dir)
+    ssh = json.loads(os.environ["AIRFLOW_CONN_LIFTOFF_SSH"])
+    assert ssh["port"] == lab.config.ssh_port and Path(ssh["extra"]["known_hosts"]).exists()
+    gitlab = json.loads(os.environ["AIRFLOW_CONN_LIFTOFF_OPS_GITLAB"])
+    assert gitlab["host"] == lab.config.gitlab_url and gitlab["password"] and gitlab["extra"]["trigger_token"]
+    for name in ("ALERTMANAGER", "PUSHGATEWAY", "PROMETHEUS"):
+        host = json.loads(os.environ[f"AIRFLOW_CONN_LIFTOFF_{name}"])["host"]
+        assert processes.http_ok(host + "/-/ready")
+    inventory = yaml.safe_load(Path(os.environ["LIFTOFF_INVENTORY"]).read_text())
+    cny = inventory["environments"]["gprd-cny"]
+    assert (cny["qa_cookie"], cny["database"], cny["canary_of"]) == ("gitlab_canary=true", "gprd", "gprd")
+    assert [lb["name"] for lb in cny["load_balancers"]] == list(GPRD_LBS)
+    assert [r["name"] for r in cny["roles"]] == ["gitaly", "web", "api", "git", "sidekiq"]
+    gstg = inventory["environments"]["gstg"]
+    addr, port = gstg["load_balancers"][0]["admin"].split(":")
+    assert "Name: HAProxy" in processes.haproxy_command(addr, int(port), "show info")
+    web = next(r for r in gstg["roles"] if r["name"] == "web")
+    gstg_web = lab.topology.env_hosts("gstg", "web")
+    assert web["hosts"] == [{"name": h.name, "address": h.addr} for h in gstg_web]
+    printed = lab.cli("env")
+    assert printed.returncode == 0
+    assert f"export LIFTOFF_INVENTORY={os.environ['LIFTOFF_INVENTORY']}\n" in printed.stdout
+
+
+def test_status_and_build_commands(lab) -> None:
+    added = lab.cli("build", "add", "17.7.0-rc1.ee.0", "--nightly", "--latency-ms", "5",
+                    "--install-fails-on", "web-02-sv-gstg", "--includes-patch", "p-1")
+    assert added.returncode == 0, added.stderr
+    again = lab.cli("build", "add", "17.7.0-rc1.ee.0")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert lab.cli("build", "add", "17.7.1-ee.0", "--error-rate", "2").returncode == 2
+    assert lab.cli("build", "add", "17.7.1-ee.0", "--install-fails-on", "nohost").returncode == 2
+    listed = json.loads(lab.cli("build", "list", "--json").stdout)
+    build = next(b for b in listed if b["version"] == "17.7.0-rc1.ee.0")
+    assert build["nightly"] and build["install_fails_on"] == ["web-02-sv-gstg"]
+    assert build["includes_patches"] == ["p-1"]
+    assert lab.cli("fault", "host-down", "nohost").returncode == 2
+
+    status = json.loads(lab.cli("status", "--json").stdout)
+    assert status["up"] and all(p["alive"] for p in status["processes"].values())
+    cny = {h["name"]: h for h in status["environments"]["gprd-cny"]["hosts"]}
+    assert set(cny["web-cny-01-sv-gprd"]["lbs"]) == set(GPRD_LBS)
+    assert cny["web-cny-01-sv-gprd"]["lbs"]["fe-02-lb-gprd"]["web"]["weight"] == CANARY_WEIGHT
+    assert cny["web-cny-01-sv-gprd"]["lbs"]["fe-02-lb-gprd"]["canary_web"]["weight"] == MAIN_WEIGHT
+    assert status["environments"]["gprd"]["migrations"] == status["environments"]["gprd-cny"]["migrations"]
+    assert isinstance(status["alerts"], list)
+    human = lab.cli("status")
+    assert human.returncode == 0 and "web-cny-01-sv-gprd" in human.stdout and "cny:UP/100" in human.stdout
+
+
+def _roll(lab, hosts: list[str], version: str) -> None:
+    for host in hosts:
+        out = lab.ssh(host, f"sudo apt-get install -y gitlab-ee={version}")
+        assert out.returncode == 0, out.stderr
+        out = lab.ssh(host, "sudo gitlab-ctl restart")
+        assert out.returncode == 0, out.stderr
+
+
+def test_error_build_fires_high_error_ratio_and_a_good_build_resolves_it(lab) -> None:
+    hosts = [h.name for role in ("web", "api", "git") for h in lab.topology.env_hosts("gstg", role)]
+    lab.build_add("17.6.2-ee.0", error_rate=0.5)
+    lab.build_add("17.6.3-ee.0")
+    for host in hosts:
+        assert lab.ssh(host, "sudo chef-client-disable 'lab test: error ratio'").returncode == 0
+    try:
+        _roll(lab, hosts, "17.6.2-ee.0")
+        firing = lab.wait_for("HighErrorRatio for gstg",
+                              lambda: lab.alerts(alertname="HighErrorRatio", env="gstg"), 90)[0]
+        assert firing["labels"]["severity"] == "critical"
+        assert not lab.alerts(alertname="HighErrorRatio", env="gprd")
+        _roll(lab, hosts, "17.6.3-ee.0")
+        lab.wait_for("HighErrorRatio for gstg to resolve",
+                 lambda: not lab.alerts(alertname="HighErrorRatio", env="gstg"), 90)
+    finally:
+        for host in hosts:
+            lab.ssh(host, "sudo chef-client-enable")
+
+
+def test_down_leaves_no_process_of_the_lab(tmp_path_factory: pytest.TempPathFactory, lab_cli,
+                                           lab_test_octet: int) -> None:
+    run_lab_cli = lab_cli
+    lab_dir = tmp_path_factory.mktemp("lab-down")
+    octet = int(os.environ.get("LIFTOFF_TEST_LAB_DOWN_OCTET", lab_test_octet + 1))
+    up = run_lab_cli(lab_dir, "--octet", str(octet), "up", "--traffic-rps", "1")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        config = LabConfig.load(lab_dir)
+        pids = processes.liveness(config)
+        assert all(pids.values()), pids
+        again = run_lab_cli(lab_dir, "up")  # idempotent: nothing restarted
+        assert again.returncode == 0 and "already up" in again.stdout
+        assert processes.liveness(config) == pids
+        assert processes.leftovers(lab_dir)
+    finally:
+        down = run_lab_cli(lab_dir, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    mentioning = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if processes.alive(int(proc.name)) and any(str(lab_dir) in a for a in argv):
+                mentioning.append((proc.name, argv))
+    assert mentioning == []
+    assert list(lab_dir.joinpath("run").glob("*.pid")) == []
+    status = run_lab_cli(lab_dir, "status")
+    assert status.returncode == 2 and "not up" in status.stderr
