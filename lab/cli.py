@@ -44,7 +44,7 @@ def load(args: argparse.Namespace) -> LabConfig:
         config = LabConfig.load(lab_dir)
     except FileNotFoundError:
         raise UsageError(f"no lab at {lab_dir} (run: python -m lab up)") from None
-    octet = octet_of(args)
+    octet = args.octet  # LIFTOFF_LAB_OCTET only chooses the octet of a new lab
     if octet is not None and octet != config.octet:
         raise UsageError(f"the lab at {lab_dir} uses octet {config.octet}, not {octet}")
     return config
@@ -76,11 +76,12 @@ def parse_hosts(specs: list[str]) -> dict[str, dict[str, int]]:
 def config_for_up(args: argparse.Namespace) -> LabConfig:
     """The saved config of this lab dir (if any), with the options given on the command line."""
     lab_dir = lab_dir_of(args)
-    octet = octet_of(args)
     try:
         try:
             config = LabConfig.load(lab_dir)
+            octet = args.octet  # LIFTOFF_LAB_OCTET only chooses the octet of a new lab
         except FileNotFoundError:
+            octet = octet_of(args)
             config = LabConfig(lab_dir=lab_dir, octet=octet or DEFAULT_OCTET)
         if octet is not None:
             config.octet = octet
@@ -438,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `lab status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from lab.config import LabConfig
 from lab.topology import CANARY_WEIGHT, LB_ROLES, MAIN_WEIGHT, LoadBalancer, Topology
 
 SSHD = "/usr/sbin/sshd"
+PRIVSEP_DIR = Path("/run/sshd")
 CANARY_COOKIE = "gitlab_canary"
 # Backends on every LB whose emptiness is an outage (BackendNoServers).
 LB_BACKENDS = LB_ROLES + tuple(f"canary_{r}" for r in LB_ROLES)
@@ -204,7 +205,15 @@ def sshd_in_sync(config: LabConfig) -> bool:
     return file.exists() and file.read_text() == sshd_config(config)
 
 
+def ensure_privsep_dir() -> None:
+    """sshd run by root (even ``sshd -t``) refuses to work without /run/sshd, which only
+    the distribution's sshd service creates."""
+    if os.geteuid() == 0 and not PRIVSEP_DIR.is_dir():
+        PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
 def check_sshd(config: LabConfig, file: Path | None = None) -> None:
+    ensure_privsep_dir()
     out = subprocess.run([SSHD, "-t", "-f", str(file or sshd_config_file(config))],
                          capture_output=True, text=True)
     if out.returncode != 0:

@@ -81,7 +81,9 @@ def inventory(config: LabConfig, topology: Topology | None = None) -> dict:
             "deploy_node": {"name": deploy.name, "address": deploy.addr},
             "roles": roles,
         }
-    return {"connections": dict(CONNECTIONS), "environments": envs}
+    # The lab's QA jobs finish in seconds: poll often, give up early.
+    qa = {"project": QA_PROJECT, "ref": QA_REF, "timeout": 300, "poll": 1}
+    return {"connections": dict(CONNECTIONS), "environments": envs, "qa": qa}
 
 
 def exports(config: LabConfig) -> dict[str, str]:

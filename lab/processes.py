@@ -26,8 +26,6 @@ from lab import configs
 from lab.config import REPO_ROOT, LabConfig
 from lab.topology import LoadBalancer, Topology
 
-PRIVSEP_DIR = Path("/run/sshd")
-
 
 class LabError(RuntimeError):
     """The lab could not be started or stopped; the message says why."""
@@ -302,12 +300,6 @@ def stop_pids(pids: list[int], timeout: float = 10.0) -> list[int]:
     return remaining
 
 
-def ensure_privsep_dir() -> None:
-    """sshd refuses to start without its privilege separation directory (/run/sshd)."""
-    if not PRIVSEP_DIR.is_dir():
-        PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-
-
 def up(config: LabConfig, log: Callable[[str], None] = print) -> list[str]:
     """Start every process of the lab that is not running; returns the names started.
 
@@ -321,7 +313,6 @@ def up(config: LabConfig, log: Callable[[str], None] = print) -> list[str]:
                            f"{leftovers(config.lab_dir)}; run: python -m lab down")
         config.save()
         configs.write_all(config, Topology(config))
-    ensure_privsep_dir()
     started: list[tuple[str, int]] = []
     try:
         for proc in procs:

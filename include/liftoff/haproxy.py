@@ -271,14 +271,16 @@ class HAProxy:
         return disagreements(snap)
 
     # -- changing --------------------------------------------------------------------------------
-    async def _apply(self, action: str, hosts: Iterable[str], make: Callable[[str], str]) -> ChangeResult:
+    async def _apply(self, action: str, hosts: Iterable[str], make: Callable[[str], str],
+                     backends: Iterable[str] | None = None) -> ChangeResult:
         names = [validate_name("server", h) for h in hosts]
         wanted = set(names)
+        only = None if backends is None else set(backends)
         snap = await self.asnapshot()  # every LB must answer before anything changes
         targets: dict[str, list[str]] = {}
         for lb in self.lbs:
             here = [f"{validate_name('backend', s.backend)}/{s.server}"
-                    for s in snap[lb.name] if s.server in wanted]
+                    for s in snap[lb.name] if s.server in wanted and (only is None or s.backend in only)]
             if here:
                 targets[lb.name] = here
         found = {t.split("/", 1)[1] for ts in targets.values() for t in ts}
@@ -301,19 +303,23 @@ class HAProxy:
             log.info("haproxy %s: %s on %d LB(s)", action, ", ".join(names), len(result.applied))
         return result
 
-    async def adrain(self, hosts: Iterable[str]) -> ChangeResult:
-        return await self._apply("drain", hosts, lambda t: f"set server {t} state drain")
+    async def adrain(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
+        """Drain the hosts in every backend (or only ``backends``) on every LB."""
+        return await self._apply("drain", hosts, lambda t: f"set server {t} state drain", backends)
 
-    async def aready(self, hosts: Iterable[str]) -> ChangeResult:
-        return await self._apply("ready", hosts, lambda t: f"set server {t} state ready")
+    async def aready(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
+        return await self._apply("ready", hosts, lambda t: f"set server {t} state ready", backends)
 
-    async def amaint(self, hosts: Iterable[str]) -> ChangeResult:
-        return await self._apply("maint", hosts, lambda t: f"set server {t} state maint")
+    async def amaint(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
+        return await self._apply("maint", hosts, lambda t: f"set server {t} state maint", backends)
 
-    async def aset_weight(self, hosts: Iterable[str], weight: int) -> ChangeResult:
+    async def aset_weight(self, hosts: Iterable[str], weight: int,
+                          backends: Iterable[str] | None = None) -> ChangeResult:
+        """Set the weight in every backend holding the hosts, or only in ``backends`` (a canary
+        server weighs 5 in the main backend and 100 in its canary backend)."""
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 256:
             raise InvalidInput(f"HAProxy weight must be an integer 0..256, got {weight!r}")
-        return await self._apply(f"weight {weight}", hosts, lambda t: f"set weight {t} {weight}")
+        return await self._apply(f"weight {weight}", hosts, lambda t: f"set weight {t} {weight}", backends)
 
     # -- waiting ---------------------------------------------------------------------------------
     async def await_sessions_zero(self, hosts: Iterable[str], timeout: float) -> dict[str, int]:
@@ -356,17 +362,18 @@ class HAProxy:
     def snapshot(self) -> dict[str, list[ServerState]]:
         return asyncio.run(self.asnapshot())
 
-    def drain(self, hosts: Iterable[str]) -> ChangeResult:
-        return asyncio.run(self.adrain(list(hosts)))
+    def drain(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
+        return asyncio.run(self.adrain(list(hosts), backends))
 
-    def ready(self, hosts: Iterable[str]) -> ChangeResult:
-        return asyncio.run(self.aready(list(hosts)))
+    def ready(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
+        return asyncio.run(self.aready(list(hosts), backends))
 
-    def maint(self, hosts: Iterable[str]) -> ChangeResult:
-        return asyncio.run(self.amaint(list(hosts)))
+    def maint(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
+        return asyncio.run(self.amaint(list(hosts), backends))
 
-    def set_weight(self, hosts: Iterable[str], weight: int) -> ChangeResult:
-        return asyncio.run(self.aset_weight(list(hosts), weight))
+    def set_weight(self, hosts: Iterable[str], weight: int,
+                   backends: Iterable[str] | None = None) -> ChangeResult:
+        return asyncio.run(self.aset_weight(list(hosts), weight, backends))
 
     def wait_sessions_zero(self, hosts: Iterable[str], timeout: float) -> dict[str, int]:
         return asyncio.run(self.await_sessions_zero(list(hosts), timeout))

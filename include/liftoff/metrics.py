@@ -60,9 +60,10 @@ def _safe(url: str) -> str:
 class PipelineMetrics:
     """Pushes one pipeline's metrics; every method returns True on success, False on failure."""
 
-    def __init__(self, gateway_url: str, pipeline: str, *, timeout: float = 5.0, redact_version: bool = False,
-                 login: str | None = None, password: str | None = None, job: str = JOB):
-        self.gateway_url = gateway_url.rstrip("/")
+    def __init__(self, gateway_url: str | None, pipeline: str, *, timeout: float = 5.0,
+                 redact_version: bool = False, login: str | None = None, password: str | None = None,
+                 job: str = JOB):
+        self.gateway_url = (gateway_url or "").rstrip("/")
         self.pipeline = pipeline
         self.timeout = timeout
         self.redact_version = redact_version
@@ -72,12 +73,22 @@ class PipelineMetrics:
     def __repr__(self) -> str:
         return f"PipelineMetrics({_safe(self.gateway_url)!r}, pipeline={self.pipeline!r})"
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.gateway_url)
+
     @classmethod
     def from_settings(cls, pipeline: str, inventory=None, **kwargs: Any) -> PipelineMetrics:
+        """From the ``pushgateway`` connection; when it is missing, a disabled instance whose
+        pushes log a warning and return False (metrics never stop a deploy)."""
         from liftoff.settings import connection_for
 
-        conn = connection_for("pushgateway", inventory)
-        return cls(conn.base_url(), pipeline, login=conn.login, password=conn.password, **kwargs)
+        try:
+            conn = connection_for("pushgateway", inventory)
+            return cls(conn.base_url(), pipeline, login=conn.login, password=conn.password, **kwargs)
+        except Exception as exc:
+            log.warning("metrics disabled: no usable pushgateway connection (%s)", exc)
+            return cls(None, pipeline, **kwargs)
 
     # -- public, never raising -------------------------------------------------------------------
     def stage(self, env: str, stage: str, status: str, start: float, end: float | None = None) -> bool:
@@ -111,6 +122,9 @@ class PipelineMetrics:
         return self._guard("rollback", self._rollback, env)
 
     def _guard(self, what: str, fn, *args: Any) -> bool:
+        if not self.enabled:
+            log.warning("metrics push (%s) skipped: no Pushgateway configured", what)
+            return False
         try:
             fn(*args)
             return True
@@ -221,6 +235,6 @@ def delete_group(gateway_url: str, grouping: Mapping[str, str], timeout: float =
 
 
 def group_path(grouping: Mapping[str, str], job: str = JOB) -> str:
-    """The gateway URL path of a group (for reading it back)."""
+    """The gateway URL path of a group, keys sorted as prometheus_client pushes them."""
     return f"/metrics/job/{quote(job, safe='')}" + "".join(
-        f"/{quote(k, safe='')}/{quote(v, safe='')}" for k, v in grouping.items())
+        f"/{quote(k, safe='')}/{quote(v, safe='')}" for k, v in sorted(grouping.items()))

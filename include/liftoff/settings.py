@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
+
 from liftoff.errors import ConfigError, ConnectionNotFound
 
 if TYPE_CHECKING:
@@ -77,8 +78,9 @@ def _no_airflow() -> bool:
 
 def resolve_connection(conn_id: str) -> ConnInfo:
     """The connection ``conn_id`` from Airflow or the plain-config fallbacks."""
+    airflow_said = ""
     if not _no_airflow():
-        info = _from_airflow(conn_id)
+        info, airflow_said = _from_airflow(conn_id)
         if info is not None:
             return info
     env_value = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}")
@@ -91,26 +93,27 @@ def resolve_connection(conn_id: str) -> ConnInfo:
             return info
     raise ConnectionNotFound(
         f"connection {conn_id!r} is not defined (Airflow connection, AIRFLOW_CONN_{conn_id.upper()}, "
-        f"or LIFTOFF_CONNECTIONS file)"
+        f"or LIFTOFF_CONNECTIONS file)" + (f"; Airflow said: {airflow_said}" if airflow_said else "")
     )
 
 
-def _from_airflow(conn_id: str) -> ConnInfo | None:
+def _from_airflow(conn_id: str) -> tuple[ConnInfo | None, str]:
+    """The connection from Airflow, or None and why not (never the secret itself)."""
     try:
         from airflow.sdk import BaseHook
     except ImportError:
-        return None
+        return None, ""
     try:
         conn = BaseHook.get_connection(conn_id)
     except Exception as exc:  # AirflowNotFoundException and friends
         log.debug("Airflow has no connection %s (%s)", conn_id, type(exc).__name__)
-        return None
+        return None, type(exc).__name__
     try:
         extra = conn.extra_dejson or {}
     except Exception:
         extra = {}
     return ConnInfo(conn.host or None, conn.port or None, conn.login or None, conn.password or None,
-                    dict(extra), conn.conn_type, conn.schema or None, conn_id)
+                    dict(extra), conn.conn_type, conn.schema or None, conn_id), ""
 
 
 def parse_connection(conn_id: str, value: str | dict) -> ConnInfo:
@@ -225,8 +228,8 @@ class GitLabSettings:
 
 def gitlab_settings(inventory: Inventory | None = None) -> GitLabSettings:
     """From the ``gitlab`` connection: host (URL), password (private token), extra
-    ``trigger_token``, ``project``, ``ref``, ``ssl_verify``; the inventory's ``qa`` section
-    overrides project and ref and sets the timeout and poll interval."""
+    ``trigger_token``, ``qa_project`` (or ``project``), ``qa_ref`` (or ``ref``), ``ssl_verify``.
+    The inventory's ``qa`` section overrides project and ref and sets timeout and poll interval."""
     from liftoff.inventory import DEFAULT_QA_PROJECT, DEFAULT_QA_REF, QAConfig
 
     conn = connection_for("gitlab", inventory)
@@ -240,8 +243,8 @@ def gitlab_settings(inventory: Inventory | None = None) -> GitLabSettings:
         url=conn.base_url(default_scheme="https"),
         private_token=token,
         trigger_token=extra.get("trigger_token"),
-        project=qa.project or extra.get("project") or DEFAULT_QA_PROJECT,
-        ref=qa.ref or extra.get("ref") or DEFAULT_QA_REF,
+        project=qa.project or extra.get("qa_project") or extra.get("project") or DEFAULT_QA_PROJECT,
+        ref=qa.ref or extra.get("qa_ref") or extra.get("ref") or DEFAULT_QA_REF,
         ssl_verify=bool(ssl_verify),
         timeout_s=qa.timeout_s,
         poll_s=qa.poll_s,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from liftoff.inventory import load_inventory
 
 from lab import configs, processes
 from lab.cli import parse_show_stat
@@ -150,19 +151,32 @@ def test_ssh_install_changes_exactly_the_dialled_host(lab) -> None:
         assert after == before
     finally:
         lab.ssh(target, "sudo chef-client-enable")
+    _wait_converged(lab, [target])
 
 
 def test_host_down_fault_refuses_ssh_to_that_host_only(lab) -> None:
     down, other = "git-01-sv-gprd", "git-02-sv-gprd"
+    addr = lab.topology.by_name[down].addr
     query = "dpkg-query -W -f='${Version}' gitlab-ee"
+
+    def lb_states() -> set[str]:
+        return {s["git"]["status"].split()[0] for s in lab.host_status(down)["lbs"].values()}
+
     lab.fault("host-down", down)
     try:
-        assert lab.ssh(down, query).returncode == 255
+        sshd_config = configs.sshd_config_file(lab.config).read_text()
+        assert f"Match LocalAddress {addr}\n    DenyUsers *" in sshd_config
+        refused = lab.ssh(down, query)
+        assert refused.returncode == 255 and "Permission denied" in refused.stderr  # sshd refuses
         assert lab.ssh(other, query).returncode == 0
         assert lab.host_status(down)["reachable"] is False
+        lab.wait_for(f"{down} DOWN on every gprd LB", lambda: lb_states() == {"DOWN"}, 30)
     finally:
         lab.fault("host-up", down)
     assert lab.ssh(down, query).returncode == 0
+    assert "Match LocalAddress" not in configs.sshd_config_file(lab.config).read_text()
+    lab.wait_for(f"{down} UP again on every gprd LB", lambda: lb_states() == {"UP"}, 30)
+    lab.wait_for("no HostDown alert for it", lambda: not lab.alerts(alertname="HostDown", host=down), 60)
 
 
 def test_lb_routes_by_path_and_canary_cookie(lab) -> None:
@@ -204,25 +218,16 @@ def test_liftoff_env_points_at_the_lab(lab, lab_env: dict[str, str]) -> None:
     web = next(r for r in gstg["roles"] if r["name"] == "web")
     gstg_web = lab.topology.env_hosts("gstg", "web")
     assert web["hosts"] == [{"name": h.name, "address": h.addr} for h in gstg_web]
+    engine = load_inventory()  # the engine's own loader accepts what the lab wrote
+    assert [lb.admin for lb in engine.env("gprd").load_balancers] == [
+        lb["admin"] for lb in inventory["environments"]["gprd"]["load_balancers"]]
+    assert engine.env("gprd-cny").is_canary and engine.conn_id("ssh") == "liftoff_ssh"
     printed = lab.cli("env")
     assert printed.returncode == 0
     assert f"export LIFTOFF_INVENTORY={os.environ['LIFTOFF_INVENTORY']}\n" in printed.stdout
 
 
-def test_status_and_build_commands(lab) -> None:
-    added = lab.cli("build", "add", "17.7.0-rc1.ee.0", "--nightly", "--latency-ms", "5",
-                    "--install-fails-on", "web-02-sv-gstg", "--includes-patch", "p-1")
-    assert added.returncode == 0, added.stderr
-    again = lab.cli("build", "add", "17.7.0-rc1.ee.0")
-    assert again.returncode == 2 and "already exists" in again.stderr
-    assert lab.cli("build", "add", "17.7.1-ee.0", "--error-rate", "2").returncode == 2
-    assert lab.cli("build", "add", "17.7.1-ee.0", "--install-fails-on", "nohost").returncode == 2
-    listed = json.loads(lab.cli("build", "list", "--json").stdout)
-    build = next(b for b in listed if b["version"] == "17.7.0-rc1.ee.0")
-    assert build["nightly"] and build["install_fails_on"] == ["web-02-sv-gstg"]
-    assert build["includes_patches"] == ["p-1"]
-    assert lab.cli("fault", "host-down", "nohost").returncode == 2
-
+def test_status_command(lab) -> None:
     status = json.loads(lab.cli("status", "--json").stdout)
     assert status["up"] and all(p["alive"] for p in status["processes"].values())
     cny = {h["name"]: h for h in status["environments"]["gprd-cny"]["hosts"]}
@@ -230,9 +235,21 @@ def test_status_and_build_commands(lab) -> None:
     assert cny["web-cny-01-sv-gprd"]["lbs"]["fe-02-lb-gprd"]["web"]["weight"] == CANARY_WEIGHT
     assert cny["web-cny-01-sv-gprd"]["lbs"]["fe-02-lb-gprd"]["canary_web"]["weight"] == MAIN_WEIGHT
     assert status["environments"]["gprd"]["migrations"] == status["environments"]["gprd-cny"]["migrations"]
+    assert status["environments"]["gstg"]["migrations"]
     assert isinstance(status["alerts"], list)
     human = lab.cli("status")
     assert human.returncode == 0 and "web-cny-01-sv-gprd" in human.stdout and "cny:UP/100" in human.stdout
+
+
+def _wait_converged(lab, hosts: list[str]) -> None:
+    """Leave the shared lab as found: chef brings the hosts back to their role's version."""
+    def converged() -> bool:
+        status = lab.status()
+        states = {h["name"]: (env, h) for env, e in status["environments"].items() for h in e["hosts"]}
+        return all(h["installed"] == h["running"] == status["environments"][env]["chef_role"]["version"]
+                   for env, h in (states[n] for n in hosts))
+
+    lab.wait_for("chef to converge the hosts back", converged, 60)
 
 
 def _roll(lab, hosts: list[str], version: str) -> None:
@@ -261,25 +278,55 @@ def test_error_build_fires_high_error_ratio_and_a_good_build_resolves_it(lab) ->
     finally:
         for host in hosts:
             lab.ssh(host, "sudo chef-client-enable")
+    _wait_converged(lab, hosts)
 
 
-def test_down_leaves_no_process_of_the_lab(tmp_path_factory: pytest.TempPathFactory, lab_cli,
-                                           lab_test_octet: int) -> None:
-    run_lab_cli = lab_cli
-    lab_dir = tmp_path_factory.mktemp("lab-down")
+@pytest.fixture(scope="module")
+def private_lab(tmp_path_factory: pytest.TempPathFactory, lab_cli, lab_test_octet: int):
+    """A second lab (octet LIFTOFF_TEST_LAB_DOWN_OCTET, default the session's + 1) for tests
+    that must not leave builds in the shared lab or that bring a lab down."""
+    lab_dir = tmp_path_factory.mktemp("lab-private")
     octet = int(os.environ.get("LIFTOFF_TEST_LAB_DOWN_OCTET", lab_test_octet + 1))
-    up = run_lab_cli(lab_dir, "--octet", str(octet), "up", "--traffic-rps", "1")
+    up = lab_cli(lab_dir, "--octet", str(octet), "up", "--traffic-rps", "1")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        config = LabConfig.load(lab_dir)
-        pids = processes.liveness(config)
-        assert all(pids.values()), pids
-        again = run_lab_cli(lab_dir, "up")  # idempotent: nothing restarted
-        assert again.returncode == 0 and "already up" in again.stdout
-        assert processes.liveness(config) == pids
-        assert processes.leftovers(lab_dir)
+        yield lab_dir
     finally:
-        down = run_lab_cli(lab_dir, "down")
+        lab_cli(lab_dir, "down")
+
+
+def test_build_and_fault_commands(private_lab: Path, lab_cli) -> None:
+    def cli(*args: str):
+        return lab_cli(private_lab, *args)
+
+    added = cli("build", "add", "17.7.0-rc1.ee.0", "--nightly", "--latency-ms", "5",
+                "--install-fails-on", "web-02-sv-gstg", "--includes-patch", "p-1")
+    assert added.returncode == 0, added.stderr
+    again = cli("build", "add", "17.7.0-rc1.ee.0")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert cli("build", "add", "17.7.1-ee.0", "--error-rate", "2").returncode == 2
+    assert cli("build", "add", "17.7.1-ee.0", "--install-fails-on", "nohost").returncode == 2
+    assert cli("build", "add", "not a version").returncode == 2
+    listed = json.loads(cli("build", "list", "--json").stdout)
+    build = next(b for b in listed if b["version"] == "17.7.0-rc1.ee.0")
+    assert build["nightly"] and build["latency_ms"] == 5 and build["install_fails_on"] == ["web-02-sv-gstg"]
+    assert build["includes_patches"] == ["p-1"] and not build["qa_fails"]
+    assert "17.7.0-rc1.ee.0" in cli("build", "list").stdout
+    assert cli("fault", "host-down", "nohost").returncode == 2
+    assert cli("fault", "host-sideways", "web-01-sv-gstg").returncode == 2
+
+
+def test_down_leaves_no_process_of_the_lab(private_lab: Path, lab_cli) -> None:
+    config = LabConfig.load(private_lab)
+    pids = processes.liveness(config)
+    assert all(pids.values()), pids
+    again = lab_cli(private_lab, "up")  # idempotent: nothing restarted
+    assert again.returncode == 0 and "already up" in again.stdout
+    assert processes.liveness(config) == pids
+    other = lab_cli(private_lab, "up", "--scale", "50")
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+    down = lab_cli(private_lab, "down")
     assert down.returncode == 0, down.stdout + down.stderr
     mentioning = []
     for proc in Path("/proc").iterdir():
@@ -288,9 +335,9 @@ def test_down_leaves_no_process_of_the_lab(tmp_path_factory: pytest.TempPathFact
                 argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
             except OSError:
                 continue
-            if processes.alive(int(proc.name)) and any(str(lab_dir) in a for a in argv):
+            if processes.alive(int(proc.name)) and any(str(private_lab) in a for a in argv):
                 mentioning.append((proc.name, argv))
     assert mentioning == []
-    assert list(lab_dir.joinpath("run").glob("*.pid")) == []
-    status = run_lab_cli(lab_dir, "status")
+    assert list(private_lab.joinpath("run").glob("*.pid")) == []
+    status = lab_cli(private_lab, "status")
     assert status.returncode == 2 and "not up" in status.stderr

@@ -7,7 +7,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
 from liftoff.alerts import (
     FAILED,
     QUIET,
@@ -108,7 +107,8 @@ def test_severity_order_and_filtering(am):
     assert names == ["Crit", "NoSev", "Odd", "S1", "Warn", "Info", "Watchdog"]
     assert [a.name for a in client.active_alerts({"env": "gstg"}, min_severity="warning")] == \
         ["Crit", "NoSev", "Odd", "S1", "Warn"]
-    assert [a.severity for a in client.active_alerts({"env": "gstg"}, min_severity="critical")] == ["critical"] * 4
+    crit = client.active_alerts({"env": "gstg"}, min_severity="critical")
+    assert [a.severity for a in crit] == ["critical"] * 4
     with pytest.raises(InvalidInput, match="unknown severity"):
         client.active_alerts({"env": "gstg"}, min_severity="urgent")
 

@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import yaml
-
 from liftoff.errors import InventoryError
 from liftoff.inventory import DEFAULT_CONNECTIONS, LoadBalancerRef, Role, load_inventory, parse_inventory
 
@@ -144,7 +143,8 @@ def _err(data, match):
     (lambda d: d["environments"]["gstg"]["roles"][0].__setitem__("capacity_floor", True),
      r"roles\[0\]\.capacity_floor: expected a percentage"),
     (lambda d: d["environments"]["gstg"].pop("url"), r"environments\.gstg\.url: missing"),
-    (lambda d: d["environments"]["gstg"].__setitem__("url", "ftp://x"), r"environments\.gstg\.url: expected an http"),
+    (lambda d: d["environments"]["gstg"].__setitem__("url", "ftp://x"),
+     r"environments\.gstg\.url: expected an http"),
     (lambda d: d["environments"]["gstg"].__setitem__("url", "http://"), r"environments\.gstg\.url"),
     (lambda d: d["environments"]["gstg"].__setitem__("url", "http://a:99999"), r"gstg\.url: bad port"),
     (lambda d: d["environments"]["gstg"].pop("deploy_node"), r"environments\.gstg\.deploy_node: missing"),
@@ -180,7 +180,8 @@ def _err(data, match):
      r"load_balancers\[0\]\.admin: port '0' is out of range"),
     (lambda d: d["environments"]["gstg"]["load_balancers"].append({"name": "fe-01-lb-gstg", "admin": "a:1"}),
      r"environments\.gstg\.load_balancers: load balancer 'fe-01-lb-gstg' is listed twice"),
-    (lambda d: d["environments"]["gstg"].__setitem__("qa_cookie", "a=b; c=d"), r"environments\.gstg\.qa_cookie"),
+    (lambda d: d["environments"]["gstg"].__setitem__("qa_cookie", "a=b; c=d"),
+     r"environments\.gstg\.qa_cookie"),
     (lambda d: d["environments"]["gprd-cny"].__setitem__("canary_of", "gprd-xx"),
      r"environments\.gprd-cny\.canary_of: unknown environment 'gprd-xx'"),
     (lambda d: d["environments"]["gprd-cny"].__setitem__("canary_of", "gprd-cny"),
@@ -196,7 +197,8 @@ def _err(data, match):
     (lambda d: d["connections"].__setitem__("ssh", "bad id"), r"connections\.ssh: conn id 'bad id'"),
     (lambda d: d["qa"].__setitem__("project", "../x"), r"qa\.project"),
     (lambda d: d["qa"].__setitem__("timeout", 0), r"qa\.timeout: expected a positive number"),
-    (lambda d: d["environments"]["gstg"].__setitem__("roles", {"web": {}}), r"environments\.gstg\.roles: expected a list"),
+    (lambda d: d["environments"]["gstg"].__setitem__("roles", {"web": {}}),
+     r"environments\.gstg\.roles: expected a list"),
 ])
 def test_bad_fields_are_named(data, mutate, match):
     d = copy.deepcopy(data)

@@ -1,11 +1,10 @@
+import dataclasses
 import json
 import logging
 
 import pytest
-from sqlalchemy.engine import make_url
-
 from liftoff.errors import ConfigError, ConnectionNotFound
-from liftoff.inventory import parse_inventory
+from liftoff.inventory import QAConfig, parse_inventory
 from liftoff.settings import (
     ConnInfo,
     alertmanager_url,
@@ -16,6 +15,7 @@ from liftoff.settings import (
     resolve_connection,
     state_url,
 )
+from sqlalchemy.engine import make_url
 
 
 @pytest.fixture(autouse=True)
@@ -76,6 +76,11 @@ def test_purpose_helpers_follow_the_inventory(monkeypatch, mode):
     assert (gl.private_token, gl.trigger_token) == ("glpat-secret", "trig-secret")
     assert gl.project == "ops/qa" and gl.ref == "stable" and gl.ssl_verify is False
     assert "secret" not in repr(gl)
+    monkeypatch.setenv("AIRFLOW_CONN_X_GL", json.dumps({
+        "host": "http://127.0.0.7:8080", "password": "t",
+        "extra": {"qa_project": "lab/qa", "qa_ref": "dev"}}))
+    gl = gitlab_settings(dataclasses.replace(inv, qa=QAConfig()))
+    assert (gl.project, gl.ref) == ("lab/qa", "dev")
 
 
 def test_default_connection_ids(monkeypatch, mode):
@@ -84,8 +89,9 @@ def test_default_connection_ids(monkeypatch, mode):
 
 
 def test_missing_connection_is_a_clear_error(mode):
-    with pytest.raises(ConnectionNotFound, match="'nope_conn' is not defined"):
+    with pytest.raises(ConnectionNotFound, match="'nope_conn' is not defined") as err:
         resolve_connection("nope_conn")
+    assert ("Airflow said: AirflowNotFoundException" in str(err.value)) == (mode == "airflow")
 
 
 def test_connections_file_fallback(tmp_path, monkeypatch, mode):

@@ -1,7 +1,6 @@
 import shlex
 
 import pytest
-
 from liftoff.errors import InvalidInput, InvalidVersion
 from liftoff.versions import (
     apt_install_command,
@@ -155,7 +154,8 @@ def test_apt_install_command_quotes_a_validated_version():
 
 def test_command_builders_quote_every_argument():
     assert shlex.split(installed_version_command()) == ["dpkg-query", "-W", "-f=${Version}", "gitlab-ee"]
-    assert migrate_command(post_deployment=False) == "SKIP_POST_DEPLOYMENT_MIGRATIONS=true gitlab-rake db:migrate"
+    assert migrate_command(post_deployment=False) == \
+        "SKIP_POST_DEPLOYMENT_MIGRATIONS=true gitlab-rake db:migrate"
     assert migrate_command(post_deployment=True) == "gitlab-rake db:migrate"
     assert gitlab_ctl_command("hup", "puma") == "gitlab-ctl hup puma"
     assert gitlab_ctl_command("reconfigure") == "gitlab-ctl reconfigure"

@@ -1,0 +1,97 @@
+"""Thin deferrable operators over the engine: the alert quiet period and the QA gate."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from airflow.sdk import BaseOperator, BaseSensorOperator
+from airflow.sdk.exceptions import AirflowException
+
+from liftoff_airflow.triggers import QAPipelineTrigger, QuietPeriodTrigger
+
+DEFAULT_WINDOW_S = 60.0
+DEFAULT_INTERVAL_S = 5.0
+
+
+def _quiet_settings(env_extra: dict[str, Any], window_s: float | None) -> tuple[float, float]:
+    quiet = dict(env_extra.get("quiet_period") or {})
+    window = float(window_s if window_s is not None else quiet.get("window_s", DEFAULT_WINDOW_S))
+    interval = float(quiet.get("interval_s", DEFAULT_INTERVAL_S))
+    return window, min(interval, max(window / 2, 0.5))
+
+
+class QuietPeriodSensor(BaseSensorOperator):
+    """Passes once the environment had no matching alert for a whole window; fails at the first
+    alert (or when Alertmanager cannot be read). Always deferred: no worker slot while waiting."""
+
+    template_fields = ("env", "window_s")
+
+    def __init__(self, *, env: str, window_s: Any = None, severities: tuple[str, ...] = ("critical", "warning"),
+                 **kwargs: Any):
+        kwargs.setdefault("deferrable", True)
+        super().__init__(**kwargs)
+        self.env = env
+        self.window_s = window_s
+        self.severities = list(severities)
+
+    def execute(self, context: Any) -> None:
+        from liftoff.alerts import QuietPeriod
+        from liftoff.inventory import load_inventory
+        from liftoff.settings import alertmanager_url
+
+        inventory = load_inventory()
+        environment = inventory.env(self.env)
+        window = None if self.window_s in (None, "", "None") else float(self.window_s)
+        window, interval = _quiet_settings(dict(environment.extra), window)
+        period = QuietPeriod(window_s=window, interval_s=interval, fail_on_alert=True)
+        self.log.info("waiting for %ss without alerts on %s (%s)", window, self.env,
+                      dict(environment.alert_matchers))
+        self.defer(
+            trigger=QuietPeriodTrigger(alertmanager_url(inventory), dict(environment.alert_matchers),
+                                       period.to_dict(), self.severities, env=self.env),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        if not event.get("ok"):
+            raise AirflowException(f"alert gate on {event.get('env')}: {event.get('reason')}")
+        self.log.info("quiet period passed on %s: %s", event.get("env"), event.get("reason"))
+        return event
+
+
+class QAGateOperator(BaseOperator):
+    """Triggers GitLab-QA against an environment on the ops instance and defers until it ends."""
+
+    template_fields = ("env", "version")
+
+    def __init__(self, *, env: str, version: str, timeout_s: float | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.env = env
+        self.version = version
+        self.timeout_s = timeout_s
+
+    def execute(self, context: Any) -> None:
+        from liftoff.inventory import load_inventory
+        from liftoff.qa import QAClient
+
+        inventory = load_inventory()
+        environment = inventory.env(self.env)
+        client = QAClient.from_settings(inventory)
+        pipeline = client.trigger(self.env, environment.url, self.version, environment.qa_cookie)
+        self.log.info("QA pipeline for %s %s: %s", self.env, self.version, pipeline.web_url)
+        timeout = self.timeout_s or inventory.qa.timeout_s
+        self.defer(
+            trigger=QAPipelineTrigger(pipeline.id, pipeline.web_url, time.time() + timeout,
+                                      min(inventory.qa.poll_s, 5.0), env=self.env,
+                                      inventory_path=inventory.source or None),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        if not event.get("passed"):
+            jobs = ", ".join(f"{name} ({url})" for name, url in event.get("failed_jobs", [])) or "none listed"
+            raise AirflowException(f"QA failed on {event.get('env')}: {event.get('reason')}; "
+                                   f"failed jobs: {jobs}")
+        self.log.info("QA passed on %s: %s", event.get("env"), event.get("web_url"))
+        return event
