@@ -30,15 +30,15 @@ QA_REF = "main"
 CANARY_QA_COOKIE = f"{configs.CANARY_COOKIE}=true"
 # Deploy order: gitaly first, then the fleet in parallel.
 ROLE_PLAN: list[dict] = [
-    {"name": "gitaly", "stage": "gitaly", "batch": "10%", "capacity_floor": "50%",
+    {"name": "gitaly", "stage": "gitaly", "batch": "10%", "capacity_floor": "0%",
      "restart": ["gitaly"], "hup": []},
-    {"name": "web", "stage": "fleet", "batch": "10%", "capacity_floor": "60%",
+    {"name": "web", "stage": "fleet", "batch": "10%", "capacity_floor": "50%",
      "restart": ["workhorse", "nginx"], "hup": ["puma"]},
-    {"name": "api", "stage": "fleet", "batch": "10%", "capacity_floor": "60%",
+    {"name": "api", "stage": "fleet", "batch": "10%", "capacity_floor": "50%",
      "restart": ["workhorse", "nginx"], "hup": ["puma"]},
-    {"name": "git", "stage": "fleet", "batch": "10%", "capacity_floor": "60%",
+    {"name": "git", "stage": "fleet", "batch": "10%", "capacity_floor": "50%",
      "restart": ["workhorse", "nginx", "gitlab-sshd"], "hup": ["puma"]},
-    {"name": "sidekiq", "stage": "fleet", "batch": "10%", "capacity_floor": "50%",
+    {"name": "sidekiq", "stage": "fleet", "batch": "10%", "capacity_floor": "0%",
      "restart": [], "hup": ["sidekiq"]},
 ]
 
@@ -80,6 +80,8 @@ def inventory(config: LabConfig, topology: Topology | None = None) -> dict:
             ],
             "deploy_node": {"name": deploy.name, "address": deploy.addr},
             "roles": roles,
+            # Lab alert rules fire within ~10 s, so a short window still catches a bad build.
+            "extra": {"quiet_period": {"window_s": 20, "interval_s": 2}},
         }
     # The lab's QA jobs finish in seconds: poll often, give up early.
     qa = {"project": QA_PROJECT, "ref": QA_REF, "timeout": 300, "poll": 1}
@@ -110,6 +112,12 @@ def exports(config: LabConfig) -> dict[str, str]:
         "AIRFLOW_CONN_LIFTOFF_ALERTMANAGER": {"conn_type": "http", "host": f"http://{config.alertmanager_addr}"},
         "AIRFLOW_CONN_LIFTOFF_PUSHGATEWAY": {"conn_type": "http", "host": f"http://{config.pushgateway_addr}"},
         "AIRFLOW_CONN_LIFTOFF_PROMETHEUS": {"conn_type": "http", "host": f"http://{config.prometheus_addr}"},
+    }
+    # The state store (locks, drain records, audit): a SQLite file in the lab unless
+    # LIFTOFF_STATE_URL points elsewhere (PostgreSQL in the distributed setup).
+    conns["AIRFLOW_CONN_LIFTOFF_STATE"] = {
+        "conn_type": "generic",
+        "extra": {"url": os.environ.get("LIFTOFF_STATE_URL") or f"sqlite:///{config.path('liftoff-state.db')}"},
     }
     out = {name: json.dumps(value, separators=(",", ":")) for name, value in conns.items()}
     out["LIFTOFF_INVENTORY"] = str(inventory_file(config))

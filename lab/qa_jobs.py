@@ -177,7 +177,7 @@ class SmokeCheck:
         try:
             async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
                 body = await resp.text(errors="replace")
-                resp_headers = dict(resp.headers)
+                resp_headers = resp.headers.copy()  # keeps case-insensitive lookup
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             self.trace.append(f"GET {url} -> connection error: {type(e).__name__}: {e}")

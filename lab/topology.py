@@ -20,14 +20,14 @@ CANARY_WEIGHT = 5
 MAIN_WEIGHT = 100
 
 DEFAULT_HOSTS: dict[str, dict[str, int]] = {
-    "gstg": {"deploy": 1, "gitaly": 1, "web": 2, "api": 2, "git": 1, "sidekiq": 1},
-    "gprd-cny": {"deploy": 1, "gitaly": 1, "web": 1, "api": 1, "git": 1, "sidekiq": 1},
+    "gstg": {"deploy": 1, "gitaly": 1, "web": 2, "api": 2, "git": 2, "sidekiq": 1},
+    "gprd-cny": {"deploy": 1, "gitaly": 1, "web": 2, "api": 2, "git": 2, "sidekiq": 1},
     "gprd": {"deploy": 1, "gitaly": 2, "web": 3, "api": 3, "git": 2, "sidekiq": 2},
 }
 # Share of hosts per (env, role) when scaling to N hosts.
 SCALE_WEIGHTS: dict[str, dict[str, float]] = {
-    "gstg": {"gitaly": 1, "web": 2, "api": 2, "git": 1, "sidekiq": 1},
-    "gprd-cny": {"gitaly": 1, "web": 1, "api": 1, "git": 1, "sidekiq": 1},
+    "gstg": {"gitaly": 1, "web": 2, "api": 2, "git": 2, "sidekiq": 1},
+    "gprd-cny": {"gitaly": 1, "web": 2, "api": 2, "git": 2, "sidekiq": 1},
     "gprd": {"gitaly": 8, "web": 40, "api": 30, "git": 12, "sidekiq": 10},
 }
 

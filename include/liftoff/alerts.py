@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import requests
+
 from liftoff.errors import AlertsUnavailable, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ SEVERITY_RANK = {"critical": 3, "warning": 2, "info": 1, "none": 0}
 SEVERITY_ALIASES = {"s1": "critical", "s2": "critical", "page": "critical", "s3": "warning",
                     "warn": "warning", "s4": "info"}
 DEFAULT_TIMEOUT = 10.0
+_LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 def normalize_severity(value: object) -> str:
@@ -94,7 +97,7 @@ class GateResult:
 def _matcher_filters(matchers: Mapping[str, str]) -> list[str]:
     filters = []
     for label, value in matchers.items():
-        if not isinstance(label, str) or not label.replace("_", "a").isalnum() or label[0].isdigit():
+        if not isinstance(label, str) or not _LABEL_RE.fullmatch(label):
             raise InvalidInput(f"bad alert matcher label {label!r}")
         if not isinstance(value, str) or any(c in value for c in '"\\\n\r'):
             raise InvalidInput(f"bad alert matcher value {value!r} for {label}")

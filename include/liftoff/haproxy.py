@@ -111,11 +111,13 @@ def admin_state(bits: int) -> str:
 def split_answers(text: str, count: int) -> list[str]:
     """Cut the output of ``count`` ``;``-joined commands into one answer each.
 
-    Every answer ends with an empty line; answers themselves never contain one.
-    """
+    Every answer ends with an empty line and never contains one. Raises HAProxyError when
+    fewer than ``count`` answers arrived (the LB closed the connection early)."""
+    lines = text.split("\n")
+    lines.pop()  # what follows the last newline: "" for a complete answer
     answers: list[str] = []
     current: list[str] = []
-    for line in text.split("\n"):
+    for line in lines:
         if line == "":
             answers.append("\n".join(current))
             current = []
@@ -123,10 +125,8 @@ def split_answers(text: str, count: int) -> list[str]:
                 break
         else:
             current.append(line)
-    if current and len(answers) < count:
-        answers.append("\n".join(current))
-    while len(answers) < count:
-        answers.append("")
+    if len(answers) < count:
+        raise HAProxyError(f"incomplete answer: {len(answers)} of {count} command(s) answered")
     return answers
 
 
@@ -221,29 +221,42 @@ class HAProxy:
     async def asend(self, lb: LoadBalancerRef, commands: Sequence[str]) -> list[str]:
         """Run commands on one LB (one connection per ``;``-joined line); one answer per command."""
         answers: list[str] = []
-        for chunk in _chunks(commands):
-            line = ";".join(chunk)
-            if "\n" in line or "\r" in line:
-                raise InvalidInput("HAProxy command contains a newline")
-            try:
-                opening = asyncio.open_connection(lb.host, lb.port)
-                reader, writer = await asyncio.wait_for(opening, self.timeout)
-            except (OSError, TimeoutError) as exc:
-                raise HAProxyError(f"load balancer {lb.name} ({lb.admin}) is unreachable: "
-                                   f"{type(exc).__name__}: {exc}") from None
-            try:
-                writer.write(line.encode() + b"\n")
-                await writer.drain()
-                data = await asyncio.wait_for(reader.read(), self.timeout)
-            except (OSError, TimeoutError) as exc:
-                raise HAProxyError(f"load balancer {lb.name} ({lb.admin}) failed during "
-                                   f"{chunk[0].split(' ', 3)[:3]}: {type(exc).__name__}: {exc}") from None
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-            answers.extend(split_answers(data.decode("utf-8", errors="replace"), len(chunk)))
+        try:
+            for chunk in _chunks(commands):
+                answers.extend(await self._send_line(lb, chunk))
+        except HAProxyError as exc:
+            if answers:
+                raise HAProxyError(f"{exc} (after {len(answers)} of {len(commands)} command(s) were answered "
+                                   "on earlier connections)") from None
+            raise
         return answers
+
+    async def _send_line(self, lb: LoadBalancerRef, chunk: list[str]) -> list[str]:
+        """One connection, one ``;``-joined line."""
+        line = ";".join(chunk)
+        if "\n" in line or "\r" in line:
+            raise InvalidInput("HAProxy command contains a newline")
+        try:
+            opening = asyncio.open_connection(lb.host, lb.port)
+            reader, writer = await asyncio.wait_for(opening, self.timeout)
+        except (OSError, TimeoutError) as exc:
+            raise HAProxyError(f"load balancer {lb.name} ({lb.admin}) is unreachable: "
+                               f"{type(exc).__name__}: {exc}") from None
+        try:
+            writer.write(line.encode() + b"\n")
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), self.timeout)
+        except (OSError, TimeoutError) as exc:
+            raise HAProxyError(f"load balancer {lb.name} ({lb.admin}) failed during "
+                               f"'{chunk[0][:60]}': {type(exc).__name__}: {exc}") from None
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        try:
+            return split_answers(data.decode("utf-8", errors="replace"), len(chunk))
+        except HAProxyError as exc:
+            raise HAProxyError(f"load balancer {lb.name} ({lb.admin}): {exc}") from None
 
     async def _read(self, lb: LoadBalancerRef) -> list[ServerState]:
         stat, state = await self.asend(lb, ["show stat -1 4 -1", "show servers state"])

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
 from liftoff.errors import InvalidInput, InventoryError
 from liftoff.versions import validate_name
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import gitlab
 import gitlab.exceptions
 import requests
+
 from liftoff.errors import InvalidInput, QAError
 from liftoff.versions import parse_version, validate_name
 

@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from liftoff.errors import InvalidInput, LockHeld, StoreError
-from liftoff.versions import validate_name, validate_reason
 from sqlalchemy import (
     Column,
     Float,
@@ -38,6 +36,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
+
+from liftoff.errors import InvalidInput, LockHeld, StoreError
+from liftoff.versions import validate_name, validate_reason
 
 log = logging.getLogger(__name__)
 

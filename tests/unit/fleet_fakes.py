@@ -9,6 +9,7 @@ line). ``FakeRemote`` has ``Remote``'s interface and simulates Omnibus hosts.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shlex
 import time
@@ -91,8 +92,8 @@ class FakeLB:
                         self.sessions_drop_after[name] = polls - 1
                         s.sessions = 0 if polls <= 0 else s.sessions
                     fields = [b, name, "0", "0", str(s.sessions)] + ["0"] * 12
-                    fields += [self.status(s), str(0 if s.admin != "ready" else s.weight)] + ["0"] * 13
-                    fields += ["2"] + ["0"] * 4 + ["L7OK", s.addr]
+                    fields += [self.status(s), str(s.weight)] + ["0"] * 13
+                    fields += ["2"] + ["0"] * 3 + ["L7OK", s.addr]
                     rows.append(",".join(fields))
             return "\n".join(rows) + "\n"
         if cmd == "show servers state":
@@ -201,10 +202,10 @@ class FakeFleet:
             h.patches.append(argv[2])
             return 0, f"patch {argv[2]} applied\n", ""
         if argv == ["gitlab-chef-role", "show"]:
-            return 0, '{"version": "%s", "package_enabled": true}\n' % self.chef_role, ""
+            return 0, json.dumps({"version": self.chef_role, "package_enabled": True}) + "\n", ""
         if argv[:2] == ["gitlab-chef-role", "set-version"]:
             self.chef_role = argv[2]
-            return 0, '{"version": "%s"}\n' % self.chef_role, ""
+            return 0, json.dumps({"version": self.chef_role}) + "\n", ""
         return 127, "", f"lab: unknown command: {command}\n"
 
 
@@ -267,12 +268,14 @@ def make_env(lbs: list[FakeLB], roles: dict[str, dict], name: str = "gprd", extr
     for role, spec in roles.items():
         hosts = []
         for i in range(1, spec["hosts"] + 1):
-            hosts.append({"name": f"{role}-{i:02d}-sv-{name}", "address": f"127.0.{seq // 250}.{seq % 250 + 1}"})
+            address = f"127.0.{seq // 250}.{seq % 250 + 1}"
+            hosts.append({"name": f"{role}-{i:02d}-sv-{name}", "address": address})
             seq += 1
         role_list.append({
             "name": role, "stage": spec.get("stage", "fleet"), "batch": spec.get("batch", "10%"),
-            "capacity_floor": spec.get("floor", "50%"), "restart": spec.get("restart", ["workhorse", "nginx"]),
-            "hup": spec.get("hup", ["puma"]), "hosts": hosts,
+            "capacity_floor": spec.get("floor", "50%"),
+            "restart": spec.get("restart", ["workhorse", "nginx"]), "hup": spec.get("hup", ["puma"]),
+            "hosts": hosts,
         })
     env = {
         "url": "http://127.0.0.1:1", "alert_matchers": {"env": name},
@@ -295,3 +298,34 @@ def wire(env, fleet: FakeFleet, lbs: list[FakeLB], version: str, lb_roles=("web"
                 for lb in lbs:
                     lb.add(role.name, h.name, f"{h.address}:8080")
     fleet.add(env.deploy_node.name, "deploy", version)
+
+
+class LBThread:
+    """Fake LBs served from their own event loop in a thread, so tests can use both the sync
+    API (``asyncio.run`` in the test thread) and the async one."""
+
+    def __init__(self, *names: str):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.lbs = [FakeLB(n) for n in names]
+        for lb in self.lbs:
+            asyncio.run_coroutine_threadsafe(lb.start(), self.loop).result(5)
+
+    def __enter__(self) -> LBThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stop_lb(self, lb: FakeLB) -> None:
+        asyncio.run_coroutine_threadsafe(lb.stop(), self.loop).result(5)
+
+    def close(self) -> None:
+        for lb in self.lbs:
+            self.stop_lb(lb)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
