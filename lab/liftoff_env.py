@@ -24,6 +24,7 @@ CONNECTIONS = {
     "pushgateway": "liftoff_pushgateway",
     "prometheus": "liftoff_prometheus",
     "state": "liftoff_state",
+    "builds": "liftoff_builds",
 }
 QA_PROJECT = "gitlab-org/quality/gitlab-qa-runner"
 QA_REF = "main"
@@ -112,6 +113,11 @@ def exports(config: LabConfig) -> dict[str, str]:
         "AIRFLOW_CONN_LIFTOFF_ALERTMANAGER": {"conn_type": "http", "host": f"http://{config.alertmanager_addr}"},
         "AIRFLOW_CONN_LIFTOFF_PUSHGATEWAY": {"conn_type": "http", "host": f"http://{config.pushgateway_addr}"},
         "AIRFLOW_CONN_LIFTOFF_PROMETHEUS": {"conn_type": "http", "host": f"http://{config.prometheus_addr}"},
+    }
+    # The build source: the lab's build catalog (JSON list of builds).
+    conns["AIRFLOW_CONN_LIFTOFF_BUILDS"] = {
+        "conn_type": "http", "host": f"http://{config.control_addr}:{config.control_port}",
+        "extra": {"path": "builds"},
     }
     # The state store (locks, drain records, audit): a SQLite file in the lab unless
     # LIFTOFF_STATE_URL points elsewhere (PostgreSQL in the distributed setup).

@@ -34,6 +34,7 @@ DEFAULT_CONNECTIONS: dict[str, str] = {
     "pushgateway": "liftoff_pushgateway",
     "prometheus": "liftoff_prometheus",
     "state": "liftoff_state",
+    "builds": "liftoff_builds",
 }
 DEFAULT_BATCH = "10%"
 DEFAULT_CAPACITY_FLOOR = "0%"

@@ -14,6 +14,10 @@ DEFAULT_WINDOW_S = 60.0
 DEFAULT_INTERVAL_S = 5.0
 
 
+def _is_true(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
 def _quiet_settings(env_extra: dict[str, Any], window_s: float | None) -> tuple[float, float]:
     quiet = dict(env_extra.get("quiet_period") or {})
     window = float(window_s if window_s is not None else quiet.get("window_s", DEFAULT_WINDOW_S))
@@ -25,17 +29,20 @@ class QuietPeriodSensor(BaseSensorOperator):
     """Passes once the environment had no matching alert for a whole window; fails at the first
     alert (or when Alertmanager cannot be read). Always deferred: no worker slot while waiting."""
 
-    template_fields = ("env", "window_s")
+    template_fields = ("env", "window_s", "dry_run")
 
-    def __init__(self, *, env: str, window_s: Any = None, severities: tuple[str, ...] = ("critical", "warning"),
-                 **kwargs: Any):
-        kwargs.setdefault("deferrable", True)
+    def __init__(self, *, env: str, window_s: Any = None,
+                 severities: tuple[str, ...] = ("critical", "warning"), dry_run: Any = False, **kwargs: Any):
         super().__init__(**kwargs)
         self.env = env
         self.window_s = window_s
         self.severities = list(severities)
+        self.dry_run = dry_run
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Any) -> Any:
+        if _is_true(self.dry_run):
+            self.log.info("dry run: the quiet period on %s is not evaluated", self.env)
+            return {"dry_run": True, "env": self.env}
         from liftoff.alerts import QuietPeriod
         from liftoff.inventory import load_inventory
         from liftoff.settings import alertmanager_url
@@ -63,15 +70,20 @@ class QuietPeriodSensor(BaseSensorOperator):
 class QAGateOperator(BaseOperator):
     """Triggers GitLab-QA against an environment on the ops instance and defers until it ends."""
 
-    template_fields = ("env", "version")
+    template_fields = ("env", "version", "dry_run")
 
-    def __init__(self, *, env: str, version: str, timeout_s: float | None = None, **kwargs: Any):
+    def __init__(self, *, env: str, version: str, timeout_s: float | None = None, dry_run: Any = False,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.env = env
         self.version = version
         self.timeout_s = timeout_s
+        self.dry_run = dry_run
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Any) -> Any:
+        if _is_true(self.dry_run):
+            self.log.info("dry run: no QA pipeline triggered for %s", self.env)
+            return {"dry_run": True, "env": self.env}
         from liftoff.inventory import load_inventory
         from liftoff.qa import QAClient
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from liftoff.errors import CapacityError, InvalidVersion, InventoryError
 from liftoff.fleet import RolloutOptions, check_capacity, make_batches, order_hosts, parse_pids, plan
 from liftoff.inventory import parse_inventory

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from liftoff.errors import HAProxyError, InvalidInput
 from liftoff.haproxy import (
     HAProxy,
@@ -16,7 +17,6 @@ from liftoff.haproxy import (
     split_answers,
 )
 from liftoff.inventory import LoadBalancerRef
-
 from tests.unit.fleet_fakes import LBThread
 
 # Captured from haproxy 2.6.12 (`show stat -1 4 -1;show servers state`, trimmed to the first columns

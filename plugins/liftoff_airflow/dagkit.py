@@ -1,0 +1,150 @@
+"""Building blocks the DAG files wire together: params, stage tasks, failure handling.
+
+Every task is a thin call into ``liftoff.pipeline``; what a task returns is its XCom.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import Param, TriggerRule, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from liftoff.versions import _PATTERNS
+
+VERSION_PATTERN = "^(?:" + "|".join(p.pattern.strip("^$") for p in _PATTERNS.values()) + ")$"
+REASON_PATTERN = r"^[A-Za-z0-9 .,:_/@+=%-]+$"
+
+DEFAULT_ARGS = {
+    "owner": "release-managers",
+    # A stage is retried by a person clearing it, never blindly by the scheduler.
+    "retries": 0,
+    "execution_timeout": timedelta(hours=4),
+}
+
+
+def version_param(required: bool) -> Param:
+    return Param(
+        None if not required else "",
+        type=["null", "string"] if not required else "string",
+        pattern=VERSION_PATTERN,
+        maxLength=100,
+        title="Package version",
+        description="Omnibus package to deploy, e.g. 17.6.0-ee.0, 17.6.0-rc3.ee.0, "
+                    "17.6.0+rnightly.308853.0ab19c4f-0 or 17.6.202611291200-13bd0cc7c2a.3f6b8fe0f4d."
+                    + ("" if required else " Empty on a scheduled run: the newest nightly build."),
+    )
+
+
+def reason_param(title: str, description: str, required: bool = False) -> Param:
+    return Param(
+        "" if required else None,
+        type="string" if required else ["null", "string"],
+        minLength=5, maxLength=500, pattern=REASON_PATTERN,
+        title=title, description=description,
+    )
+
+
+COMMON_PARAMS: dict[str, Param] = {
+    "dry_run": Param(False, type="boolean", title="Dry run",
+                     description="Plan only: list every host and step in order, touch nothing."),
+    "on_failure": Param("rollback", enum=["rollback", "halt"], title="On a failed gate",
+                        description="rollback: return the failed environment to its previous version; "
+                                    "halt: stop and leave everything as it is, with a record."),
+    "allow_precheck_failure": reason_param(
+        "Allow precheck failure (reason)",
+        "Let failed prechecks pass; the reason is recorded. Leave empty to fail closed."),
+    "quiet_period_seconds": Param(None, type=["null", "integer"], minimum=0, maximum=86400,
+                                  title="Quiet period (seconds)",
+                                  description="Alert-free window after each stage; empty: the inventory's."),
+}
+
+
+def run_handle(pipeline: str):
+    """The pipeline.Run for the current task (run id and who from the DAG run)."""
+    from liftoff.pipeline import Run
+
+    ctx = get_current_context()
+    dag_run = ctx["dag_run"]
+    who = (dag_run.conf or {}).get("requested_by") or ("scheduler" if dag_run.run_type == "scheduled"
+                                                         else "airflow-user")
+    return Run(run_id=safe_run_id(dag_run.run_id), who=safe_run_id(str(who)), pipeline=pipeline)
+
+
+def safe_run_id(run_id: str) -> str:
+    """Airflow run ids carry ':' and '+'; the engine's names allow [A-Za-z0-9._-]."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in run_id)[:120]
+
+
+def params() -> dict[str, Any]:
+    return get_current_context()["params"]
+
+
+@task
+def precheck(pipeline: str, env: str, version: str) -> dict:
+    from liftoff.pipeline import precheck as check
+
+    started = time.time()
+    p = params()
+    result = check(run_handle(pipeline), env, version, override_reason=p.get("allow_precheck_failure"))
+    result["stage_started"] = started
+    return result
+
+
+@task
+def stage_done(pipeline: str, env: str, stage: str, check: dict) -> dict:
+    """Push the stage's metrics (start from its precheck)."""
+    run = run_handle(pipeline)
+    start = float(check.get("stage_started") or time.time())
+    run.metrics().stage(env, stage, "success", start, time.time())
+    return {"stage": stage, "env": env, "duration_s": round(time.time() - start, 1)}
+
+
+def quiet_window() -> str:
+    return "{{ params.quiet_period_seconds }}"
+
+
+def dry_run_flag() -> str:
+    return "{{ params.dry_run }}"
+
+
+@task.branch(trigger_rule=TriggerRule.ONE_FAILED)
+def on_failure() -> str:
+    """A gate failed: roll the failed environment back, or halt, as the run asked."""
+    return "rollback" if params().get("on_failure") == "rollback" else "halt"
+
+
+def failed_tasks() -> list[str]:
+    ctx = get_current_context()
+    ti = ctx["ti"]
+    dag_run = ctx["dag_run"]
+    states = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
+    per_run = states.get(dag_run.run_id, states)
+    return sorted(t for t, s in per_run.items() if s in ("failed", "upstream_failed")
+                  and t not in ("finalize",))
+
+
+def finalize_run(pipeline: str, envs: list[str]) -> dict:
+    """Always runs last: release this run's locks, push the pipeline's result, fail the run
+    when anything failed."""
+    from liftoff.pipeline import release_locks
+
+    run = run_handle(pipeline)
+    released = release_locks(run, envs)
+    failed = [t for t in failed_tasks() if not t.endswith(("rollback", "halt"))]
+    start = get_current_context()["dag_run"].start_date
+    status = "failed" if failed else "success"
+    run.metrics().pipeline_status(status, start.timestamp() if start else None, time.time())
+    if failed:
+        first = [t for t in failed_tasks()][:5]
+        raise AirflowFailException(f"{pipeline} failed at {', '.join(first)}; locks released: "
+                                   f"{', '.join(released) or 'none held'}")
+    return {"status": status, "released": released}
+
+
+def schedule_from_env(name: str, default: str | None) -> str | None:
+    value = os.environ.get(name, default or "")
+    return value or None

@@ -1,0 +1,266 @@
+"""fleet.rollout with a FakeRemote and fake HAProxy LBs over TCP: batching, capacity floor,
+stop after a failed batch, resume and repair, quoting, chef, and the JSON report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from liftoff import chef
+from liftoff.errors import CapacityError, HAProxyError, InvalidVersion
+from liftoff.fleet import RolloutOptions, RolloutReport, rollout
+from liftoff.haproxy import HAProxy
+from liftoff.store import Store
+from tests.unit.fleet_fakes import FakeFleet, FakeRemote, LBThread, make_env, wire
+
+OLD, NEW, BAD = "17.5.0-ee.0", "17.6.0-ee.0", "17.6.1-ee.0"
+FAST = RolloutOptions(drain_timeout=1, up_timeout=1, health_timeout=1)
+
+
+@pytest.fixture
+def lbs():
+    with LBThread("fe-01-lb-gprd", "fe-02-lb-gprd") as t:
+        yield t
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    yield s
+    s.close()
+
+
+def setup(lbs, roles, **kw):
+    env = make_env(lbs.lbs, roles, **kw)
+    fleet = FakeFleet()
+    wire(env, fleet, lbs.lbs, OLD)
+    fleet.builds |= {NEW, BAD}
+    return env, fleet, FakeRemote(fleet)
+
+
+def roll(env, remote, store, version=NEW, roles=None, options=FAST, run_id="run-1") -> RolloutReport:
+    return asyncio.run(rollout(env, version, run_id=run_id, store=store, roles=roles, remote=remote,
+                               haproxy=HAProxy.for_env(env, poll=0.05), options=options))
+
+
+def lb_admin(lbs, host: str) -> set[str]:
+    return {s.admin for lb in lbs.lbs for s in lb.server_state(host)}
+
+
+def set_lines(lbs) -> list[str]:
+    return [line for lb in lbs.lbs for line in lb.lines if line.startswith("set ")]
+
+
+def test_rolls_every_host_in_batches(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 20, "floor": "80%"}})
+    report = roll(env, remote, store)
+    assert report.status == "success", report.error
+    assert report.counts() == {"done": 20}
+    assert [len(b) for b in report.roles["web"].batches] == [2] * 10
+    for h in env.role("web").hosts:
+        assert fleet.hosts[h.name].installed == NEW and fleet.hosts[h.name].running == NEW
+        assert lb_admin(lbs, h.name) == {"ready"}
+    assert store.drained("gprd") == []
+    assert {p.status for p in store.host_statuses("gprd:" + NEW).values()} == {"done"}
+    # one drain and one ready line per LB per batch: LB changes are batched
+    for lb in lbs.lbs:
+        changes = [line for line in lb.lines if line.startswith("set ")]
+        assert len(changes) == 20
+        assert changes[0].count("state drain") == 2
+    # per host, the documented order
+    cmds = remote.commands("web-01-sv-gprd")
+    order = ["dpkg-query", "gitlab-ctl status", "chef-client-disable 'liftoff deploy run-1'",
+             f"apt-get install -y gitlab-ee={NEW}", "gitlab-ctl reconfigure", "gitlab-ctl hup puma",
+             "gitlab-ctl restart workhorse", "gitlab-ctl restart nginx", "gitlab-ctl status", "dpkg-query"]
+    assert [next(i for i, c in enumerate(cmds) if c.startswith(o) and i >= n)
+            for n, o in enumerate(order)] == sorted(range(len(order)))
+    assert len(cmds) == len(order)
+    # chef role still at the old version: chef left stopped, reported
+    assert report.chef_stopped == sorted(h.name for h in env.role("web").hosts)
+    assert all(not fleet.hosts[h.name].chef_running for h in env.role("web").hosts)
+
+
+def test_batch_hosts_run_concurrently(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 10, "batch": "5", "floor": "50%"}})
+    remote.delay = 0.01
+    assert roll(env, remote, store).status == "success"
+    assert remote.max_running >= 5
+
+
+def test_skips_hosts_already_done(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 4, "floor": "50%"}})
+    for name in ("web-01-sv-gprd", "web-03-sv-gprd"):
+        fleet.hosts[name].installed = NEW
+    report = roll(env, remote, store)
+    assert report.status == "success"
+    assert {h: r.status for h, r in report.hosts.items()} == {
+        "web-01-sv-gprd": "skipped", "web-02-sv-gprd": "done", "web-03-sv-gprd": "skipped",
+        "web-04-sv-gprd": "done"}
+    assert remote.commands("web-01-sv-gprd") == ["dpkg-query -W '-f=${Version}' gitlab-ee"]
+    assert not any("web-01-sv-gprd" in line for line in set_lines(lbs))
+
+
+def test_failed_install_stops_after_its_batch_and_stays_drained(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 10, "floor": "50%"}})  # batches of 1
+    fleet.install_fails_on[BAD] = {"web-03-sv-gprd"}
+    report = roll(env, remote, store, version=BAD)
+    assert report.status == "failed"
+    assert list(report.failed_hosts) == ["web-03-sv-gprd"]
+    assert "install failed" in report.failed_hosts["web-03-sv-gprd"]
+    assert report.hosts["web-03-sv-gprd"].step == "install"
+    assert len(report.roles["web"].batches) == 3
+    # the failed host: drained on every LB, drain record kept, status failed, chef stopped
+    assert lb_admin(lbs, "web-03-sv-gprd") == {"drain"}
+    assert [r.host for r in store.drained("gprd")] == ["web-03-sv-gprd"]
+    assert store.host_statuses("gprd:" + BAD)["web-03-sv-gprd"].status == "failed"
+    assert report.chef_stopped == ["web-01-sv-gprd", "web-02-sv-gprd", "web-03-sv-gprd"]
+    # the others of earlier batches are back; later batches untouched (at most read)
+    for name in ("web-01-sv-gprd", "web-02-sv-gprd"):
+        assert lb_admin(lbs, name) == {"ready"} and report.hosts[name].status == "done"
+    for i in range(4, 11):
+        name = f"web-{i:02d}-sv-gprd"
+        assert report.hosts[name].status == "pending"
+        assert lb_admin(lbs, name) == {"ready"}
+        assert all(c.startswith(("dpkg-query", "gitlab-ctl status")) for c in remote.commands(name))
+        assert fleet.hosts[name].installed == OLD
+
+
+def test_resume_repairs_the_drained_host_first_and_finishes(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 6, "floor": "50%"}})
+    fleet.install_fails_on[BAD] = {"web-02-sv-gprd"}
+    first = roll(env, remote, store, version=BAD)
+    assert first.status == "failed" and list(first.failed_hosts) == ["web-02-sv-gprd"]
+    fleet.install_fails_on[BAD] = set()  # the build is fixed
+    second = roll(env, FakeRemote(fleet), store, version=BAD, run_id="run-2")
+    assert second.status == "success", second.error
+    assert second.roles["web"].batches[0] == ["web-02-sv-gprd"]
+    assert second.hosts["web-02-sv-gprd"].repaired and second.hosts["web-02-sv-gprd"].status == "done"
+    assert second.hosts["web-01-sv-gprd"].status == "skipped"
+    assert store.drained("gprd") == []
+    assert all(lb_admin(lbs, h.name) == {"ready"} for h in env.role("web").hosts)
+    assert all(fleet.hosts[h.name].installed == BAD for h in env.role("web").hosts)
+    # "done" from the first run is not overwritten by "skipped"
+    assert store.host_statuses("gprd:" + BAD)["web-01-sv-gprd"].status == "done"
+
+
+def test_host_left_drained_on_an_lb_is_repaired_not_skipped(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 3, "floor": "0%"}})
+    fleet.hosts["web-02-sv-gprd"].installed = NEW
+    lbs.lbs[1].backends["web"]["web-02-sv-gprd"].admin = "maint"  # no store record: an LB says it
+    report = roll(env, remote, store)
+    assert report.status == "success"
+    assert report.hosts["web-02-sv-gprd"].repaired and report.hosts["web-02-sv-gprd"].status == "done"
+    assert lb_admin(lbs, "web-02-sv-gprd") == {"ready"}
+    assert not any(c.startswith("apt-get") for c in remote.commands("web-02-sv-gprd"))
+
+
+def test_capacity_floor_refuses_before_touching_anything(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 10, "batch": "50%", "floor": "60%"}})
+    with pytest.raises(CapacityError, match="role web: batch 1 of 5 host.*below the capacity floor"):
+        roll(env, remote, store)
+    assert remote.log == [] and set_lines(lbs) == [] and store.drained() == []
+
+
+def test_capacity_counts_hosts_already_out_of_service(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 10, "batch": "2", "floor": "70%"}})
+    for name in ("web-04-sv-gprd", "web-06-sv-gprd", "web-08-sv-gprd"):
+        lbs.lbs[0].backends["web"][name].health = False  # DOWN on one LB
+    store.record_drained("gprd", "web-09-sv-gprd", "old-run", "left over")
+    with pytest.raises(CapacityError, match="already out of service"):
+        roll(env, remote, store)
+    assert remote.log == [] and set_lines(lbs) == []
+
+
+def test_version_with_metacharacters_touches_nothing(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 2, "floor": "0%"}})
+    for bad in ("17.6.0-ee.0;reboot", "17.6.0-ee.0 && curl x|sh", "$(reboot)", "17.6.0-ee.0'"):
+        with pytest.raises(InvalidVersion):
+            roll(env, remote, store, version=bad)
+    assert remote.log == [] and all(lb.lines == [] for lb in lbs.lbs)
+
+
+def test_unreachable_lb_refuses_before_anything(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 2, "floor": "0%"}})
+    lbs.stop_lb(lbs.lbs[1])
+    with pytest.raises(HAProxyError, match="fe-02-lb-gprd"):
+        roll(env, remote, store)
+    assert remote.log == [] and set_lines(lbs) == []
+
+
+def test_pids_that_do_not_change_fail_the_host(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 2, "floor": "0%", "batch": "2"}})
+    fleet.hup_keeps_pid.add("web-02-sv-gprd")
+    report = roll(env, remote, store)
+    assert report.failed_hosts == {"web-02-sv-gprd": "PIDs did not change for puma"}
+    assert lb_admin(lbs, "web-02-sv-gprd") == {"drain"} and lb_admin(lbs, "web-01-sv-gprd") == {"ready"}
+
+
+def test_unreachable_host_fails_without_being_drained(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 4, "floor": "0%", "batch": "2"}})
+    fleet.hosts["web-01-sv-gprd"].reachable = False
+    report = roll(env, remote, store)
+    assert report.status == "failed" and "unreachable" in report.failed_hosts["web-01-sv-gprd"]
+    assert lb_admin(lbs, "web-01-sv-gprd") == {"ready"} and report.hosts["web-02-sv-gprd"].status == "done"
+    assert report.hosts["web-03-sv-gprd"].status == "pending"
+
+
+def test_roles_of_a_stage_run_in_parallel_and_a_failure_stops_both(lbs, store):
+    gitaly = {"hosts": 1, "stage": "gitaly", "restart": ["gitaly"], "hup": [], "floor": "0%"}
+    env, fleet, remote = setup(lbs, {"gitaly": gitaly, "web": {"hosts": 5, "floor": "0%"},
+                                     "api": {"hosts": 10, "floor": "0%"}})
+    remote.delay = 0.005
+    fleet.install_fails_on[BAD] = {"web-02-sv-gprd"}
+    report = roll(env, remote, store, version=BAD)
+    assert report.roles["gitaly"].status == "success"
+    assert report.roles["web"].status == "failed" and len(report.roles["web"].batches) == 2
+    assert report.roles["api"].status == "stopped"
+    assert 1 <= len(report.roles["api"].batches) < 10
+    # gitaly (its own stage) finished before the fleet stage started
+    first_fleet = min(i for i, (h, c, _) in enumerate(remote.log) if h.startswith(("web", "api")))
+    assert all(not h.startswith("gitaly") for h, _, _ in remote.log[first_fleet:])
+
+
+def test_pending_patches_are_applied_again(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 1, "floor": "0%"}})
+    store.record_patch("fix-1", "gprd", "run-0", "ops")
+    store.record_patch("fix-2", "gprd", "run-0", "ops")
+    store.record_patch("fix-2", "gprd", "run-0", "ops", status="reverted")
+    assert roll(env, remote, store).status == "success"
+    assert fleet.hosts["web-01-sv-gprd"].patches == ["fix-1"]
+    cmds = remote.commands("web-01-sv-gprd")
+    assert cmds.index("gitlab-patch apply fix-1") < cmds.index("gitlab-ctl reconfigure")
+
+
+def test_chef_started_when_the_role_holds_the_target(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 2, "floor": "0%"}})
+    fleet.chef_role = NEW
+    report = roll(env, remote, store)
+    assert report.chef_stopped == [] and {h.chef for h in report.hosts.values()} == {"started"}
+    assert all(fleet.hosts[h.name].chef_running for h in env.role("web").hosts)
+    # cleanup mode leaves it to chef.finish, which skips failed hosts and unconverted ones
+    env2, fleet2, remote2 = setup(lbs, {"api": {"hosts": 3, "floor": "0%"}})
+    fleet2.install_fails_on[BAD] = {"api-02-sv-gprd"}
+    rep2 = roll(env2, remote2, store, version=BAD, options=RolloutOptions(chef_start="cleanup", up_timeout=1))
+    assert rep2.chef_stopped == ["api-01-sv-gprd", "api-02-sv-gprd"]
+    fin = asyncio.run(chef.finish(remote2, env2, BAD, failed_hosts=rep2.failed_hosts))
+    assert fleet2.chef_role == BAD
+    assert sorted(fin.started) == ["api-01-sv-gprd"]
+    assert fin.left_stopped == ["api-02-sv-gprd", "api-03-sv-gprd", "deploy-01-sv-gprd"]
+    assert "differs from the role" in fin.failed["api-03-sv-gprd"]
+    assert "chef-client-enable" not in remote2.commands("api-03-sv-gprd")
+    assert "chef-client-enable" not in remote2.commands("api-02-sv-gprd")
+
+
+def test_report_is_json_for_xcom(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 3, "floor": "0%"}})
+    fleet.install_fails_on[BAD] = {"web-01-sv-gprd"}
+    report = roll(env, remote, store, version=BAD)
+    data = json.loads(report.to_json())
+    assert data["status"] == "failed" and list(data["failed_hosts"]) == ["web-01-sv-gprd"]
+    assert data["counts"] == {"failed": 1, "pending": 2}
+    again = RolloutReport.from_dict(data)
+    assert again.failed_hosts == report.failed_hosts and again.roles["web"].batches == [["web-01-sv-gprd"]]
+    with pytest.raises(Exception, match="web-01-sv-gprd"):
+        again.raise_for_failure()
