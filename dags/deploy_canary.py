@@ -122,13 +122,14 @@ def finalize() -> dict:
     return dagkit.finalize_run(PIPELINE, ENVS)
 
 
-def gate(stage: str, env: str, qa: bool):
+def gate(stage: str, env: str, qa: bool, expect_version: bool = True):
     """QA (optional) then the quiet period, as a chain of two tasks."""
     quiet = QuietPeriodSensor(task_id="quiet_period", env=env, window_s=dagkit.quiet_window(),
                               dry_run=dagkit.dry_run_flag())
     if not qa:
         return quiet, quiet
-    qa_task = QAGateOperator(task_id="qa", env=env, version=VERSION, dry_run=dagkit.dry_run_flag())
+    qa_task = QAGateOperator(task_id="qa", env=env, version=VERSION, expect_version=expect_version,
+                             dry_run=dagkit.dry_run_flag())
     qa_task >> quiet
     return qa_task, quiet
 
@@ -157,12 +158,13 @@ def deploy_canary():
         check >> begin >> work >> quiet >> stage_done(PIPELINE, "gstg", "stage_1", check)
     stages.append(s1)
 
-    for group_id, stage, roles in (("stage_2_staging_gitaly", "stage_2", "gitaly"),
-                                   ("stage_3_staging_fleet", "stage_3", "fleet")):
+    # QA after gitaly only checks staging works: the web fleet still runs the old version.
+    for group_id, stage, roles, expect in (("stage_2_staging_gitaly", "stage_2", "gitaly", False),
+                                           ("stage_3_staging_fleet", "stage_3", "fleet", True)):
         with TaskGroup(group_id) as group:
             check = precheck(PIPELINE, "gstg", version)
             work = deploy("gstg", version, roles)
-            first, quiet = gate(stage, "gstg", qa=True)
+            first, quiet = gate(stage, "gstg", qa=True, expect_version=expect)
             check >> work >> first
             quiet >> stage_done(PIPELINE, "gstg", stage, check)
         stages.append(group)
@@ -179,7 +181,7 @@ def deploy_canary():
         check = precheck(PIPELINE, "gprd", version)
         begin = begin_env("gprd-cny", version, check)
         work = migrate.override(task_id="regular_migrations")("gprd-cny", version, False)
-        first, quiet = gate("stage_5", "gprd", qa=True)
+        first, quiet = gate("stage_5", "gprd", qa=True, expect_version=False)
         check >> begin >> work >> first
         quiet >> stage_done(PIPELINE, "gprd", "stage_5", check)
     stages.append(s5)

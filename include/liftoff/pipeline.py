@@ -238,7 +238,7 @@ def deploy_roles(run: Run, env_name: str, version: str, stage: str | None = None
     if dry_run:
         return {"env": env.name, "dry_run": True,
                 "plan": [p.to_dict() for p in fleet.plan(env, selected, version, run_id=run.run_id)]}
-    options = options or fleet.RolloutOptions(chef_start="never")
+    options = options or fleet.RolloutOptions(chef_start="cleanup")
     report = fleet.run_rollout(env, version, run_id=run.run_id, store=run.store, roles=selected,
                                ssh_conn_id=run.inventory.conn_id("ssh"), options=options)
     report.raise_for_failure()
@@ -335,7 +335,7 @@ def rollback_env(run: Run, env_name: str, to_version: str, *, fast: bool = False
     run.metrics().rollback(env.name)
     gitaly = [r.name for r in env.roles_in_stage("gitaly")]
     fleet_roles = [r.name for r in env.roles if r.name not in gitaly]
-    options = fleet.RolloutOptions(chef_start="never", drain_timeout=5.0 if fast else 60.0)
+    options = fleet.RolloutOptions(chef_start="cleanup", drain_timeout=5.0 if fast else 60.0)
 
     async def go():
         async with run.remote(env.name) as remote:

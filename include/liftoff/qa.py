@@ -76,8 +76,10 @@ class QAResult:
         return d
 
 
-def qa_variables(env: str, url: str, version: str, canary_cookie: str | None) -> dict[str, str]:
-    """The pipeline variables, validated."""
+def qa_variables(env: str, url: str, version: str, canary_cookie: str | None,
+                 expect_version: bool = True) -> dict[str, str]:
+    """The pipeline variables, validated. Without ``expect_version`` (QA while only part of
+    the environment runs the new version) the version is informational (``QA_VERSION``)."""
     validate_name("env", env)
     parts = urlsplit(url) if isinstance(url, str) else None
     if (not parts or parts.scheme not in ("http", "https") or not parts.hostname
@@ -87,7 +89,7 @@ def qa_variables(env: str, url: str, version: str, canary_cookie: str | None) ->
     variables = {
         "QA_ENVIRONMENT": env,
         "QA_URL": url,
-        "QA_EXPECTED_VERSION": str(v),
+        ("QA_EXPECTED_VERSION" if expect_version else "QA_VERSION"): str(v),
         "QA_CANARY": "true" if canary_cookie else "false",
     }
     if canary_cookie:
@@ -147,9 +149,9 @@ class QAClient:
         return QAError(f"QA on {self.gitlab_url} ({self.project_path}): {what} failed: {_http_reason(exc)}")
 
     def trigger(self, env: str, url: str, version: str,
-                canary_cookie: str | None = None) -> TriggeredPipeline:
+                canary_cookie: str | None = None, expect_version: bool = True) -> TriggeredPipeline:
         """Start a QA pipeline for the environment; returns its id and web URL."""
-        variables = qa_variables(env, url, version, canary_cookie)
+        variables = qa_variables(env, url, version, canary_cookie, expect_version)
         try:
             if self._trigger_token:
                 pipeline = self._project.trigger_pipeline(self.ref, self._trigger_token, variables=variables)

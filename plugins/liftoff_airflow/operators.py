@@ -72,9 +72,10 @@ class QAGateOperator(BaseOperator):
 
     template_fields = ("env", "version", "dry_run")
 
-    def __init__(self, *, env: str, version: str, timeout_s: float | None = None, dry_run: Any = False,
-                 **kwargs: Any):
+    def __init__(self, *, env: str, version: str, expect_version: bool = True, timeout_s: float | None = None,
+                 dry_run: Any = False, **kwargs: Any):
         super().__init__(**kwargs)
+        self.expect_version = expect_version
         self.env = env
         self.version = version
         self.timeout_s = timeout_s
@@ -90,7 +91,8 @@ class QAGateOperator(BaseOperator):
         inventory = load_inventory()
         environment = inventory.env(self.env)
         client = QAClient.from_settings(inventory)
-        pipeline = client.trigger(self.env, environment.url, self.version, environment.qa_cookie)
+        pipeline = client.trigger(self.env, environment.url, self.version, environment.qa_cookie,
+                                  expect_version=self.expect_version)
         self.log.info("QA pipeline for %s %s: %s", self.env, self.version, pipeline.web_url)
         timeout = self.timeout_s or inventory.qa.timeout_s
         self.defer(

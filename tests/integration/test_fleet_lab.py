@@ -1,0 +1,252 @@
+"""The fleet engine against the real lab: OpenSSH + the host simulator, real HAProxy x2 for gprd.
+
+Rolls gprd's web role (3 hosts, batches of one, two LBs): a failing install stops the
+rollout after its batch with the host drained on every LB; a second run with a good build
+repairs it first and finishes; a third run skips everything. Also: the capacity floor and a
+version with shell metacharacters are refused with nothing touched, migrations and chef on
+the deploy node, host-key checking, HAProxy on the real LBs. The module puts gprd's web and
+api roles back on the version they had and starts chef again when it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from liftoff import chef, migrations
+from liftoff.errors import CapacityError, ConfigError, InvalidVersion
+from liftoff.fleet import RolloutOptions, rollout
+from liftoff.haproxy import HAProxy
+from liftoff.inventory import load_inventory, parse_inventory
+from liftoff.remote import Remote
+from liftoff.store import Store
+
+pytestmark = pytest.mark.lab
+
+ENV = "gprd"
+FAILING = "17.8.571-ee.0"  # install fails on web-02-sv-gprd
+GOOD = "17.8.572-ee.0"
+OPTIONS = RolloutOptions(drain_timeout=10, up_timeout=60, health_timeout=30)
+
+
+def lab_audit_lines(lab) -> int:
+    path = lab.config.path("state", "audit.log")
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def fleet_env(lab):
+    """Lab exports in os.environ for the module; restores gprd web/api and chef at the end."""
+    mp = pytest.MonkeyPatch()
+    for name, value in lab.env.items():
+        mp.setenv(name, value)
+    before = {h["name"]: h["installed"] for e in lab.status()["environments"].values() for h in e["hosts"]}
+    yield lab
+    env = load_inventory().env(ENV)
+    store = Store("sqlite://")
+    original = {before[h.name] for r in env.roles if r.name in ("web", "api") for h in r.hosts}
+    try:
+        if len(original) == 1:
+            opts = dataclasses.replace(OPTIONS, chef_start="cleanup")
+            back = original.pop()
+            report = asyncio.run(rollout(env, back, run_id="restore", store=store, roles=["web", "api"],
+                                         options=opts))
+            assert report.status == "success", report.to_json()
+
+        async def enable_chef() -> None:
+            async with Remote(store=store, run_id="restore", env=ENV) as remote:
+                await chef.start(remote, [env.deploy_node, *env.hosts()])
+
+        asyncio.run(enable_chef())
+    finally:
+        mp.undo()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    yield s
+    s.close()
+
+
+def lb_states(env, host: str) -> set[str]:
+    return {f"{s.status}/{s.admin}" for states in HAProxy.for_env(env).servers(host).values() for s in states}
+
+
+def with_app_port(lab) -> object:
+    """The lab inventory plus ``extra.app_port`` (the field liftoff reads for HTTP checks)."""
+    data = yaml.safe_load(Path(lab.env["LIFTOFF_INVENTORY"]).read_text())
+    data["environments"][ENV]["extra"] = {"app_port": lab.config.app_port}
+    return parse_inventory(data).env(ENV)
+
+
+def roll(env, version, run_id, store, roles=("web",), options=OPTIONS):
+    return asyncio.run(rollout(env, version, run_id=run_id, store=store, roles=list(roles), options=options))
+
+
+def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, store):
+    lab = fleet_env
+    lab.build_add(FAILING, install_fails_on=["web-02-sv-gprd"])
+    lab.build_add(GOOD)
+    env = load_inventory().env(ENV)
+    web = [h.name for h in env.role("web").hosts]
+    assert web == ["web-01-sv-gprd", "web-02-sv-gprd", "web-03-sv-gprd"]
+
+    first = roll(env, FAILING, "fleet-lab-1", store)
+    assert first.status == "failed"
+    assert list(first.failed_hosts) == ["web-02-sv-gprd"]
+    reason = first.failed_hosts["web-02-sv-gprd"]
+    assert "install failed" in reason and "exit 100" in reason
+    assert first.roles["web"].batches == [["web-01-sv-gprd"], ["web-02-sv-gprd"]]  # stopped after batch 2
+    # the failed host: drained on both LBs, recorded, chef stopped; the others UP
+    assert lb_states(env, "web-02-sv-gprd") == {"DRAIN/drain"}
+    assert [r.host for r in store.drained(ENV)] == ["web-02-sv-gprd"]
+    assert store.host_statuses(f"{ENV}:{FAILING}")["web-02-sv-gprd"].status == "failed"
+    assert lb_states(env, "web-01-sv-gprd") == lb_states(env, "web-03-sv-gprd") == {"UP/ready"}
+    hosts = {h: lab.host_status(h) for h in web}
+    web1, web2 = hosts["web-01-sv-gprd"], hosts["web-02-sv-gprd"]
+    assert (web1["installed"], web1["running"]) == (FAILING, FAILING)
+    assert web2["installed"] != FAILING and web2["chef_running"] is False
+    assert hosts["web-03-sv-gprd"]["installed"] != FAILING
+    # every command audited with its exit code
+    audit = store.audit_records(run_id="fleet-lab-1", host="web-02-sv-gprd")
+    install = [a for a in audit if a.command.startswith("apt-get install")]
+    assert install and install[0].exit_code == 100 and "dpkg" in install[0].output_tail
+    assert [a.command for a in audit][:2] == ["dpkg-query -W '-f=${Version}' gitlab-ee", "gitlab-ctl status"]
+
+    # second run, a good build, HTTP checks on: the drained host is repaired first
+    env_http = with_app_port(lab)
+    second = roll(env_http, GOOD, "fleet-lab-2", store)
+    assert second.status == "success", second.to_json()
+    assert second.roles["web"].batches[0] == ["web-02-sv-gprd"]
+    assert second.hosts["web-02-sv-gprd"].repaired
+    assert store.drained(ENV) == []
+    for h in web:
+        assert lb_states(env, h) == {"UP/ready"}
+        state = lab.host_status(h)
+        assert state["installed"] == GOOD and state["running"] == GOOD
+    assert any(a.command == f"apt-get install -y gitlab-ee={GOOD}" and a.exit_code == 0
+               for a in store.audit_records(run_id="fleet-lab-2", host="web-02-sv-gprd"))
+
+    # third run: nothing to do, nothing touched
+    lines = lab_audit_lines(lab)
+    third = roll(env, GOOD, "fleet-lab-3", store)
+    assert third.status == "success" and third.counts() == {"skipped": 3}
+    assert [a.command for a in store.audit_records(run_id="fleet-lab-3")] == [
+        "dpkg-query -W '-f=${Version}' gitlab-ee"] * 3
+    assert lab_audit_lines(lab) - lines == 3
+    assert store.host_statuses(f"{ENV}:{GOOD}")["web-01-sv-gprd"].status == "done"
+    json.loads(third.to_json())
+
+
+def test_capacity_floor_refuses_an_oversized_batch(fleet_env, store):
+    env = load_inventory().env(ENV)
+    web = dataclasses.replace(env.role("web"), batch="100%")
+    big = dataclasses.replace(env, roles=tuple(web if r.name == "web" else r for r in env.roles))
+    lines = lab_audit_lines(fleet_env)
+    refused = "role web: batch 1 of 3 host.*capacity floor.*Nothing was changed"
+    with pytest.raises(CapacityError, match=refused):
+        roll(big, GOOD, "fleet-lab-capacity", store)
+    assert lab_audit_lines(fleet_env) == lines
+    assert store.audit_records() == [] and store.drained() == []
+    assert all(lb_states(env, h.name) == {"UP/ready"} for h in env.role("web").hosts)
+
+
+@pytest.mark.parametrize("version", ["17.8.572-ee.0; touch /tmp/pwned", "17.8.572-ee.0$(id)",
+                                     "17.8.572-ee.0'", "`reboot`"])
+def test_version_with_shell_metacharacters_touches_nothing(fleet_env, store, version):
+    env = load_inventory().env(ENV)
+    lines = lab_audit_lines(fleet_env)
+    with pytest.raises(InvalidVersion):
+        roll(env, version, "fleet-lab-quoting", store)
+    assert lab_audit_lines(fleet_env) == lines
+    assert store.audit_records() == [] and store.drained() == []
+
+
+def test_migrations_and_chef_on_the_deploy_node(fleet_env, store):
+    env = load_inventory().env(ENV)
+
+    async def go():
+        async with Remote(store=store, run_id="fleet-lab-mig", env=ENV) as remote:
+            regular = await migrations.regular(remote, env, version=GOOD, run_id="fleet-lab-mig")
+            pending_post = await migrations.pending_post_migrations(remote, env)
+            post = await migrations.post_deployment(remote, env)
+            applied = await migrations.applied_post_migrations(remote, env)
+            role_before = await chef.role_version(remote, env)
+            await chef.set_role_version(remote, env, GOOD)
+            role_after = await chef.role(remote, env)
+            await chef.set_role_version(remote, env, role_before)
+            return regular, pending_post, post, applied, role_after
+
+    regular, pending_post, post, applied, role_after = asyncio.run(go())
+    assert regular.ok and any("_regular_17_8_572" in m for m in regular.applied)
+    assert not any("_post_" in m for m in regular.applied)
+    assert any("_post_17_8_572" in m for m in pending_post)
+    assert set(pending_post) <= set(post.applied) and post.command == "gitlab-rake db:migrate"
+    assert any("_post_17_8_572" in m for m in applied)
+    assert role_after["version"] == GOOD
+    assert fleet_env.host_status(env.deploy_node.name)["installed"] == GOOD
+    audited = [a.command for a in store.audit_records(run_id="fleet-lab-mig")]
+    assert "SKIP_POST_DEPLOYMENT_MIGRATIONS=true gitlab-rake db:migrate" in audited
+    assert "gitlab-rake db:migrate" in audited
+
+
+def test_host_keys_are_always_verified(fleet_env, tmp_path, monkeypatch):
+    env = load_inventory().env(ENV)
+    host = env.role("web").hosts[0]
+    conn = json.loads(fleet_env.env["AIRFLOW_CONN_LIFTOFF_SSH"])
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    conn["extra"]["known_hosts"] = str(empty)
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_SSH", json.dumps(conn))
+
+    async def run_once(**kw):
+        async with Remote(**kw) as remote:
+            return await remote.run(host, "dpkg-query -W '-f=${Version}' gitlab-ee", 60)
+
+    r = asyncio.run(run_once())
+    assert r.exit_code is None and "HostKeyNotVerifiable" in r.error
+    conn["extra"]["known_hosts"] = fleet_env.env_known_hosts
+    conn["extra"]["no_host_key_check"] = True
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_SSH", json.dumps(conn))
+    r = asyncio.run(run_once())
+    assert r.exit_code is None and "no_host_key_check" in r.error
+    # without Airflow, liftoff.settings builds the same options, still verifying host keys
+    conn["extra"].pop("no_host_key_check")
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_SSH", json.dumps(conn))
+    monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", "1")
+    r = asyncio.run(run_once())
+    assert r.ok and r.stdout.strip()
+    conn["extra"]["known_hosts"] = str(empty)
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_SSH", json.dumps(conn))
+    r = asyncio.run(run_once())
+    assert r.exit_code is None and "HostKeyNotVerifiable" in r.error
+    with pytest.raises(ConfigError):
+        Remote(timeout=10)
+
+
+def test_haproxy_on_the_real_lbs(fleet_env):
+    env = load_inventory().env(ENV)
+    ha = HAProxy.for_env(env)
+    host = "api-01-sv-gprd"
+    assert ha.disagreements() == []
+    result = ha.drain([host])
+    assert sorted(result.applied) == ["fe-01-lb-gprd", "fe-02-lb-gprd"]
+    assert lb_states(env, host) == {"DRAIN/drain"}
+    assert ha.wait_sessions_zero([host], timeout=10) == {}
+    ha.ready([host])
+    assert ha.wait_up([host], timeout=30) == {}
+    # one LB changed behind liftoff's back: reported as a disagreement
+    fleet_env.haproxy("fe-02-lb-gprd", f"set server api/{host} state maint")
+    try:
+        found = [(d.backend, d.server) for d in ha.disagreements()]
+        assert found == [("api", host)]
+        assert ha.wait_up([host], timeout=1) == {host: {"fe-02-lb-gprd": "api:MAINT/maint"}}
+    finally:
+        ha.ready([host])
+    assert ha.wait_up([host], timeout=30) == {}
