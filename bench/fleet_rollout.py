@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,24 @@ def lab_cli(lab_dir: Path, *args: str) -> None:
                          capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise SystemExit(f"lab {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+
+
+def quiet_login_shell(lab_dir: Path) -> bool:
+    """Stop bash from sourcing ~/.bashrc for every SSH command of this bench's lab.
+
+    bash sources ~/.bashrc when sshd starts it (SSH_CLIENT set, SHLVL < 2); on a machine
+    whose ~/.bashrc runs e.g. ``pyenv init`` that costs ~100 ms of CPU per command, which
+    measures the machine, not liftoff. ``SetEnv SHLVL=1`` in the lab's generated sshd_config
+    (this lab only) turns it off; returns whether it was applied."""
+    cfg = lab_dir / "ssh" / "sshd_config"
+    text = cfg.read_text()
+    if "SetEnv SHLVL" in text:
+        return False
+    cfg.write_text(text.replace("ForceCommand", "SetEnv SHLVL=1\nForceCommand", 1))
+    pid = int((lab_dir / "run" / "sshd.pid").read_text())
+    os.kill(pid, signal.SIGHUP)
+    time.sleep(1.0)
+    return True
 
 
 def rss_mb() -> float:
@@ -99,12 +118,17 @@ print(json.dumps({"import_s": t1 - t0, "ssh_s": t2 - t1, "code": code}))
 
 def bench_naive(config: LabConfig, hosts: list, install_s: float, samples: int) -> dict:
     """One task process per (host, step): measure a few, extrapolate to the role."""
+    # the sync SSHHook (paramiko) ignores extra.known_hosts: give it the lab's host key instead
+    conn = json.loads(os.environ["AIRFLOW_CONN_LIFTOFF_SSH"])
+    key = Path(conn["extra"]["known_hosts"]).read_text().split("\n", 1)[0].split()[1:3]
+    conn["extra"] = {"key_file": conn["extra"]["key_file"], "host_key": " ".join(key)}
+    task_env = dict(os.environ, AIRFLOW_CONN_LIFTOFF_SSH=json.dumps(conn))
     runs = []
     for h in hosts[:samples]:
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", NAIVE_TASK, h.address], capture_output=True, text=True,
-                             timeout=300, env=dict(os.environ))
+                             timeout=300, env=task_env)
         wall = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if out.returncode != 0:
@@ -122,14 +146,16 @@ def bench_naive(config: LabConfig, hosts: list, install_s: float, samples: int) 
     wall_by_slots = (tis / parallelism) * per_ti_wall + (n / parallelism) * install_s
     wall_by_cpu = tis * per_ti_cpu / cores
     return {
-        "samples": len(runs), "per_task_wall_s": round(per_ti_wall, 2), "per_task_cpu_s": round(per_ti_cpu, 2),
+        "samples": len(runs), "per_task_wall_s": round(per_ti_wall, 2),
+        "per_task_cpu_s": round(per_ti_cpu, 2),
         "import_s": round(sum(r["import_s"] for r in runs) / len(runs), 2),
         "ssh_connect_and_run_s": round(sum(r["ssh_s"] for r in runs) / len(runs), 3),
         "task_instances": tis, "estimated_wall_s_lower_bound": round(max(wall_by_slots, wall_by_cpu), 1),
         "estimated_cpu_s": round(tis * per_ti_cpu, 1),
-        "note": (f"{STEPS_PER_HOST} mapped SSHOperator TIs per host (one per step), parallelism {parallelism}, "
-                 f"{cores} cores; core.max_map_length (1024) caps one mapped task at 1024 hosts; LB drain on "
-                 "every LB, batches, capacity floor and stop-after-failed-batch need extra task groups per batch"),
+        "note": (f"{STEPS_PER_HOST} mapped SSHOperator TIs per host (one per step), parallelism "
+                 f"{parallelism}, {cores} cores; core.max_map_length (1024) caps one mapped task at 1024 "
+                 "hosts; LB drain on every LB, batches, capacity floor and stop-after-failed-batch need "
+                 "extra task groups per batch"),
     }
 
 
@@ -142,6 +168,8 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="leave the lab running")
     p.add_argument("--naive-samples", type=int, default=5)
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--as-is", action="store_true",
+                   help="keep the login shell's ~/.bashrc on every SSH command (see quiet_login_shell)")
     args = p.parse_args()
     lab_dir = args.lab_dir or Path(f"/tmp/engb-bench-{args.hosts}")
     started = False
@@ -153,6 +181,8 @@ def main() -> int:
         started = True
         print(f"  lab up in {time.perf_counter() - t0:.1f}s")
     config = LabConfig.load(lab_dir)
+    if not args.as_is and quiet_login_shell(lab_dir):
+        print("  lab sshd: SetEnv SHLVL=1 (bash no longer sources ~/.bashrc per command; --as-is to keep it)")
     for k, v in exports(config).items():
         os.environ[k] = v
     version = f"17.9.{int(time.time()) % 100000}-ee.0"

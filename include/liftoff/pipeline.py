@@ -189,6 +189,64 @@ def precheck(run: Run, env_name: str, version: str, *, override_reason: str | No
     return result
 
 
+def canary_env_of(run: Run, env_name: str) -> str | None:
+    """The canary environment whose ``canary_of`` is ``env_name`` (gprd -> gprd-cny)."""
+    return next((n for n, e in run.inventory.environments.items() if e.canary_of == env_name), None)
+
+
+def verified_on_canary(run: Run, version: str, override_reason: str | None = None,
+                       env_name: str = "gprd") -> str:
+    """Promote only the version canary verified, unless overridden with a recorded reason."""
+    version = str(parse_version(version))
+    canary = canary_env_of(run, env_name)
+    verified = run.store.current_version(canary) if canary else None
+    if verified != version:
+        if not override_reason:
+            raise PrecheckFailed(f"{version} is not the version verified on {canary} "
+                                 f"({verified or 'none recorded'}); give an override reason to promote it")
+        reason = validate_reason(override_reason, field_name="override_reason")
+        log.warning("promoting %s, not the canary-verified %s: overridden by %s: %s",
+                    version, verified, run.who, reason)
+    return version
+
+
+def production_checks(run: Run, version: str, *, override_reason: str | None = None,
+                      env_name: str = "gprd") -> dict:
+    """Before promotion: the environment's precheck, no canary deploy running, every canary
+    server in service on every LB, and canary running the version."""
+    failures: list[str] = []
+    try:
+        result = precheck(run, env_name, version)
+    except PrecheckFailed as exc:
+        failures.append(str(exc))
+        result = {"env": env_name, "version": version}
+    canary = canary_env_of(run, env_name)
+    if canary:
+        lock = run.store.get_lock(canary)
+        if lock is not None and lock.run_id != run.run_id:
+            failures.append(f"a canary deploy holds {canary}: {lock.who} (run {lock.run_id})")
+        names = set(canary_hosts(run, canary))
+        try:
+            down = {h: s for h, s in out_of_service(HAProxy.for_env(run.env(env_name)).snapshot()).items()
+                    if h in names}
+            if down:
+                failures.append("canary not in service: "
+                                + ", ".join(f"{h} ({s})" for h, s in sorted(down.items())))
+        except LiftoffError as exc:
+            failures.append(f"haproxy: {exc}")
+        versions = _run(_installed_versions(run, run.env(canary)))
+        off = sorted(h for h, v in versions.items() if v != version)
+        if off:
+            failures.append(f"canary hosts not on {version}: {', '.join(off)}")
+    result.update(failures=failures, overridden=False)
+    if failures:
+        if not override_reason:
+            raise PrecheckFailed("production checks failed: " + "; ".join(failures))
+        result.update(overridden=True, override_reason=validate_reason(override_reason))
+        log.warning("production checks failed, overridden by %s: %s", run.who, failures)
+    return result
+
+
 # -- environment lifecycle ----------------------------------------------------------------------
 
 def begin_env(run: Run, env_name: str, version: str, previous: str | None = None) -> dict:

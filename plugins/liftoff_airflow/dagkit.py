@@ -14,6 +14,7 @@ from airflow.sdk import Param, TriggerRule, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from liftoff.versions import _PATTERNS
+from liftoff_airflow.operators import QAGateOperator, QuietPeriodSensor
 
 VERSION_PATTERN = "^(?:" + "|".join(p.pattern.strip("^$") for p in _PATTERNS.values()) + ")$"
 REASON_PATTERN = r"^[A-Za-z0-9 .,:_/@+=%-]+$"
@@ -143,6 +144,101 @@ def finalize_run(pipeline: str, envs: list[str]) -> dict:
         raise AirflowFailException(f"{pipeline} failed at {', '.join(first)}; locks released: "
                                    f"{', '.join(released) or 'none held'}")
     return {"status": status, "released": released}
+
+
+@task
+def begin_env(pipeline: str, env: str, version: str, check: dict) -> dict:
+    """Lock the environment, stop chef, write the version role, install on the deploy node."""
+    from liftoff.pipeline import begin_env as begin
+
+    if params()["dry_run"]:
+        return {"dry_run": True, "env": env}
+    return begin(run_handle(pipeline), env, version, check.get("previous_version"))
+
+
+@task
+def migrate(pipeline: str, env: str, version: str, post: bool) -> dict:
+    from liftoff.pipeline import migrate as run_migrations
+
+    if params()["dry_run"]:
+        return {"dry_run": True, "env": env, "post": post}
+    return run_migrations(run_handle(pipeline), env, version, post=post)
+
+
+@task
+def deploy(pipeline: str, env: str, version: str, stage: str | None) -> dict:
+    """Roll a stage's roles (gitaly, fleet, or all) in drained batches; a dry run plans."""
+    from liftoff.pipeline import deploy_roles
+
+    return deploy_roles(run_handle(pipeline), env, version, stage=stage, dry_run=params()["dry_run"])
+
+
+@task
+def finish_env(pipeline: str, env: str, version: str) -> dict:
+    from liftoff.pipeline import finish_env as finish
+
+    if params()["dry_run"]:
+        return {"dry_run": True, "env": env}
+    return finish(run_handle(pipeline), env, version)
+
+
+def gate(env: str, version: str, qa: bool, expect_version: bool = True):
+    """QA (optional) then the quiet period; returns (first, last) of the chain."""
+    quiet = QuietPeriodSensor(task_id="quiet_period", env=env, window_s=quiet_window(),
+                              dry_run=dry_run_flag())
+    if not qa:
+        return quiet, quiet
+    qa_task = QAGateOperator(task_id="qa", env=env, version=version, expect_version=expect_version,
+                             dry_run=dry_run_flag())
+    qa_task >> quiet
+    return qa_task, quiet
+
+
+@task
+def rollback(pipeline: str, envs: list[str]) -> dict:
+    """Return the environment that failed to its last good version; canary traffic goes to
+    zero first when canary failed, canary is drained first for production."""
+    from liftoff.pipeline import canary_weight, failed_environment, mark_failed, rollback_env
+
+    run = run_handle(pipeline)
+    env = failed_environment(run, envs)
+    if env is None:
+        mark_failed(run, envs, "failed")
+        return {"rolled_back": None, "reason": "no environment was changed"}
+    if run.env(env).is_canary:
+        canary_weight(run, 0, canary_env=env, force=True)
+    elif any(run.env(e).canary_of == env for e in run.inventory.environments):
+        canary = next(e for e in run.inventory.environments if run.env(e).canary_of == env)
+        canary_weight(run, "drain", canary_env=canary, force=True)
+    target = run.store.current_version(env)
+    if target is None:
+        raise AirflowFailException(f"no previous version recorded for {env}: roll back by hand")
+    result = rollback_env(run, env, target)
+    mark_failed(run, [env], "rolled_back")
+    return result
+
+
+@task
+def halt(pipeline: str, envs: list[str]) -> dict:
+    """Stop here, leaving hosts as they are; failed hosts stay drained and recorded."""
+    from liftoff.pipeline import mark_failed
+
+    run = run_handle(pipeline)
+    return {"halted": mark_failed(run, envs, "halted"), "drained": [d.host for d in run.store.drained()]}
+
+
+@task(trigger_rule=TriggerRule.ALL_DONE)
+def finalize(pipeline: str, envs: list[str]) -> dict:
+    return finalize_run(pipeline, envs)
+
+
+def failure_handling(pipeline: str, envs: list[str], upstream: list) -> Any:
+    """on_failure -> rollback | halt -> finalize; returns finalize."""
+    decide = on_failure()
+    upstream >> decide
+    end = finalize(pipeline, envs)
+    decide >> [rollback(pipeline, envs), halt(pipeline, envs)] >> end
+    return end
 
 
 def schedule_from_env(name: str, default: str | None) -> str | None:

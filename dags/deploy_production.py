@@ -1,0 +1,134 @@
+"""deploy_production: promote the build verified on canary to the main fleet (stages 7-9).
+
+Started by a person or ChatOps with the canary's version, or by the canary's Asset event
+when auto-promotion is on (``LIFTOFF_AUTO_PROMOTE=true``; off by default). Production checks
+come first, then an optional approval (human in the loop). Stage 9's post-deployment
+migrations are the point of no return: after them a rollback needs a reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import Asset, Param, TaskGroup, TriggerRule, dag, get_current_context, task
+
+from liftoff_airflow import dagkit
+from liftoff_airflow.dagkit import begin_env, deploy, finish_env, gate, migrate, precheck, stage_done
+
+PIPELINE = "deploy_production"
+CANARY_VERIFIED = Asset("liftoff://canary-verified")
+VERSION = "{{ ti.xcom_pull(task_ids='resolve_version') }}"
+ENVS = ["gprd"]
+AUTO_PROMOTE = os.environ.get("LIFTOFF_AUTO_PROMOTE", "").lower() in ("1", "true", "yes")
+
+
+@task
+def resolve_version() -> str:
+    """The version to promote: the param, or the canary's Asset event; it must be the version
+    verified on canary unless overridden with a reason."""
+    from liftoff.pipeline import verified_on_canary
+
+    ctx = get_current_context()
+    requested = ctx["params"].get("version")
+    if not requested:
+        events = ctx.get("triggering_asset_events") or {}
+        for asset_events in events.values():
+            for event in asset_events:
+                requested = (event.extra or {}).get("version") or requested
+    if not requested:
+        raise ValueError("no version: give one, or trigger from a verified canary")
+    return verified_on_canary(dagkit.run_handle(PIPELINE), requested, ctx["params"].get("override_reason"))
+
+
+@task
+def production_checks(version: str) -> dict:
+    """No critical alerts, no lock held by another run, canary up in HAProxy and on the version."""
+    from liftoff.pipeline import production_checks as checks
+
+    return checks(dagkit.run_handle(PIPELINE), version,
+                  override_reason=dagkit.params().get("allow_precheck_failure"))
+
+
+@task.branch
+def needs_approval() -> str:
+    return "approval" if dagkit.params().get("approval") else "no_approval_needed"
+
+
+@task
+def canary_weight_up() -> dict:
+    """Divert some production traffic to canary before production changes."""
+    from liftoff.pipeline import canary_weight
+
+    p = dagkit.params()
+    if p["dry_run"]:
+        return {"dry_run": True, "weight": p["canary_weight"]}
+    return canary_weight(dagkit.run_handle(PIPELINE), int(p["canary_weight"]))
+
+
+@dag(
+    dag_id=PIPELINE,
+    description="Promote the canary-verified build to the production main fleet (stages 7-9)",
+    schedule=[CANARY_VERIFIED] if AUTO_PROMOTE else None,
+    catchup=False,
+    max_active_runs=1,
+    default_args=dagkit.DEFAULT_ARGS,
+    tags=["liftoff", "deploy", "production"],
+    params={
+        "version": dagkit.version_param(required=False),
+        "override_reason": dagkit.reason_param(
+            "Override: version not verified on canary (reason)",
+            "Promote a version other than the one canary verified; the reason is recorded."),
+        "approval": Param(False, type="boolean", title="Ask for approval",
+                          description="Wait for a release manager to approve in the Airflow UI."),
+        "canary_weight": Param(5, type="integer", minimum=0, maximum=100, title="Canary weight",
+                               description="Weight of canary servers in production backends during "
+                                           "the promotion (main servers have 100)."),
+        **dagkit.COMMON_PARAMS,
+    },
+    doc_md=__doc__,
+)
+def deploy_production():
+    version = resolve_version()
+    checks = production_checks(version)
+    branch = needs_approval()
+    approval = ApprovalOperator(
+        task_id="approval",
+        subject=f"Promote {VERSION} to production?",
+        body="Canary verified {{ ti.xcom_pull(task_ids='resolve_version') }}. Approve to deploy "
+             "production gitaly, the fleet and post-deployment migrations.",
+        defaults="Reject",
+        fail_on_reject=True,
+    )
+    skip = EmptyOperator(task_id="no_approval_needed")
+    approved = EmptyOperator(task_id="approved", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    version >> checks >> branch >> [approval, skip] >> approved
+
+    with TaskGroup("stage_7_production_gitaly") as s7:
+        check = precheck(PIPELINE, "gprd", version)
+        begin = begin_env(PIPELINE, "gprd", version, check)
+        first, quiet = gate("gprd", VERSION, qa=True, expect_version=False)
+        canary_weight_up() >> check
+        begin >> deploy(PIPELINE, "gprd", version, "gitaly") >> first
+        quiet >> stage_done(PIPELINE, "gprd", "stage_7", check)
+
+    with TaskGroup("stage_8_production_fleet") as s8:
+        check = precheck(PIPELINE, "gprd", version)
+        first, quiet = gate("gprd", VERSION, qa=True)
+        check >> deploy(PIPELINE, "gprd", version, "fleet") >> first
+        quiet >> stage_done(PIPELINE, "gprd", "stage_8", check)
+
+    with TaskGroup("stage_9_post_deployment_migrations") as s9:
+        check = precheck(PIPELINE, "gprd", version)
+        work = migrate.override(task_id="post_migrations")(PIPELINE, "gprd", version, True)
+        _, quiet = gate("gprd", VERSION, qa=False)
+        check >> work >> quiet >> finish_env(PIPELINE, "gprd", version)
+        quiet >> stage_done(PIPELINE, "gprd", "stage_9", check)
+
+    approved >> s7 >> s8 >> s9
+    end = dagkit.failure_handling(PIPELINE, ENVS, [version, checks, approval, s7, s8, s9])
+    s9 >> end
+
+
+deploy_production()
