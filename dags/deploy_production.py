@@ -9,6 +9,7 @@ migrations are the point of no return: after them a rollback needs a reason.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.hitl import ApprovalOperator
@@ -100,6 +101,8 @@ def deploy_production():
              "production gitaly, the fleet and post-deployment migrations.",
         defaults="Reject",
         fail_on_reject=True,
+        execution_timeout=None,
+        response_timeout=timedelta(hours=8),
     )
     skip = EmptyOperator(task_id="no_approval_needed")
     approved = EmptyOperator(task_id="approved", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)

@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -114,6 +114,7 @@ class RoleReport:
     status: str = "pending"  # pending, running, success, failed, stopped
     batches: list[list[str]] = field(default_factory=list)
     batch_durations: list[float] = field(default_factory=list)
+    batch_phases: list[dict[str, float]] = field(default_factory=list)  # seconds per phase of each batch
     error: str = ""
 
 
@@ -434,18 +435,27 @@ class _Rollout:
                     return
                 if prefetch is None:
                     prefetch = asyncio.create_task(self._inspect_all(batch))
+                waited = time.monotonic()
                 inspections = await prefetch
+                phase = {"inspect_wait": time.monotonic() - waited}
                 prefetch = None
-                if self.options.prefetch and i + 1 < len(batches):
-                    prefetch = asyncio.create_task(self._inspect_all(batches[i + 1]))
+                upcoming = batches[i + 1] if self.options.prefetch and i + 1 < len(batches) else None
+
+                def start_prefetch(hosts: list[HostRef] | None = upcoming) -> None:
+                    # called once this batch's hosts are installing (the quiet part of the batch)
+                    nonlocal prefetch
+                    if hosts is not None and prefetch is None:
+                        prefetch = asyncio.create_task(self._inspect_all(hosts))
+
                 started = time.monotonic()
                 rr.batches.append([h.name for h in batch])
                 try:
-                    ok = await self._batch(role, i + 1, batch, inspections)
+                    ok = await self._batch(role, i + 1, batch, inspections, phase, start_prefetch)
                 except LiftoffError as exc:
                     rr.error = str(exc)
                     ok = False
                 rr.batch_durations.append(round(time.monotonic() - started, 3))
+                rr.batch_phases.append({k: round(v, 3) for k, v in phase.items()})
                 if not ok:
                     rr.status = "failed"
                     if not rr.error:
@@ -483,10 +493,19 @@ class _Rollout:
         return insp
 
     # -- one batch -----------------------------------------------------------------------------
-    async def _batch(self, role: Role, index: int, hosts: list[HostRef],
-                     insp: dict[str, _Inspection]) -> bool:
+    async def _batch(self, role: Role, index: int, hosts: list[HostRef], insp: dict[str, _Inspection],
+                     phase: dict[str, float], installing_started: Callable[[], None] = lambda: None) -> bool:
         reports = self.report.hosts
+        mark = time.monotonic()
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phase[name] = phase.get(name, 0.0) + now - mark
+            mark = now
+
         out, why = await self._out_of_service()
+        lap("lb_check")
         work: list[HostRef] = []
         statuses: list[tuple[str, str, str]] = []
         failed_early = False
@@ -512,7 +531,9 @@ class _Rollout:
         check_capacity(self.env, role, [work], out & role_names)
         # at the target already but out of service (a repair): read its PIDs now
         await asyncio.gather(*(self._with_pids(h, insp[h.name]) for h in work if insp[h.name].pids is None))
+        lap("repair_pids")
         if not work:
+            installing_started()
             await self._set_statuses(statuses)
             await self._close([h for h in hosts])
             return not failed_early
@@ -526,6 +547,7 @@ class _Rollout:
 
         if self.store is not None:
             await asyncio.to_thread(write_ahead)
+        lap("write_ahead")
         t0 = time.monotonic()
         lb_work = [h.name for h in work if h.name in self.lb_names]
         for h in work:
@@ -548,13 +570,17 @@ class _Rollout:
 
         waiting = (self.haproxy.await_sessions_zero(lb_work, self.options.drain_timeout) if lb_work
                    else _nothing())
+        lap("drain")
         left, chef_results = await asyncio.gather(waiting, asyncio.gather(*(stop_chef(h) for h in work)))
+        lap("sessions_and_chef")
         for name, n in (left or {}).items():
             reports[name].notes.append(f"{n} session(s) still open after {self.options.drain_timeout:.0f}s")
+        installing_started()
         installing = self._set_statuses([(h.name, "installing", f"batch {index}") for h in work])
         flows = asyncio.gather(*(self._host(role, h, insp[h.name], c)
                                  for h, c in zip(work, chef_results, strict=True)))
         _, errors = await asyncio.gather(installing, flows)
+        lap("hosts")
         good = [h for h, e in zip(work, errors, strict=True) if e is None]
         for h, e in zip(work, errors, strict=True):
             if e is not None:
@@ -567,7 +593,9 @@ class _Rollout:
                 reports[name].step = "ready"
             try:
                 await self.haproxy.aready(good_lb)
+                lap("ready")
                 not_up = await self.haproxy.await_up(good_lb, self.options.up_timeout)
+                lap("up")
             except HAProxyError as exc:
                 not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
             if not_up:
@@ -596,6 +624,7 @@ class _Rollout:
 
         if self.store is not None:
             await asyncio.to_thread(finish)
+        lap("finish")
         await self._close(hosts)
         return not failed_early and len(good) == len(work)
 
@@ -629,13 +658,13 @@ class _Rollout:
         r = await self.remote.run(h, gitlab_ctl_command("reconfigure"), timeout)
         if not r.ok:
             return f"reconfigure failed: {r.describe()}"
-        for action, services in (("hup", role.hup), ("restart", role.restart)):
-            for svc in services:
-                hr.step = "restart"
-                r = await self.remote.run(h, gitlab_ctl_command(action, svc), timeout)
-                if not r.ok:
-                    return f"{action} {svc} failed: {r.describe()}"
         hr.step = "restart"
+        actions = [("hup", s) for s in role.hup] + [("restart", s) for s in role.restart]
+        results = await asyncio.gather(*(self.remote.run(h, gitlab_ctl_command(a, s), timeout)
+                                         for a, s in actions))
+        for (action, svc), r in zip(actions, results, strict=True):
+            if not r.ok:
+                return f"{action} {svc} failed: {r.describe()}"
         r = await self.remote.run(h, gitlab_ctl_command("status"), timeout)
         if not r.ok:
             return f"gitlab-ctl status failed: {r.describe()}"

@@ -27,11 +27,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from liftoff.alerts import AlertClient, QuietPeriod, check_async, run_quiet_period, run_quiet_period_async
 from liftoff.errors import LockHeld
 from liftoff.metrics import PipelineMetrics
 from liftoff.store import Store
-from prometheus_client.parser import text_string_to_metric_families
 
 NET = "127.56.0"
 BINARIES = {

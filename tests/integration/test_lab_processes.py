@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from liftoff.inventory import load_inventory
 
 from lab import configs, processes
 from lab.cli import parse_show_stat
 from lab.config import LabConfig
 from lab.topology import CANARY_WEIGHT, MAIN_WEIGHT, Topology, host_counts
+from liftoff.inventory import load_inventory
 
 GPRD_LBS = ("fe-01-lb-gprd", "fe-02-lb-gprd")
 

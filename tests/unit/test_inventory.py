@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import yaml
+
 from liftoff.errors import InventoryError
 from liftoff.inventory import DEFAULT_CONNECTIONS, LoadBalancerRef, Role, load_inventory, parse_inventory
 

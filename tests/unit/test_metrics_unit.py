@@ -7,8 +7,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from liftoff.metrics import PipelineMetrics, delete_group, group_path
 from prometheus_client.parser import text_string_to_metric_families
+
+from liftoff.metrics import PipelineMetrics, delete_group, group_path
 
 
 class FakeGateway:

@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 import pytest
+
 from liftoff.errors import InvalidInput, InvalidVersion, QAError
 from liftoff.qa import QAClient, qa_variables
 

@@ -3,6 +3,8 @@ import json
 import logging
 
 import pytest
+from sqlalchemy.engine import make_url
+
 from liftoff.errors import ConfigError, ConnectionNotFound
 from liftoff.inventory import QAConfig, parse_inventory
 from liftoff.settings import (
@@ -15,7 +17,6 @@ from liftoff.settings import (
     resolve_connection,
     state_url,
 )
-from sqlalchemy.engine import make_url
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@ import multiprocessing
 import threading
 
 import pytest
+
 from liftoff.errors import InvalidInput, LockHeld, StoreError
 from liftoff.store import Store
 

@@ -1,6 +1,7 @@
 import shlex
 
 import pytest
+
 from liftoff.errors import InvalidInput, InvalidVersion
 from liftoff.versions import (
     apt_install_command,

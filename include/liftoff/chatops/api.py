@@ -1,0 +1,273 @@
+"""A small client of Airflow's REST API v2 for the ChatOps CLI.
+
+Authentication: a JWT from ``POST /auth/token`` (user and password), or a token given as is.
+The token and the password never appear in a message this module builds: every error text is
+passed through :meth:`AirflowClient.redact` first.
+
+Errors carry the CLI's exit code: 2 bad input (also an API 400/422), 3 Airflow unreachable,
+4 authentication refused (401/403), 5 any other API error (404, 409, 5xx).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+PAGE_LIMIT = 100
+TERMINAL_STATES = ("success", "failed")
+
+
+class ChatOpsError(Exception):
+    """Anything the CLI reports and exits on; ``exit_code`` says how."""
+
+    exit_code = 1
+
+
+class BadInput(ChatOpsError):
+    exit_code = 2
+
+
+class ApiUnreachable(ChatOpsError):
+    exit_code = 3
+
+
+class AuthFailed(ChatOpsError):
+    exit_code = 4
+
+
+class ApiError(ChatOpsError):
+    """The API answered an error status; ``status`` and ``detail`` say which."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, status: int, detail: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+class ApiBadRequest(ApiError):
+    """HTTP 400/422: Airflow refused what we sent (e.g. a conf its Params reject)."""
+
+    exit_code = 2
+
+
+class NotFound(ApiError):
+    pass
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where Airflow is and how to log in; from LIFTOFF_API_URL, LIFTOFF_API_USER,
+    LIFTOFF_API_PASSWORD or LIFTOFF_API_TOKEN."""
+
+    url: str
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:  # never show the secrets
+        return f"Credentials(url={self.url!r}, user={self.user!r})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, url: str | None = None) -> Credentials:
+        env = os.environ if env is None else env
+        base = normalize_url(url or env.get("LIFTOFF_API_URL") or DEFAULT_URL)
+        token = env.get("LIFTOFF_API_TOKEN") or None
+        user = env.get("LIFTOFF_API_USER") or None
+        password = env.get("LIFTOFF_API_PASSWORD") or None
+        if token is None and not (user and password):
+            raise BadInput("no credentials: set LIFTOFF_API_USER and LIFTOFF_API_PASSWORD, "
+                           "or LIFTOFF_API_TOKEN")
+        return cls(url=base, user=user, password=password, token=token)
+
+
+def normalize_url(url: str) -> str:
+    parsed = urllib.parse.urlsplit(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query or parsed.fragment:
+        raise BadInput(f"LIFTOFF_API_URL must be an http(s) URL like {DEFAULT_URL}, got {url!r}")
+    if parsed.username or parsed.password:
+        raise BadInput("LIFTOFF_API_URL must not carry credentials: use LIFTOFF_API_USER/PASSWORD")
+    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
+
+
+def q(segment: str) -> str:
+    """One URL path segment (run ids carry ':' and '+')."""
+    return urllib.parse.quote(segment, safe="")
+
+
+def error_detail(resp: requests.Response) -> str:
+    """The ``detail`` of a FastAPI error answer, as one line."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text.strip()[:500]
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):  # pydantic validation errors
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(x) for x in item.get("loc", []) if x != "body")
+                parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    if isinstance(detail, dict):
+        return json.dumps(detail, sort_keys=True)
+    return str(detail)
+
+
+def decode_xcom(value: Any) -> Any:
+    """An XCom value as the API returns it (JSON text or already decoded) as Python data."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+class AirflowClient:
+    """The calls the CLI makes, each mapped onto ``/api/v2``."""
+
+    def __init__(self, credentials: Credentials, timeout: float = 30.0,
+                 session: requests.Session | None = None):
+        self.credentials = credentials
+        self.base_url = credentials.url
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self._token = credentials.token
+
+    def __repr__(self) -> str:
+        return f"AirflowClient({self.base_url!r})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def redact(self, text: str) -> str:
+        for secret in (self._token, self.credentials.token, self.credentials.password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise ApiUnreachable(f"cannot reach Airflow at {self.base_url} ({type(exc).__name__})") from None
+
+    def login(self) -> str:
+        """A token: the given one, or a fresh one from ``POST /auth/token``."""
+        if self._token:
+            return self._token
+        creds = self.credentials
+        resp = self._send("POST", f"{self.base_url}/auth/token",
+                          json={"username": creds.user, "password": creds.password})
+        if resp.status_code in (400, 401, 403):
+            raise AuthFailed(f"Airflow at {self.base_url} refused the credentials of user {creds.user!r} "
+                             f"(HTTP {resp.status_code})")
+        if resp.status_code == 404:
+            raise AuthFailed(f"{self.base_url}/auth/token does not exist: is this an Airflow 3 API server "
+                             f"with password login? (or set LIFTOFF_API_TOKEN)")
+        if resp.status_code not in (200, 201):
+            raise ApiError(self.redact(f"POST /auth/token: HTTP {resp.status_code}: {error_detail(resp)}"),
+                           resp.status_code)
+        try:
+            token = resp.json()["access_token"]
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(f"POST /auth/token at {self.base_url} answered no access_token", resp.status_code)
+        self._token = token
+        return token
+
+    def request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None,
+                ok: tuple[int, ...] = (200, 201)) -> Any:
+        """Call ``/api/v2{path}``; returns the decoded JSON, raises a ChatOpsError otherwise."""
+        url = f"{self.base_url}/api/v2{path}"
+        for attempt in (1, 2):
+            headers = {"Authorization": f"Bearer {self.login()}", "Accept": "application/json"}
+            resp = self._send(method, url, json=body, params=params, headers=headers)
+            if resp.status_code == 401 and attempt == 1 and self.credentials.password:
+                self._token = None  # expired: log in again once
+                continue
+            break
+        if resp.status_code in ok:
+            if not resp.content:
+                return None
+            try:
+                return resp.json()
+            except ValueError:
+                raise ApiError(f"{method} {path}: not JSON", resp.status_code) from None
+        detail = self.redact(error_detail(resp))
+        message = self.redact(f"{method} {urllib.parse.unquote(path)}: HTTP {resp.status_code}: {detail}")
+        if resp.status_code == 401:
+            raise AuthFailed(f"Airflow at {self.base_url} refused the token (HTTP 401): {detail}")
+        if resp.status_code == 403:
+            raise AuthFailed(f"not allowed: {message}")
+        if resp.status_code in (400, 422):
+            raise ApiBadRequest(f"Airflow refused the request: {detail}", resp.status_code, detail)
+        if resp.status_code == 404:
+            raise NotFound(message, resp.status_code, detail)
+        raise ApiError(message, resp.status_code, detail)
+
+    # -- DAGs and runs -------------------------------------------------------------------------
+    def dag(self, dag_id: str) -> dict | None:
+        """The DAG, or None when Airflow has no such DAG."""
+        try:
+            return self.request("GET", f"/dags/{q(dag_id)}")
+        except NotFound:
+            return None
+
+    def trigger(self, dag_id: str, conf: dict, note: str | None = None) -> dict:
+        body: dict[str, Any] = {"conf": conf, "logical_date": None}
+        if note:
+            body["note"] = note
+        try:
+            return self.request("POST", f"/dags/{q(dag_id)}/dagRuns", body=body)
+        except NotFound as exc:
+            raise NotFound(f"Airflow at {self.base_url} has no DAG {dag_id!r} (not deployed, or not parsed "
+                           f"yet): {exc.detail}", exc.status, exc.detail) from None
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict:
+        try:
+            return self.request("GET", f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}")
+        except NotFound as exc:
+            raise NotFound(f"no run {run_id!r} of DAG {dag_id!r}", exc.status, exc.detail) from None
+
+    def dag_runs(self, dag_id: str, limit: int = 5) -> list[dict]:
+        page = self.request("GET", f"/dags/{q(dag_id)}/dagRuns",
+                            params={"limit": limit, "order_by": "-run_after"})
+        return list(page.get("dag_runs", []))
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        out: list[dict] = []
+        while True:
+            page = self.request("GET", f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}/taskInstances",
+                                params={"limit": PAGE_LIMIT, "offset": len(out)})
+            items = page.get("task_instances", [])
+            out.extend(items)
+            if not items or len(out) >= int(page.get("total_entries", 0)):
+                return out
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """A task's XCom value, decoded; raises NotFound when there is none."""
+        entry = self.request(
+            "GET", f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}/taskInstances/{q(task_id)}/xcomEntries/{q(key)}")
+        return decode_xcom(entry.get("value"))
+
+    def clear_task_instances(self, dag_id: str, run_id: str, task_ids: list[str], *, dry_run: bool,
+                             only_failed: bool = True, include_downstream: bool = True) -> list[dict]:
+        """POST clearTaskInstances for one run (Airflow's default is a dry run: say it each time)."""
+        body = {"dry_run": dry_run, "dag_run_id": run_id, "task_ids": list(task_ids),
+                "only_failed": only_failed, "include_downstream": include_downstream,
+                "include_upstream": False, "include_future": False, "include_past": False,
+                "reset_dag_runs": True}
+        answer = self.request("POST", f"/dags/{q(dag_id)}/clearTaskInstances", body=body)
+        return list((answer or {}).get("task_instances", []))
+
+    def ui_url(self, dag_id: str, run_id: str) -> str:
+        return f"{self.base_url}/dags/{q(dag_id)}/runs/{q(run_id)}"

@@ -1,0 +1,409 @@
+"""A real Airflow for end-to-end tests: api-server, scheduler, dag-processor and triggerer as
+separate processes, LocalExecutor, a fresh PostgreSQL database, auth on.
+
+    with airflow_stack(tmp_path, lab.env) as stack:
+        stack.wait_until_dag_parsed("deploy_canary")
+        run = stack.trigger("deploy_canary", {"version": "17.6.0-ee.0"})
+        stack.wait_run("deploy_canary", run["dag_run_id"], timeout=600)
+
+Everything binds to 127.0.0.1; the log servers are off. Every process carries a marker in its
+environment, so :func:`stack_processes` finds them all (task subprocesses included) and the
+exit stops every one of them (SIGTERM, then SIGKILL). The database is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+PG_DSN = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+USER = "admin"
+MARKER = "LIFTOFF_AIRFLOW_STACK"
+TERMINAL = {"success", "failed"}
+PROCESSES = {
+    "api-server": ["api-server", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"],
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+}
+
+
+class StackError(RuntimeError):
+    """The stack could not start, or an API call answered an error."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    out = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            out[key.decode(errors="replace")] = value.decode(errors="replace")
+    return out
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, session id) of a process, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[3])
+
+
+def stack_processes(stack_id: str, sessions: tuple[int, ...] | list[int] = ()) -> list[int]:
+    """Live pids (not zombies) of a stack: in one of its sessions (every process we start leads
+    its own), or with the stack's marker in their environment (setproctitle hides it from
+    some, hence both)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        stat = _stat(pid)
+        if stat is None or stat[0] == "Z":
+            continue
+        if stat[1] in sessions or _environ(pid).get(MARKER) == stack_id:
+            pids.append(pid)
+    return sorted(pids)
+
+
+def _signal_all(pids: list[int], pgids: list[int], sig: int) -> None:
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def stop_all(stack_id: str, procs: list[subprocess.Popen], timeout: float = 20.0) -> list[int]:
+    """SIGTERM every process group we started and every process of the stack, then SIGKILL what
+    is left after ``timeout``; returns the pids that survived even that."""
+    sessions = [p.pid for p in procs]
+    _signal_all(stack_processes(stack_id, sessions), [p.pid for p in procs if p.poll() is None],
+                signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            p.poll()
+        if not stack_processes(stack_id, sessions) and all(p.returncode is not None for p in procs):
+            return []
+        time.sleep(0.2)
+    _signal_all(stack_processes(stack_id, sessions), sessions, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while stack_processes(stack_id, sessions) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return stack_processes(stack_id, sessions)
+
+
+# -- database ------------------------------------------------------------------------------------
+
+def _pg_admin(sql: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(dbname="postgres", **PG_DSN)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def create_database(name: str) -> str:
+    _pg_admin(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg2://{PG_DSN['user']}@{PG_DSN['host']}:{PG_DSN['port']}/{name}"
+
+
+def drop_database(name: str) -> None:
+    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- the stack -----------------------------------------------------------------------------------
+
+@dataclass
+class Stack:
+    """A running Airflow: its URL, credentials, logs and a small REST client."""
+
+    base_url: str
+    home: Path
+    logs: Path
+    password: str
+    stack_id: str
+    database: str
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    user: str = USER
+    _token: str | None = None
+
+    # -- REST ----------------------------------------------------------------------------------
+    def token(self) -> str:
+        if self._token is None:
+            resp = requests.post(f"{self.base_url}/auth/token",
+                                 json={"username": self.user, "password": self.password}, timeout=30)
+            if resp.status_code != 201:
+                raise StackError(f"POST /auth/token: HTTP {resp.status_code}", resp.status_code)
+            self._token = resp.json()["access_token"]
+        return self._token
+
+    def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
+                ok: tuple[int, ...] = (200, 201)) -> requests.Response:
+        """One call to ``/api/v2{path}``; a status outside ``ok`` raises StackError with the detail."""
+        resp = requests.request(method, f"{self.base_url}/api/v2{path}", json=body, params=params,
+                                headers={"Authorization": f"Bearer {self.token()}"}, timeout=60)
+        if resp.status_code not in ok:
+            try:
+                detail = resp.json()
+            except ValueError:
+                detail = resp.text
+            raise StackError(f"{method} {path}: HTTP {resp.status_code}: {detail}", resp.status_code, detail)
+        return resp
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params or None).json()
+
+    def wait_until_dag_parsed(self, dag_id: str, timeout: float = 180) -> dict:
+        """Wait for the dag-processor to have serialized the DAG; fail early on an import error."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            resp = self.request("GET", f"/dags/{dag_id}", ok=(200, 404))
+            if resp.status_code == 200:
+                dag = resp.json()
+                if dag.get("has_import_errors"):
+                    raise StackError(f"{dag_id} has import errors: {self.import_errors()}")
+                details = self.request("GET", f"/dags/{dag_id}/details", ok=(200, 404))
+                if details.status_code == 200:
+                    return dag
+            errors = self.import_errors()
+            if any(dag_id in e.get("filename", "") or dag_id in e.get("stack_trace", "") for e in errors):
+                raise StackError(f"{dag_id} does not import: {errors}")
+            time.sleep(1)
+        raise StackError(f"{dag_id} was not parsed within {timeout:.0f}s; import errors: "
+                         f"{self.import_errors()}; see {self.logs}")
+
+    def import_errors(self) -> list[dict]:
+        return self.get("/importErrors", limit=100).get("import_errors", [])
+
+    def trigger(self, dag_id: str, conf: dict, run_id: str | None = None) -> dict:
+        """Trigger a run through the REST API; returns the DAG run (``dag_run_id``, ``state``...)."""
+        body: dict[str, Any] = {"conf": conf, "logical_date": None}
+        if run_id:
+            body["dag_run_id"] = run_id
+        return self.request("POST", f"/dags/{dag_id}/dagRuns", body).json()
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict:
+        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+
+    def dag_runs(self, dag_id: str) -> list[dict]:
+        return self.get(f"/dags/{dag_id}/dagRuns", limit=100).get("dag_runs", [])
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        out: list[dict] = []
+        while True:
+            page = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100, offset=len(out))
+            out.extend(page.get("task_instances", []))
+            if len(out) >= page.get("total_entries", 0) or not page.get("task_instances"):
+                return out
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        return {ti["task_id"]: ti.get("state") for ti in self.task_instances(dag_id, run_id)}
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 600, interval: float = 1.0,
+                 on_poll: Callable[[dict, dict[str, str | None]], None] | None = None,
+                 until: tuple[str, ...] = tuple(TERMINAL)) -> str:
+        """Poll until the run's state is in ``until``; ``on_poll(run, task_states)`` sees every poll."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            self.check_alive()
+            run = self.dag_run(dag_id, run_id)
+            state = run.get("state")
+            if on_poll is not None:
+                on_poll(run, self.task_states(dag_id, run_id))
+            if state in until:
+                return state
+            time.sleep(interval)
+        raise StackError(f"run {run_id} of {dag_id} still {state} after {timeout:.0f}s; task states: "
+                         f"{self.task_states(dag_id, run_id)}; logs in {self.logs}")
+
+    # -- processes -----------------------------------------------------------------------------
+    @property
+    def sessions(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def processes(self) -> list[int]:
+        """Every live process of this stack (the four servers, executor workers, task runners)."""
+        return stack_processes(self.stack_id, self.sessions)
+
+    def check_alive(self) -> None:
+        dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
+        if dead:
+            raise StackError(f"airflow processes exited: {dead}; see {self.logs}")
+
+    def log_text(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def all_logs_text(self) -> str:
+        """Every process log and every task log under AIRFLOW_HOME/logs."""
+        parts = [p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log"))]
+        parts += [p.read_text(errors="replace") for p in sorted((self.home / "logs").rglob("*")) if p.is_file()]
+        return "\n".join(parts)
+
+    def cli_env(self, **extra: str) -> dict[str, str]:
+        """Environment for the ``liftoff`` CLI pointed at this stack (password, not a token)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LIFTOFF_API_")}
+        env.update(LIFTOFF_API_URL=self.base_url, LIFTOFF_API_USER=self.user,
+                   LIFTOFF_API_PASSWORD=self.password, PYTHONPATH=_pythonpath())
+        env.update(extra)
+        return env
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(str(REPO_ROOT / p) for p in ("include", "plugins", "."))
+
+
+def airflow_env(home: Path, db_url: str, port: int, password_file: Path, stack_id: str,
+                extra: dict[str, str]) -> dict[str, str]:
+    """The environment every process of the stack gets: the caller's lab exports on top of a
+    clean copy of ours (no stray AIRFLOW_*/LIFTOFF_* from the shell)."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AIRFLOW", "LIFTOFF_", "_AIRFLOW")) and k != "PYTHONPATH"}
+    cfg = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "16",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__AUTH_MANAGER":
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
+        "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "1",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
+        # No asyncpg here: an empty async URL turns Airflow's (unused) async engine off.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": "",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+        "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "2",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "PYTHONPATH": _pythonpath(),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        MARKER: stack_id,
+    }
+    return {**base, **cfg, **extra}
+
+
+@contextlib.contextmanager
+def airflow_stack(tmp_dir: Path, env: dict[str, str], start_timeout: float = 180) -> Iterator[Stack]:
+    """Start a real Airflow in ``tmp_dir`` (its own AIRFLOW_HOME and database), stop it after."""
+    tmp_dir = Path(tmp_dir)
+    stack_id = secrets.token_hex(6)
+    home = tmp_dir / "airflow"
+    logs = tmp_dir / "airflow-logs"
+    home.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(18)
+    password_file = home / "passwords.json"
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({USER: password}) + "\n")
+    port = free_port()
+    database = f"liftoff_af_{stack_id}"
+    db_url = create_database(database)
+    proc_env = airflow_env(home, db_url, port, password_file, stack_id, dict(env))
+    stack = Stack(base_url=f"http://127.0.0.1:{port}", home=home, logs=logs, password=password,
+                  stack_id=stack_id, database=database, env=proc_env)
+    procs: list[subprocess.Popen] = []
+    try:
+        with open(logs / "db-migrate.log", "w") as out:
+            migrate = subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=proc_env, stdout=out,
+                                     stderr=subprocess.STDOUT, cwd=REPO_ROOT, timeout=300)
+        if migrate.returncode != 0:
+            raise StackError(f"airflow db migrate failed: {(logs / 'db-migrate.log').read_text()[-3000:]}")
+        for name, args in PROCESSES.items():
+            argv = [str(VENV_BIN / "airflow"), *(a.format(port=port) for a in args)]
+            out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+            proc = subprocess.Popen(argv, env=proc_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            out.close()
+            procs.append(proc)
+            stack.procs[name] = proc
+        _wait_api(stack, start_timeout)
+        yield stack
+    finally:
+        survivors = stop_all(stack_id, procs)
+        with contextlib.suppress(Exception):
+            drop_database(database)
+        if survivors:
+            raise StackError(f"airflow processes survived SIGKILL: {survivors}")
+
+
+def _wait_api(stack: Stack, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        try:
+            resp = requests.get(f"{stack.base_url}/api/v2/monitor/health", timeout=5)
+            if resp.status_code == 200:
+                stack.token()
+                return
+            last = resp.status_code
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(0.5)
+    raise StackError(f"api-server did not answer within {timeout:.0f}s (last: {last}); "
+                     f"see {stack.logs / 'api-server.log'}")

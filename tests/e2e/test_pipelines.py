@@ -1,0 +1,176 @@
+"""deploy_canary and deploy_production end to end on the lab, through dag.test().
+
+The tests run in file order on one lab: a good build goes to canary and is promoted, then
+bad builds are stopped by QA or the alert gate and halted or rolled back, and a critical
+alert keeps a deploy from starting.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.labkit import Lab
+
+pytestmark = [pytest.mark.airflow, pytest.mark.lab]
+
+GOOD = "17.7.0+rnightly.1001.aaaaaaa-0"
+QA_BAD_HALT = "17.7.0+rnightly.1002.bbbbbbb-0"
+QA_BAD_ROLLBACK = "17.7.0+rnightly.1003.ccccccc-0"
+ERRORS = "17.7.0+rnightly.1004.ddddddd-0"
+SLOW = "17.7.0+rnightly.1005.eeeeeee-0"
+BLOCKED = "17.7.0+rnightly.1006.fffffff-0"
+BASE = "17.5.0-ee.0"
+
+
+def run(dag, **conf) -> tuple[str, dict[str, str]]:
+    conf.setdefault("quiet_period_seconds", 5)
+    dr = dag.test(run_conf=conf)
+    return dr.state, {ti.task_id: ti.state for ti in dr.get_task_instances()}
+
+
+def versions(lab: Lab, env: str, role: str | None = None) -> dict[str, tuple[str, str]]:
+    hosts = lab.status()["environments"][env]["hosts"]
+    return {h["name"]: (h["installed"], h["running"]) for h in hosts if role is None or h["role"] == role}
+
+
+def migrations(lab: Lab, env: str) -> list[str]:
+    return lab.status()["environments"][env]["migrations"]
+
+
+def canary_main_weights(lab: Lab) -> set[int]:
+    weights = set()
+    for lb in ("fe-01-lb-gprd", "fe-02-lb-gprd"):
+        for line in lab.haproxy(lb, "show stat").splitlines():
+            f = line.split(",")
+            if len(f) > 18 and "-cny-" in f[1] and not f[0].startswith("canary"):
+                weights.add(int(f[18]))
+    return weights
+
+
+def installs_of(lab: Lab, version: str) -> list[str]:
+    log = lab.config.path("state", "audit.log")
+    audit = log.read_text() if log.exists() else ""
+    return [line for line in audit.splitlines() if f"gitlab-ee={version}" in line]
+
+
+def fleet_hosts(lab: Lab, env: str) -> dict[str, tuple[str, str]]:
+    return {h: v for h, v in versions(lab, env).items() if not h.startswith("deploy")}
+
+
+def test_invalid_version_is_refused_before_the_run(pipelines, e2e_lab: Lab):
+    with pytest.raises(Exception, match="(?i)version|pattern|valid"):
+        pipelines["deploy_canary"].test(run_conf={"version": "17.7.0; rm -rf /"})
+    assert not installs_of(e2e_lab, "17.7.0; rm -rf /")
+
+
+def test_canary_deploys_a_good_build_through_six_stages(pipelines, e2e_lab: Lab):
+    e2e_lab.build_add(GOOD, nightly=True)
+    state, tasks = run(pipelines["deploy_canary"], version=GOOD)
+    assert state == "success", tasks
+    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gstg").values())
+    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gprd-cny").values())
+    assert all(v == (BASE, BASE) for v in versions(e2e_lab, "gprd").values())
+    staging_db, production_db = migrations(e2e_lab, "gstg"), migrations(e2e_lab, "gprd")
+    assert any("regular" in m and "1001" in m for m in staging_db)
+    assert any("post" in m and "1001" in m for m in staging_db)
+    assert any("regular" in m and "1001" in m for m in production_db)
+    assert not any("post" in m and "1001" in m for m in production_db), "post migrations wait for stage 9"
+    assert canary_main_weights(e2e_lab) == {0}
+    with urllib.request.urlopen(f"http://{e2e_lab.config.pushgateway_addr}/metrics", timeout=10) as resp:
+        pushed = resp.read().decode()
+    assert 'liftoff_stage_duration_seconds{' in pushed and 'pipeline="deploy_canary"' in pushed
+    assert 'stage="stage_6"' in pushed
+
+
+def test_production_promotes_the_verified_build(pipelines, e2e_lab: Lab):
+    state, tasks = run(pipelines["deploy_production"], version=GOOD)
+    assert state == "success", tasks
+    assert tasks["approval"] == "skipped"
+    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gprd").values())
+    assert any("post" in m and "1001" in m for m in migrations(e2e_lab, "gprd"))
+    assert canary_main_weights(e2e_lab) == {5}
+
+
+def test_production_refuses_a_version_canary_did_not_verify(pipelines, e2e_lab: Lab):
+    e2e_lab.build_add(QA_BAD_HALT, nightly=True, qa_fails=True)
+    state, tasks = run(pipelines["deploy_production"], version=QA_BAD_HALT)
+    assert state == "failed"
+    assert tasks["resolve_version"] == "failed"
+    assert not installs_of(e2e_lab, QA_BAD_HALT)
+
+
+def test_qa_failure_halts_when_asked(pipelines, e2e_lab: Lab):
+    state, tasks = run(pipelines["deploy_canary"], version=QA_BAD_HALT, on_failure="halt")
+    assert state == "failed"
+    assert tasks["stage_2_staging_gitaly.qa"] == "failed"
+    assert tasks["halt"] == "success" and tasks["rollback"] == "skipped"
+    # halted: gitaly stays on the new build, the rest untouched; nothing left locked
+    assert versions(e2e_lab, "gstg", "gitaly") == {"gitaly-01-stor-gstg": (QA_BAD_HALT, QA_BAD_HALT)}
+    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gstg", "web").values())
+    from liftoff.inventory import load_inventory
+    from liftoff.store import Store
+
+    store = Store.from_settings(load_inventory())
+    assert store.get_lock("gstg") is None
+    assert store.deployments("gstg")[0].status == "halted"
+
+
+def test_qa_failure_rolls_back_when_asked(pipelines, e2e_lab: Lab):
+    e2e_lab.build_add(QA_BAD_ROLLBACK, nightly=True, qa_fails=True)
+    state, tasks = run(pipelines["deploy_canary"], version=QA_BAD_ROLLBACK, on_failure="rollback")
+    assert state == "failed"
+    assert tasks["rollback"] == "success"
+    assert all(v == (GOOD, GOOD) for v in fleet_hosts(e2e_lab, "gstg").values())
+
+
+def test_error_rate_build_is_stopped_and_rolled_back(pipelines, e2e_lab: Lab):
+    e2e_lab.build_add(ERRORS, nightly=True, error_rate=0.5)
+    state, tasks = run(pipelines["deploy_canary"], version=ERRORS, quiet_period_seconds=30)
+    assert state == "failed"
+    failed = {t for t, s in tasks.items() if s == "failed"}
+    assert failed & {"stage_3_staging_fleet.qa", "stage_3_staging_fleet.quiet_period"}, tasks
+    assert tasks["rollback"] == "success"
+    assert all(v == (GOOD, GOOD) for v in fleet_hosts(e2e_lab, "gstg").values())
+    assert all(v == (GOOD, GOOD) for v in fleet_hosts(e2e_lab, "gprd-cny").values())
+
+
+def test_slow_build_is_stopped_by_the_alert_gate(pipelines, e2e_lab: Lab):
+    e2e_lab.build_add(SLOW, nightly=True, latency_ms=1500)
+    state, tasks = run(pipelines["deploy_canary"], version=SLOW, quiet_period_seconds=40)
+    assert state == "failed"
+    assert tasks["stage_3_staging_fleet.qa"] == "success"
+    assert tasks["stage_3_staging_fleet.quiet_period"] == "failed"
+    assert tasks["rollback"] == "success"
+    assert all(v == (GOOD, GOOD) for v in fleet_hosts(e2e_lab, "gstg").values())
+
+
+def _post_alert(lab: Lab, ends_in: timedelta) -> None:
+    now = datetime.now(UTC)
+    body = json.dumps([{
+        "labels": {"alertname": "ManualCritical", "env": "gstg", "severity": "critical"},
+        "annotations": {"summary": "test: an incident is open"},
+        "startsAt": now.isoformat(), "endsAt": (now + ends_in).isoformat(),
+    }]).encode()
+    req = urllib.request.Request(f"http://{lab.config.alertmanager_addr}/api/v2/alerts", data=body,
+                                 method="POST", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+def test_critical_alert_before_start_keeps_every_host_untouched(pipelines, e2e_lab: Lab):
+    e2e_lab.build_add(BLOCKED, nightly=True)
+    _post_alert(e2e_lab, timedelta(minutes=5))
+    e2e_lab.wait_for("the critical alert", lambda: e2e_lab.alerts(alertname="ManualCritical"), 30)
+    before = versions(e2e_lab, "gstg")
+    try:
+        state, tasks = run(pipelines["deploy_canary"], version=BLOCKED)
+    finally:
+        _post_alert(e2e_lab, timedelta(seconds=-1))
+    assert state == "failed"
+    assert tasks["stage_1_staging_migrations.precheck"] == "failed"
+    assert tasks["stage_1_staging_migrations.begin_env"] == "upstream_failed"
+    assert not installs_of(e2e_lab, BLOCKED)
+    assert versions(e2e_lab, "gstg") == before
