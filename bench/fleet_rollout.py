@@ -66,6 +66,20 @@ def quiet_login_shell(lab_dir: Path) -> bool:
     return True
 
 
+def lab_cpu_s(lab_dir: Path) -> dict[str, float]:
+    """CPU seconds the lab's processes used so far (sshd counts its exited children)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for name in ("sshd", "labd"):
+        try:
+            pid = int((lab_dir / "run" / f"{name}.pid").read_text())
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = sum(int(x) for x in fields[11:15]) / tick
+        except (OSError, ValueError):
+            out[name] = float("nan")
+    return out
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -80,18 +94,31 @@ def mean_phases(phases: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(sum(p.get(k, 0.0) for p in phases) / len(phases), 3) for k in dict.fromkeys(keys)}
 
 
-def bench_liftoff(config: LabConfig, version: str, install_s: float) -> dict:
+def bench_liftoff(config: LabConfig, version: str, install_s: float, profile: Path | None = None) -> dict:
     env = load_inventory().env(ENV)
     role = env.role(ROLE)
     n = len(role.hosts)
     batches = -(-n // role.batch_size())
     store = Store(f"sqlite:///{config.path('bench-state.db')}")
     options = RolloutOptions(drain_timeout=30, up_timeout=120, health_timeout=60)
+    lab0 = lab_cpu_s(config.lab_dir)
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     cpu0, t0 = cpu_s(), time.perf_counter()
     report = asyncio.run(rollout(env, version, run_id=f"bench-{int(time.time())}", store=store, roles=[ROLE],
                                  options=options))
     wall = time.perf_counter() - t0
     cpu = cpu_s() - cpu0
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(str(profile))
+    lab1 = lab_cpu_s(config.lab_dir)
+    lab_cpu = {k: round(lab1[k] - lab0[k], 1) for k in lab0}
+    load = os.getloadavg()[0]
     ideal = batches * install_s
     durations = report.roles[ROLE].batch_durations
     audit_rows = len(store.audit_records(run_id=report.run_id))
@@ -104,6 +131,7 @@ def bench_liftoff(config: LabConfig, version: str, install_s: float) -> dict:
         "overhead_per_host_s": round((wall - ideal) / n, 4),
         "batch_s_min_max": [min(durations), max(durations)] if durations else [],
         "audit_rows": audit_rows,
+        "lab_cpu_s": lab_cpu, "cores": os.cpu_count(), "loadavg_1m_after": round(load, 2),
         "mean_phase_s": mean_phases(report.roles[ROLE].batch_phases),
         "failed": dict(list(report.failed_hosts.items())[:5]),
     }
@@ -176,6 +204,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="leave the lab running")
     p.add_argument("--naive-samples", type=int, default=5)
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--profile", type=Path, help="write a cProfile of the rollout here")
     p.add_argument("--no-app-port", action="store_true", help="verify with dpkg over SSH instead of HTTP")
     p.add_argument("--as-is", action="store_true",
                    help="keep the login shell's ~/.bashrc on every SSH command (see quiet_login_shell)")
@@ -207,7 +236,7 @@ def main() -> int:
     lab_cli(lab_dir, "build", "add", version)
     try:
         time.sleep(2)  # let HAProxy's first health checks pass
-        result = bench_liftoff(config, version, args.install_seconds)
+        result = bench_liftoff(config, version, args.install_seconds, args.profile)
         print("\nliftoff.fleet (one asyncio fan-out in one task):")
         for k, v in result.items():
             print(f"  {k:24} {v}")

@@ -283,7 +283,8 @@ class Stack:
     def all_logs_text(self) -> str:
         """Every process log and every task log under AIRFLOW_HOME/logs."""
         parts = [p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log"))]
-        parts += [p.read_text(errors="replace") for p in sorted((self.home / "logs").rglob("*")) if p.is_file()]
+        task_logs = sorted(p for p in (self.home / "logs").rglob("*") if p.is_file())
+        parts += [p.read_text(errors="replace") for p in task_logs]
         return "\n".join(parts)
 
     def cli_env(self, **extra: str) -> dict[str, str]:
@@ -312,7 +313,7 @@ def airflow_env(home: Path, db_url: str, port: int, password_file: Path, stack_i
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "16",
+        "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__CORE__AUTH_MANAGER":

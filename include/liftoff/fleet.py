@@ -353,6 +353,7 @@ class _Rollout:
         self.report = RolloutReport(env.name, version, run_id, self.rollout)
         self.stop = asyncio.Event()
         self.lb_names: set[str] = set()
+        self.last_snapshot: dict[str, list[ServerState]] | None = None
         self.patches: list[str] = []
         self.previous: dict[str, str] = {}  # host statuses of earlier runs of this rollout
         self.reason = options.reason or chef_mod.deploy_reason(run_id)
@@ -381,7 +382,7 @@ class _Rollout:
 
     async def _out_of_service(self) -> tuple[set[str], dict[str, str]]:
         """Hosts out of service (LB not UP/ready anywhere, or a drain record) and why."""
-        snap = await self._snapshot()
+        snap = self.last_snapshot = await self._snapshot()
         self.lb_names |= lb_hosts(snap)
         why = dict(out_of_service(snap))
         records = await self._db(self.store.drained, self.env.name) if self.store is not None else []
@@ -543,21 +544,23 @@ class _Rollout:
             for h in work:
                 self.store.record_drained(self.env.name, h.name, self.run_id,
                                           f"liftoff deploy {self.version} (batch {index} of {role.name})")
-            self._statuses(statuses + [(h.name, "draining", f"batch {index}") for h in work])
 
         if self.store is not None:
             await asyncio.to_thread(write_ahead)
         lap("write_ahead")
+        draining = asyncio.create_task(self._set_statuses(
+            statuses + [(h.name, "draining", f"batch {index}") for h in work]))
         t0 = time.monotonic()
         lb_work = [h.name for h in work if h.name in self.lb_names]
         for h in work:
             reports[h.name].step = "drain"
         try:
             if lb_work:
-                await self.haproxy.adrain(lb_work)
+                await self.haproxy.adrain(lb_work, snapshot=self.last_snapshot)
         except HAProxyError as exc:
             for h in work:
                 self._fail(h, "drain", f"drain failed: {exc}")
+            await draining
             await self._set_statuses([(h.name, "failed", reports[h.name].reason) for h in work])
             return False
 
@@ -576,6 +579,7 @@ class _Rollout:
         for name, n in (left or {}).items():
             reports[name].notes.append(f"{n} session(s) still open after {self.options.drain_timeout:.0f}s")
         installing_started()
+        await draining
         installing = self._set_statuses([(h.name, "installing", f"batch {index}") for h in work])
         flows = asyncio.gather(*(self._host(role, h, insp[h.name], c)
                                  for h, c in zip(work, chef_results, strict=True)))

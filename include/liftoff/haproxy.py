@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import io
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -130,29 +129,37 @@ def split_answers(text: str, count: int) -> list[str]:
     return answers
 
 
-def parse_stat(text: str) -> list[dict[str, str]]:
-    """Rows of ``show stat`` CSV (header ``# pxname,svname,...``) as dicts."""
+STAT_FIELDS = ("pxname", "svname", "scur", "status", "weight", "type", "addr")
+
+
+def parse_stat(text: str, fields: Sequence[str] = STAT_FIELDS) -> list[dict[str, str]]:
+    """Rows of ``show stat`` CSV (header ``# pxname,svname,...``) as dicts of ``fields``."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines or not lines[0].startswith("# "):
         raise HAProxyError(f"unexpected 'show stat' answer: {text[:120]!r}")
     header = lines[0][2:].split(",")
+    wanted = [(f, header.index(f)) for f in fields if f in header]
     rows = []
-    for values in csv.reader(io.StringIO("\n".join(lines[1:]))):
-        rows.append(dict(zip(header, values, strict=False)))
+    for values in csv.reader(lines[1:]):
+        n = len(values)
+        rows.append({f: values[i] for f, i in wanted if i < n})
     return rows
 
 
+STATE_FIELDS = ("be_name", "srv_name", "srv_admin_state", "srv_uweight")
+
+
 def parse_servers_state(text: str) -> dict[tuple[str, str], dict[str, str]]:
-    """``show servers state`` (version 1) -> {(backend, server): fields}."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    """``show servers state`` (version 1) -> {(backend, server): {admin state, user weight}}."""
     out: dict[tuple[str, str], dict[str, str]] = {}
-    header: list[str] = []
-    for line in lines:
+    idx: list[tuple[str, int]] = []
+    for line in text.splitlines():
         if line.startswith("# "):
             header = line[2:].split()
-        elif header and not line.strip().isdigit():
+            idx = [(f, header.index(f)) for f in STATE_FIELDS if f in header]
+        elif idx and line.strip() and not line.strip().isdigit():
             values = line.split()
-            row = dict(zip(header, values, strict=False))
+            row = {f: values[i] for f, i in idx if i < len(values)}
             if "be_name" in row and "srv_name" in row:
                 out[(row["be_name"], row["srv_name"])] = row
     return out
@@ -285,11 +292,15 @@ class HAProxy:
 
     # -- changing --------------------------------------------------------------------------------
     async def _apply(self, action: str, hosts: Iterable[str], make: Callable[[str], str],
-                     backends: Iterable[str] | None = None) -> ChangeResult:
+                     backends: Iterable[str] | None = None,
+                     snapshot: dict[str, list[ServerState]] | None = None) -> ChangeResult:
         names = [validate_name("server", h) for h in hosts]
         wanted = set(names)
         only = None if backends is None else set(backends)
-        snap = await self.asnapshot()  # every LB must answer before anything changes
+        # every LB must answer before anything changes (a caller may pass a snapshot it has just
+        # taken of every LB)
+        snap = snapshot if snapshot is not None and set(snapshot) == {lb.name for lb in self.lbs} \
+            else await self.asnapshot()
         targets: dict[str, list[str]] = {}
         for lb in self.lbs:
             here = [f"{validate_name('backend', s.backend)}/{s.server}"
@@ -316,9 +327,10 @@ class HAProxy:
             log.info("haproxy %s: %s on %d LB(s)", action, ", ".join(names), len(result.applied))
         return result
 
-    async def adrain(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
+    async def adrain(self, hosts: Iterable[str], backends: Iterable[str] | None = None, *,
+                     snapshot: dict[str, list[ServerState]] | None = None) -> ChangeResult:
         """Drain the hosts in every backend (or only ``backends``) on every LB."""
-        return await self._apply("drain", hosts, lambda t: f"set server {t} state drain", backends)
+        return await self._apply("drain", hosts, lambda t: f"set server {t} state drain", backends, snapshot)
 
     async def aready(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
         return await self._apply("ready", hosts, lambda t: f"set server {t} state ready", backends)

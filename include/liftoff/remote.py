@@ -152,6 +152,7 @@ class Remote:
         self._audit = _AuditSink(store, audit_flush_s)
         self._mode: str | None = None  # "hook" or "settings"
         self._options: dict | None = None  # asyncssh options for the "settings" mode
+        self._known_hosts: Any = None  # parsed once, shared by every connection
         self._mode_lock = asyncio.Lock()
         self.commands_run = 0
         self.connections_opened = 0
@@ -181,11 +182,27 @@ class Remote:
                         log.info("Airflow cannot resolve %s (%s); using liftoff.settings", self.conn_id,
                                  type(exc).__name__)
                     else:
-                        check_host_key_policy(conn.extra_dejson or {}, self.conn_id)
+                        extra = conn.extra_dejson or {}
+                        check_host_key_policy(extra, self.conn_id)
+                        self._known_hosts = self._preload_known_hosts(extra)
                         self._mode = "hook"
                         return
             self._options = self._options_from_settings()
             self._mode = "settings"
+
+    def _preload_known_hosts(self, extra: dict) -> Any:
+        """Parse the known_hosts file once for all hosts (asyncssh would re-read and re-parse
+        it on every connection: O(hosts^2) key decodings for a large fleet). None when the
+        connection pins a ``host_key`` instead (the hook handles that per host)."""
+        if extra.get("host_key"):
+            return None
+        import asyncssh
+
+        path = os.path.expanduser(extra.get("known_hosts") or "~/.ssh/known_hosts")
+        if not os.path.isfile(path):
+            raise ConfigError(f"connection {self.conn_id}: known_hosts file {path} does not exist; "
+                              "host keys must be verifiable")
+        return asyncssh.read_known_hosts(path)
 
     def _options_from_settings(self) -> dict:
         """asyncssh.connect options as SSHHookAsync._get_conn builds them, from resolve_connection."""
@@ -212,11 +229,7 @@ class Remote:
             key = " ".join(parts[:2]) if len(parts) >= 2 else f"ssh-rsa {parts[0]}"
             opts["host_key"] = key  # bound to the address in _connect_settings
         else:
-            known = os.path.expanduser(extra.get("known_hosts") or "~/.ssh/known_hosts")
-            if not os.path.isfile(known):
-                raise ConfigError(f"connection {self.conn_id}: known_hosts file {known} does not exist; "
-                                  "host keys must be verifiable")
-            opts["known_hosts"] = known
+            opts["known_hosts"] = self._preload_known_hosts(extra)
         return opts
 
     async def _open(self, host: HostRef) -> Any:
@@ -226,6 +239,10 @@ class Remote:
 
             hook = SSHHookAsync(ssh_conn_id=self.conn_id, host=host.address,
                                 keepalive_interval=self.keepalive_interval)
+            if self._known_hosts is not None:
+                # the parsed file instead of its path: _get_conn keeps a non-default value and
+                # passes it to asyncssh.connect as is (still verified against every key)
+                hook.known_hosts = self._known_hosts
             return await hook.get_conn()
         import asyncssh
 
@@ -320,7 +337,7 @@ class Remote:
                                        time.monotonic() - start, host.name, command, error)
             except asyncssh.TimeoutError as exc:
                 result = CommandResult(None, _text(exc.stdout), _text(exc.stderr), time.monotonic() - start,
-                                       host.name, command, f"timed out after {limit:.0f}s")
+                                       host.name, command, f"timed out after {limit:g}s")
             except (OSError, asyncssh.Error) as exc:
                 result = CommandResult(None, "", "", time.monotonic() - start, host.name, command,
                                        f"connection lost: {type(exc).__name__}: {exc}")

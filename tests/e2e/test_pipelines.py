@@ -106,11 +106,11 @@ def test_production_refuses_a_version_canary_did_not_verify(pipelines, e2e_lab: 
 def test_qa_failure_halts_when_asked(pipelines, e2e_lab: Lab):
     state, tasks = run(pipelines["deploy_canary"], version=QA_BAD_HALT, on_failure="halt")
     assert state == "failed"
-    assert tasks["stage_2_staging_gitaly.qa"] == "failed"
+    assert tasks["stage_3_staging_fleet.qa"] == "failed"
     assert tasks["halt"] == "success" and tasks["rollback"] == "skipped"
-    # halted: gitaly stays on the new build, the rest untouched; nothing left locked
-    assert versions(e2e_lab, "gstg", "gitaly") == {"gitaly-01-stor-gstg": (QA_BAD_HALT, QA_BAD_HALT)}
-    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gstg", "web").values())
+    # halted: staging keeps the build QA rejected, canary is untouched; nothing left locked
+    assert all(v == (QA_BAD_HALT, QA_BAD_HALT) for v in fleet_hosts(e2e_lab, "gstg").values())
+    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gprd-cny").values())
     from liftoff.inventory import load_inventory
     from liftoff.store import Store
 
@@ -153,7 +153,7 @@ def _post_alert(lab: Lab, ends_in: timedelta) -> None:
     body = json.dumps([{
         "labels": {"alertname": "ManualCritical", "env": "gstg", "severity": "critical"},
         "annotations": {"summary": "test: an incident is open"},
-        "startsAt": now.isoformat(), "endsAt": (now + ends_in).isoformat(),
+        "startsAt": (now - timedelta(minutes=10)).isoformat(), "endsAt": (now + ends_in).isoformat(),
     }]).encode()
     req = urllib.request.Request(f"http://{lab.config.alertmanager_addr}/api/v2/alerts", data=body,
                                  method="POST", headers={"Content-Type": "application/json"})

@@ -180,7 +180,8 @@ class AirflowClient:
         try:
             token = resp.json()["access_token"]
         except (ValueError, KeyError, TypeError):
-            raise ApiError(f"POST /auth/token at {self.base_url} answered no access_token", resp.status_code)
+            raise ApiError(f"POST /auth/token at {self.base_url} answered no access_token",
+                           resp.status_code) from None
         self._token = token
         return token
 

@@ -1,0 +1,111 @@
+"""fast_deploy: push a version to one environment quickly, for a critical security or
+availability fix.
+
+No QA and no quiet periods; the precheck runs but only records what it finds (a fast deploy
+is usually the fix for it). A required reason goes into the lock history and a Pushgateway
+metric. Regular migrations run first; roles go in the deploy order (gitaly, then the fleet)
+in batches of half a role with a short drain wait; post-deployment migrations are left to
+their own pipeline. ``internal``: an undisclosed security build, whose version never appears
+in metric labels or notifications (``internal`` instead).
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, TriggerRule, dag, task
+
+from liftoff_airflow import dagkit
+
+PIPELINE = "fast_deploy"
+
+
+def _environments() -> list[str]:
+    from liftoff.operations import environment_names
+
+    return environment_names()
+
+
+def _conf() -> tuple[str, str, str, bool]:
+    p = dagkit.params()
+    return p["environment"], p["version"], p["reason"], bool(p["internal"])
+
+
+@task
+def precheck() -> dict:
+    from liftoff.operations import fast_precheck
+
+    env, version, reason, _ = _conf()
+    return fast_precheck(dagkit.run_handle(PIPELINE), env, version, reason)
+
+
+@task
+def begin_env(check: dict) -> dict:
+    from liftoff.operations import begin_fast_deploy
+
+    env, version, reason, internal = _conf()
+    return begin_fast_deploy(dagkit.run_handle(PIPELINE), env, version, reason, internal,
+                             check.get("previous_version"))
+
+
+@task
+def regular_migrations() -> dict:
+    from liftoff.pipeline import migrate
+
+    env, version, _, _ = _conf()
+    return migrate(dagkit.run_handle(PIPELINE), env, version, post=False)
+
+
+@task
+def deploy(stage: str) -> dict:
+    from liftoff.operations import roll
+
+    env, version, _, _ = _conf()
+    return roll(dagkit.run_handle(PIPELINE), env, version, stage, "fast")
+
+
+@task
+def finish_env() -> dict:
+    from liftoff.operations import finish_fast_deploy
+
+    env, version, reason, internal = _conf()
+    return finish_fast_deploy(dagkit.run_handle(PIPELINE), env, version, reason, internal)
+
+
+@task(trigger_rule=TriggerRule.ALL_DONE)
+def finalize() -> dict:
+    from liftoff.operations import mark_unfinished
+
+    env = dagkit.params()["environment"]
+    mark_unfinished(dagkit.run_handle(PIPELINE), [env], "failed")
+    return dagkit.finalize_run(PIPELINE, [env])
+
+
+@dag(
+    dag_id=PIPELINE,
+    description="Deploy a critical fix to one environment fast: no QA, no quiet period, reason recorded",
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,
+    default_args=dagkit.DEFAULT_ARGS,
+    tags=["liftoff", "deploy", "fast"],
+    params={
+        "environment": Param(enum=_environments(), title="Environment", description="Where to deploy."),
+        "version": dagkit.version_param(required=True),
+        "reason": dagkit.reason_param("Reason", "Why this cannot wait for the pipeline (recorded and pushed "
+                                      "as a metric), e.g. a security issue or incident URL.", required=True),
+        "internal": Param(False, type="boolean", title="Internal build",
+                          description="An undisclosed security build: its version is left out of metric "
+                                      "labels and notifications."),
+    },
+    doc_md=__doc__,
+)
+def fast_deploy():
+    check = precheck()
+    begin = begin_env(check)
+    work = regular_migrations()
+    gitaly = deploy.override(task_id="deploy_gitaly")("gitaly")
+    rest = deploy.override(task_id="deploy_fleet")("fleet")
+    done = finish_env()
+    begin >> work >> gitaly >> rest >> done >> finalize()
+
+
+fast_deploy()

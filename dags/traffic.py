@@ -1,0 +1,65 @@
+"""traffic: bounded synthetic traffic against staging and canary, so a bad build shows as
+alerts on staging before it reaches canary.
+
+Per environment, ``rps`` requests a second for ``duration_s`` over the endpoints, from a pool
+of ``concurrency`` workers; counts, errors and latency go to the Pushgateway (job
+``liftoff_traffic``, one group per environment) as it runs. No schedule unless
+``LIFTOFF_TRAFFIC_CRON`` sets one (e.g. ``*/10 * * * *`` with ``duration_s`` 590 for
+continuous traffic); one run at a time.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, dag, task
+
+from liftoff_airflow import dagkit
+
+PIPELINE = "traffic"
+
+
+def _environments() -> list[str]:
+    from liftoff.operations import environment_names
+
+    return environment_names()
+
+
+@task
+def send_traffic() -> dict:
+    from liftoff.inventory import load_inventory
+    from liftoff.traffic import run_from_inventory
+
+    p = dagkit.params()
+    return run_from_inventory(load_inventory(), p["environments"], rps=float(p["rps"]),
+                              duration_s=float(p["duration_s"]), endpoints=p["endpoints"],
+                              concurrency=int(p["concurrency"]))
+
+
+@dag(
+    dag_id=PIPELINE,
+    description="Synthetic traffic against staging and canary, metrics to the Pushgateway",
+    schedule=dagkit.schedule_from_env("LIFTOFF_TRAFFIC_CRON", None),
+    catchup=False,
+    max_active_runs=1,
+    default_args=dagkit.DEFAULT_ARGS,
+    tags=["liftoff", "traffic"],
+    params={
+        "environments": Param(["gstg", "gprd-cny"], type="array", minItems=1, uniqueItems=True,
+                              items={"type": "string", "enum": _environments()}, title="Environments",
+                              description="Where to send traffic (canary with its QA cookie)."),
+        "rps": Param(5, type="number", exclusiveMinimum=0, maximum=200, title="Requests a second",
+                     description="Per environment."),
+        "duration_s": Param(300, type="integer", minimum=1, maximum=3600, title="Duration (seconds)",
+                            description="How long this run sends traffic."),
+        "endpoints": Param(["/", "/explore", "/api/v4/projects", "/help"], type="array", minItems=1,
+                           maxItems=20, items={"type": "string", "pattern": r"^/[A-Za-z0-9/_.~%=&?-]{0,200}$"},
+                           title="Endpoints", description="Paths requested in turn on each environment's URL."),
+        "concurrency": Param(16, type="integer", minimum=1, maximum=256, title="Workers",
+                             description="Requests in flight at most, per environment."),
+    },
+    doc_md=__doc__,
+)
+def traffic():
+    send_traffic()
+
+
+traffic()

