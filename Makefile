@@ -35,7 +35,7 @@ airflow-db: venv
 	  || { tail -30 "$$AIRFLOW_HOME/db-migrate.log"; exit 1; }
 
 demo: setup
-	$(ENV) python -m lab up && python -m demo
+	$(ENV) python -m lab up && python scripts/demo.py 2>&1 | tee .lab/demo.log | grep -v "^20[0-9][0-9]-" ; exit $${PIPESTATUS[0]}
 
 test: setup
 	$(ENV) python -m pytest -q tests

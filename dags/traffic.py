@@ -12,6 +12,14 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, task
 
+from liftoff.traffic import (
+    DEFAULT_ENDPOINTS,
+    ENDPOINT_PATTERN,
+    MAX_CONCURRENCY,
+    MAX_DURATION_S,
+    MAX_ENDPOINTS,
+    MAX_RPS,
+)
 from liftoff_airflow import dagkit
 
 PIPELINE = "traffic"
@@ -46,14 +54,14 @@ def send_traffic() -> dict:
         "environments": Param(["gstg", "gprd-cny"], type="array", minItems=1, uniqueItems=True,
                               items={"type": "string", "enum": _environments()}, title="Environments",
                               description="Where to send traffic (canary with its QA cookie)."),
-        "rps": Param(5, type="number", exclusiveMinimum=0, maximum=200, title="Requests a second",
+        "rps": Param(5, type="number", exclusiveMinimum=0, maximum=MAX_RPS, title="Requests a second",
                      description="Per environment."),
-        "duration_s": Param(300, type="integer", minimum=1, maximum=3600, title="Duration (seconds)",
-                            description="How long this run sends traffic."),
-        "endpoints": Param(["/", "/explore", "/api/v4/projects", "/help"], type="array", minItems=1,
-                           maxItems=20, items={"type": "string", "pattern": r"^/[A-Za-z0-9/_.~%=&?-]{0,200}$"},
-                           title="Endpoints", description="Paths requested in turn on each environment's URL."),
-        "concurrency": Param(16, type="integer", minimum=1, maximum=256, title="Workers",
+        "duration_s": Param(300, type="integer", minimum=1, maximum=int(MAX_DURATION_S),
+                            title="Duration (seconds)", description="How long this run sends traffic."),
+        "endpoints": Param(list(DEFAULT_ENDPOINTS), type="array", minItems=1, maxItems=MAX_ENDPOINTS,
+                           items={"type": "string", "pattern": ENDPOINT_PATTERN}, title="Endpoints",
+                           description="Paths requested in turn on each environment's URL."),
+        "concurrency": Param(16, type="integer", minimum=1, maximum=MAX_CONCURRENCY, title="Workers",
                              description="Requests in flight at most, per environment."),
     },
     doc_md=__doc__,

@@ -163,13 +163,13 @@ class Stack:
     base_url: str
     home: Path
     logs: Path
-    password: str
+    password: str = field(repr=False)
     stack_id: str
     database: str
-    env: dict[str, str]
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    env: dict[str, str] = field(repr=False)  # carries the JWT secret and the lab's tokens
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
     user: str = USER
-    _token: str | None = None
+    _token: str | None = field(default=None, repr=False)
 
     # -- REST ----------------------------------------------------------------------------------
     def token(self) -> str:

@@ -114,11 +114,13 @@ def sharing_database(inventory: Inventory, env_name: str) -> list[str]:
     return [e.name for e in inventory.environments.values() if e.database == db]
 
 
-async def _installed(run: Run, env: Environment, hosts: Sequence[HostRef] | None = None) -> dict[str, str | None]:
-    hosts = list(hosts) if hosts is not None else [env.deploy_node, *env.hosts()]
+async def _installed(run: Run, env: Environment) -> dict[str, str | None]:
+    """The installed package of the deploy node and every host (None: unreadable)."""
+    hosts = [env.deploy_node, *env.hosts()]
     async with run.remote(env.name) as remote:
         results = await asyncio.gather(*(remote.run(h, installed_version_command(), 60) for h in hosts))
-    return {h.name: ((r.stdout.strip() or None) if r.ok else None) for h, r in zip(hosts, results, strict=True)}
+    return {h.name: ((r.stdout.strip() or None) if r.ok else None)
+            for h, r in zip(hosts, results, strict=True)}
 
 
 # -- rollback safety ------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ def newer_post_migrations(applied: Iterable[str], build: dict) -> tuple[list[str
     without a number is counted as not contained (fail closed)."""
     applied = [m for m in applied if migrations.is_post_migration(m)]
     if isinstance(build.get("post_migrations"), list):
-        return migrations.post_migrations_not_in(applied, build["post_migrations"]), "the build's migration list"
+        newer = migrations.post_migrations_not_in(applied, build["post_migrations"])
+        return newer, "the build's migration list"
     schema = build.get("schema_version", build.get("seq"))
     if isinstance(schema, int) and not isinstance(schema, bool):
         newer = sorted(m for m in applied if (v := migration_version(m)) is None or v > schema)
@@ -189,7 +192,8 @@ def safety_check(run: Run, env_name: str, target: str | None = None) -> dict:
     else:
         target = default
         if target is None:
-            blocking.append(f"no earlier successful deployment of {env.name} is recorded: name the target version")
+            blocking.append(f"no earlier successful deployment of {env.name} is recorded: "
+                            "name the target version")
     if target is not None and target == current:
         blocking.append(f"{target} is the current version of {env.name}: nothing to roll back")
     unreadable = sorted(h for h, v in installed.items() if v is None)
@@ -246,7 +250,8 @@ def require_safe(check: dict, override_reason: str | None = None) -> dict:
         raise RollbackRefused(f"rollback of {check['env']} to {check['target']} is unsafe: {reasons}. "
                               f"Override only with a reason (override_reason), it is recorded.")
     reason = validate_reason(override_reason, field_name="override_reason")
-    log.warning("unsafe rollback of %s to %s overridden: %s (%s)", check["env"], check["target"], reason, reasons)
+    log.warning("unsafe rollback of %s to %s overridden: %s (%s)", check["env"], check["target"], reason,
+                reasons)
     return {**check, "overridden": True, "override_reason": reason}
 
 
@@ -402,7 +407,8 @@ def begin_fast_deploy(run: Run, env_name: str, version: str, reason: str, intern
     ``begin_env``: record, chef stopped, role set, package on the deploy node."""
     env = run.env(env_name)
     version = str(parse_version(version))
-    why = f"fast_deploy {public_version(version, internal)}: {redact(validate_reason(reason), version, internal)}"
+    reason = redact(validate_reason(reason), version, internal)
+    why = f"fast_deploy {public_version(version, internal)}: {reason}"
     run.store.acquire(env.name, run.run_id, run.who, why[:500])  # LockHeld names another holder
     result = pipeline.begin_env(for_build(run, internal), env.name, version, previous)
     result["lock_reason"] = why
@@ -466,11 +472,16 @@ def patch_detail(patch_text: str, reason: str, roles: Sequence[str], limit: int 
     digest = hashlib.sha256(patch_text.encode()).hexdigest()
     base = {"reason": reason, "roles": list(roles), "bytes": len(patch_text.encode()), "sha256": digest,
             "truncated": False, "patch": ""}
-    text = patch_text
-    while text and len(json.dumps({**base, "patch": text, "truncated": True})) > limit:
-        over = len(json.dumps({**base, "patch": text, "truncated": True})) - limit
-        text = text[: len(text) - max(1, over)]
-    base.update(patch=text, truncated=text != patch_text)
+    def fits(n: int) -> bool:
+        return len(json.dumps({**base, "patch": patch_text[:n], "truncated": True})) <= limit
+
+    low, high = 0, len(patch_text)  # the longest prefix that fits: fits(low) always holds
+    if fits(high):
+        low = high
+    while low < high - 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    base.update(patch=patch_text[:low], truncated=low < len(patch_text))
     return json.dumps(base)
 
 
@@ -500,8 +511,10 @@ def apply_patch(run: Run, env_name: str, patch_id: str, patch_text: str, roles: 
     detail = patch_detail(patch_text, reason, role_names)
     run.store.acquire(env.name, run.run_id, run.who, f"post-deploy patch {patch_id}: {reason}"[:500])
     hosts = [h.name for _, h in targets]
-    run.store.record_patch(patch_id, env.name, run.run_id, run.who, status="pending", hosts=hosts, detail=detail)
-    halt = run.store.set_halt(f"post-deploy patch {patch_id} on {env.name}: {reason}"[:500], patch_id, run.who)
+    run.store.record_patch(patch_id, env.name, run.run_id, run.who, status="pending", hosts=hosts,
+                           detail=detail)
+    halt = run.store.set_halt(f"post-deploy patch {patch_id} on {env.name}: {reason}"[:500], patch_id,
+                              run.who)
 
     async def one(role_name: str, host: HostRef, remote) -> tuple[str, str | None, list[str]]:
         r = await remote.run(host, patch_apply_command(patch_id), 300)
@@ -523,17 +536,18 @@ def apply_patch(run: Run, env_name: str, patch_id: str, patch_text: str, roles: 
     applied = [name for name, err, _ in results if err is None or err.startswith("patch applied")]
     failed = {name: err for name, err, _ in results if err is not None}
     status = "applied" if not failed else ("pending" if applied else "failed")
-    run.store.record_patch(patch_id, env.name, run.run_id, run.who, status=status, hosts=applied, detail=detail)
+    run.store.record_patch(patch_id, env.name, run.run_id, run.who, status=status, hosts=applied,
+                           detail=detail)
     run.store.release(env.name, run.run_id)
     out = {"env": env.name, "patch_id": patch_id, "status": status, "roles": role_names, "applied": applied,
            "failed": failed, "reloaded": {n: s for n, _, s in results if s},
            "halt": {"id": halt.id, "reason": halt.reason, "patch_id": halt.patch_id},
            "sha256": json.loads(detail)["sha256"]}
     if failed:
-        raise RemoteError(f"patch {patch_id} failed on {len(failed)} of {len(targets)} host(s) of {env.name}: "
-                          + "; ".join(f"{h}: {e}" for h, e in sorted(failed.items())[:5])
-                          + f". Recorded as {status}; canary deploys stay halted (lift the halt with a reason "
-                          "once it is sorted out)")
+        raise RemoteError(f"patch {patch_id} failed on {len(failed)} of {len(targets)} host(s) of "
+                          f"{env.name}: " + "; ".join(f"{h}: {e}" for h, e in sorted(failed.items())[:5])
+                          + f". Recorded as {status}; canary deploys stay halted (lift the halt with a "
+                          "reason once it is sorted out)")
     return out
 
 
@@ -576,11 +590,12 @@ def unlock_env(run: Run, env_name: str, reason: str) -> dict:
     removed = run.store.force_release(env.name, run.who, reason)
     if removed is None:
         return {"env": env.name, "locked": False, "removed": None}
-    if not removed.run_id.startswith(MANUAL_PREFIX):
+    if not removed.run_id.startswith(MANUAL_PREFIX):  # a running deploy's lock
         log.warning("unlocked %s held by running deploy %s (%s)", env.name, removed.run_id, removed.who)
+    by_hand = removed.run_id.startswith(MANUAL_PREFIX)
     return {"env": env.name, "locked": False,
             "removed": {"run_id": removed.run_id, "who": removed.who, "reason": removed.reason,
-                        "since": removed.since.isoformat(), "by_hand": removed.run_id.startswith(MANUAL_PREFIX)}}
+                        "since": removed.since.isoformat(), "by_hand": by_hand}}
 
 
 # -- canary weight -------------------------------------------------------------------------------------
@@ -597,7 +612,8 @@ def parse_weight(weight: int | str) -> int | str:
         return weight
     if weight in pipeline.CANARY_STATES:
         return weight
-    raise InvalidInput(f"canary weight must be 0..100 or one of {', '.join(pipeline.CANARY_STATES)}, got {weight!r}")
+    raise InvalidInput(f"canary weight must be 0..100 or one of {', '.join(pipeline.CANARY_STATES)}, "
+                       f"got {weight!r}")
 
 
 def canary_divergence(snap: dict[str, list[ServerState]], hosts: Iterable[str], main_backends: Iterable[str],

@@ -42,7 +42,8 @@ MAX_ENDPOINTS = 20
 DEFAULT_ENDPOINTS = ("/", "/explore", "/api/v4/projects", "/help")
 DEFAULT_TIMEOUT_S = 5.0
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-ENDPOINT_RE = re.compile(r"^/[A-Za-z0-9/_.~%=&?-]{0,200}$")
+ENDPOINT_PATTERN = r"^/[A-Za-z0-9/_.~%=&?-]{0,200}$"
+ENDPOINT_RE = re.compile(ENDPOINT_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def validate(rps: float, duration_s: float, endpoints: Sequence[str], concurrenc
     if isinstance(duration_s, bool) or not isinstance(duration_s, (int, float)) \
             or not 0 < duration_s <= MAX_DURATION_S:
         raise InvalidInput(f"duration_s must be within (0, {MAX_DURATION_S:g}], got {duration_s!r}")
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) \
+            or not 1 <= concurrency <= MAX_CONCURRENCY:
         raise InvalidInput(f"concurrency must be within 1..{MAX_CONCURRENCY}, got {concurrency!r}")
     paths = list(endpoints or DEFAULT_ENDPOINTS)
     if len(paths) > MAX_ENDPOINTS:
@@ -205,7 +207,8 @@ class _StatsCollector:
             cumulative.append(("+Inf" if bound == float("inf") else repr(bound), acc))
         hist = HistogramMetricFamily("liftoff_traffic_request_duration_seconds", "Synthetic request latency.",
                                      buckets=cumulative, sum_value=s.latency_sum)
-        target = GaugeMetricFamily("liftoff_traffic_target_rps", "Requests a second asked for.", value=self.rps)
+        target = GaugeMetricFamily("liftoff_traffic_target_rps", "Requests a second asked for.",
+                                   value=self.rps)
         pushed = GaugeMetricFamily("liftoff_traffic_last_push_timestamp_seconds", "When this was pushed.",
                                    value=time.time())
         return iter([req, err, skipped, hist, target, pushed])
@@ -229,7 +232,8 @@ async def _request(session: Any, target: Target, endpoint: str, stats: EnvStats,
 
 async def run_traffic(targets: Sequence[Target], *, rps: float, duration_s: float,
                       endpoints: Sequence[str] = DEFAULT_ENDPOINTS, concurrency: int = 16,
-                      timeout: float = DEFAULT_TIMEOUT_S, push: Callable[[EnvStats, float], bool] | None = None,
+                      timeout: float = DEFAULT_TIMEOUT_S,
+                      push: Callable[[EnvStats, float], bool] | None = None,
                       push_interval_s: float = 5.0) -> dict[str, EnvStats]:
     """Send the traffic (per environment: ``rps`` a second for ``duration_s``), push as it goes;
     returns each environment's stats."""

@@ -441,6 +441,7 @@ def retry_stage(client: AirflowClient, dag_id: str, run_id: str, stage: str, *, 
     runs them again in the same run: a dry run first to show what will be cleared."""
     validate_name("name", dag_id)
     validate_name("run_id", run_id)
+    validate_name("stage", stage)
     run = client.dag_run(dag_id, run_id)
     if run.get("state") not in TERMINAL_STATES:
         raise InvalidInput(f"run {run_id} is still {run.get('state')}: let it end first "
