@@ -1,0 +1,90 @@
+"""Every DAG imports cleanly and fast, carries owners, tags and a no-blind-retry policy, and
+its trigger form refuses bad input."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk.definitions.param import ParamsDict
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+@pytest.fixture(scope="module")
+def bag() -> DagBag:
+    return DagBag(dag_folder=str(DAGS))
+
+
+def test_no_import_errors(bag: DagBag):
+    assert bag.import_errors == {}
+    assert {"deploy_canary", "deploy_production"} <= set(bag.dag_ids)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in DAGS.glob("*.py")))
+def test_each_file_parses_well_under_a_second(path: str, bag: DagBag):
+    started = time.perf_counter()
+    DagBag(dag_folder=str(DAGS / path))
+    assert time.perf_counter() - started < 1.0
+
+
+def test_owners_tags_and_retries(bag: DagBag):
+    for dag_id, dag in bag.dags.items():
+        assert "liftoff" in dag.tags, dag_id
+        for task in dag.tasks:
+            assert task.owner == "release-managers", (dag_id, task.task_id)
+            assert task.retries == 0, (dag_id, task.task_id)
+
+
+def test_canary_pipeline_shape(bag: DagBag):
+    dag = bag.dags["deploy_canary"]
+    assert dag.max_active_runs == 1
+    groups = sorted({t.task_id.split(".")[0] for t in dag.tasks if "." in t.task_id})
+    assert groups == ["stage_1_staging_migrations", "stage_2_staging_gitaly", "stage_3_staging_fleet",
+                      "stage_4_staging_post_migrations", "stage_5_production_migrations",
+                      "stage_6_canary_fleet"]
+    for group in groups:
+        ids = {t.task_id for t in dag.tasks if t.task_id.startswith(group + ".")}
+        assert f"{group}.precheck" in ids and f"{group}.quiet_period" in ids
+    sensor = dag.get_task("stage_6_canary_fleet.quiet_period")
+    assert type(sensor).__name__ == "QuietPeriodSensor"
+
+
+def test_production_pipeline_shape(bag: DagBag):
+    dag = bag.dags["deploy_production"]
+    groups = sorted({t.task_id.split(".")[0] for t in dag.tasks if "." in t.task_id})
+    assert groups == ["stage_7_production_gitaly", "stage_8_production_fleet",
+                      "stage_9_post_deployment_migrations"]
+    assert type(dag.get_task("approval")).__name__ == "ApprovalOperator"
+
+
+def _validate(dag, conf: dict) -> None:
+    params = ParamsDict(copy.deepcopy(dag.params))
+    for key, value in conf.items():
+        params[key] = value
+    params.validate()
+
+
+@pytest.mark.parametrize("conf", [
+    {"version": "17.6.0; rm -rf /"},
+    {"version": "../../etc/passwd"},
+    {"version": "17.6.0-ee.0 && id"},
+    {"version": "x" * 200},
+    {"on_failure": "ignore"},
+    {"dry_run": "yes please"},
+    {"allow_precheck_failure": "`id`"},
+    {"allow_precheck_failure": ""},
+    {"quiet_period_seconds": -5},
+])
+def test_trigger_form_refuses_bad_conf(bag: DagBag, conf: dict):
+    with pytest.raises(Exception, match="(?i)valid|match|pattern|enum|type|less|short|long|minimum"):
+        _validate(bag.dags["deploy_canary"], conf)
+
+
+@pytest.mark.parametrize("version", ["16.3.0-ee.0", "16.3.0-rc42.ee.0", "16.3.0+rnightly.308853.0ab19c4f-0",
+                                     "16.3.202311291200-13bd0cc7c2a.3f6b8fe0f4d"])
+def test_trigger_form_takes_every_omnibus_format(bag: DagBag, version: str):
+    _validate(bag.dags["deploy_canary"], {"version": version, "on_failure": "halt"})
