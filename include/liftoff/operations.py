@@ -473,7 +473,7 @@ def patch_detail(patch_text: str, reason: str, roles: Sequence[str], limit: int 
     base = {"reason": reason, "roles": list(roles), "bytes": len(patch_text.encode()), "sha256": digest,
             "truncated": False, "patch": ""}
     def fits(n: int) -> bool:
-        return len(json.dumps({**base, "patch": patch_text[:n], "truncated": True})) <= limit
+        return len(json.dumps({**base, "patch": patch_text[:n], "truncated": False})) <= limit
 
     low, high = 0, len(patch_text)  # the longest prefix that fits: fits(low) always holds
     if fits(high):
