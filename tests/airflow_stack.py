@@ -100,12 +100,15 @@ def stack_processes(stack_id: str, sessions: tuple[int, ...] | list[int] = ()) -
 
 
 def _signal_all(pids: list[int], pgids: list[int], sig: int) -> None:
+    """Signal each process group once, and each process outside those groups (a second SIGTERM
+    makes some Airflow components skip their graceful exit)."""
     for pgid in pgids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+            if os.getpgid(pid) not in pgids:
+                os.kill(pid, sig)
 
 
 def stop_all(stack_id: str, procs: list[subprocess.Popen], timeout: float = 20.0) -> list[int]:

@@ -227,7 +227,7 @@ class Remote:
         if extra.get("host_key"):
             parts = str(extra["host_key"]).strip().split()
             key = " ".join(parts[:2]) if len(parts) >= 2 else f"ssh-rsa {parts[0]}"
-            opts["host_key"] = key  # bound to the address in _connect_settings
+            opts["host_key"] = key  # bound to each host's address in _open
         else:
             opts["known_hosts"] = self._preload_known_hosts(extra)
         return opts
@@ -338,10 +338,14 @@ class Remote:
             except asyncssh.TimeoutError as exc:
                 result = CommandResult(None, _text(exc.stdout), _text(exc.stderr), time.monotonic() - start,
                                        host.name, command, f"timed out after {limit:g}s")
+            except asyncssh.ChannelOpenError as exc:  # the connection lives on (e.g. MaxSessions)
+                result = CommandResult(None, "", "", time.monotonic() - start, host.name, command,
+                                       f"session refused: {exc}")
             except (OSError, asyncssh.Error) as exc:
                 result = CommandResult(None, "", "", time.monotonic() - start, host.name, command,
                                        f"connection lost: {type(exc).__name__}: {exc}")
-                self._conns.pop(host.name, None)
+                if self._conns.get(host.name) is not None:
+                    await self.close_host(host)
         self.commands_run += 1
         self._record(result)
         return result

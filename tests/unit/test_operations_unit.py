@@ -205,7 +205,8 @@ def test_apply_patch_refuses_bad_input_before_touching_anything(run):
         ops.apply_patch(run, "gprd", "../etc", "diff", ["web"], "security fix")
     with pytest.raises(InvalidInput):
         ops.apply_patch(run, "gprd", "sec-1", "  ", ["web"], "security fix")
-    assert run.store.get_lock("gprd") is None and run.store.patches() == [] and run.store.active_halt() is None
+    assert run.store.get_lock("gprd") is None and run.store.patches() == []
+    assert run.store.active_halt() is None
 
 
 def test_lift_halt_on_purpose(run):
@@ -502,7 +503,8 @@ def test_operation_dags_are_thin_and_manual(dagbag):
 @pytest.mark.airflow
 def test_bad_conf_is_refused_at_trigger_time(dagbag):
     cases = {
-        "rollback": ([{"environment": "gprd"}, {"environment": "gprd-cny", "target_version": V1, "mode": "fast",
+        "rollback": ([{"environment": "gprd"},
+                      {"environment": "gprd-cny", "target_version": V1, "mode": "fast",
                        "reason": "bad canary", "check_only": False, "override_reason": None}],
                      [{}, {"environment": "prod"}, {"environment": "gprd", "mode": "slow"},
                       {"environment": "gprd", "target_version": "latest"},
@@ -510,8 +512,8 @@ def test_bad_conf_is_refused_at_trigger_time(dagbag):
         "fast_deploy": ([{"environment": "gstg", "version": V2, "reason": "CVE fix now", "internal": True}],
                         [{"environment": "gstg", "version": V2}, {"environment": "gstg", "version": "17.6",
                                                                   "reason": "CVE fix now"}]),
-        "post_deploy_patch": ([{"environment": "gprd", "patch_id": "sec-42", "patch": "diff", "roles": ["web"],
-                                "reason": "security fix"}],
+        "post_deploy_patch": ([{"environment": "gprd", "patch_id": "sec-42", "patch": "diff",
+                                "roles": ["web"], "reason": "security fix"}],
                               [{"environment": "gprd", "patch_id": "a/b", "reason": "security fix"},
                                {"environment": "gprd", "roles": ["Web;x"], "reason": "security fix"},
                                {"environment": "gprd", "patch_id": "sec-42"}]),
