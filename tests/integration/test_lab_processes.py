@@ -190,10 +190,10 @@ def test_lb_routes_by_path_and_canary_cookie(lab) -> None:
 
     assert served_by("/api/v4/projects").startswith("api-")
     assert served_by("/explore", "gitlab_canary=true").startswith("web-cny-")
-    assert served_by("/api/v4/projects", "gitlab_canary=true") == "api-cny-01-sv-gprd"
+    assert served_by("/api/v4/projects", "gitlab_canary=true").startswith("api-cny-")
     canary_url = lab.topology.env_url("gprd-cny") + "/help"
     with urllib.request.urlopen(canary_url, timeout=10) as resp:
-        assert resp.headers["X-Lab-Host"] == "web-cny-01-sv-gprd"
+        assert resp.headers["X-Lab-Host"].startswith("web-cny-")
 
 
 def test_liftoff_env_points_at_the_lab(lab, lab_env: dict[str, str]) -> None:
