@@ -84,6 +84,13 @@ def test_canary_deploys_a_good_build_through_six_stages(pipelines, e2e_lab: Lab)
         pushed = resp.read().decode()
     assert 'liftoff_stage_duration_seconds{' in pushed and 'pipeline="deploy_canary"' in pushed
     assert 'stage="stage_6"' in pushed
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        events = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                  .filter(AssetModel.uri == "liftoff://canary-verified").all())
+        assert [e.extra.get("version") for e in events] == [GOOD]
 
 
 def test_production_promotes_the_verified_build(pipelines, e2e_lab: Lab):
@@ -174,3 +181,11 @@ def test_critical_alert_before_start_keeps_every_host_untouched(pipelines, e2e_l
     assert tasks["stage_1_staging_migrations.begin_env"] == "upstream_failed"
     assert not installs_of(e2e_lab, BLOCKED)
     assert versions(e2e_lab, "gstg") == before
+
+
+def test_scheduled_runs_take_the_newest_nightly(pipelines, e2e_lab: Lab):
+    from liftoff.inventory import load_inventory
+    from liftoff.pipeline import newest_nightly
+
+    e2e_lab.build_add("17.7.1-ee.0")  # an official build is not a nightly
+    assert newest_nightly(load_inventory()) == BLOCKED
