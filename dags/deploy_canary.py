@@ -9,6 +9,7 @@ A verified canary emits the ``liftoff://canary-verified`` Asset event with the v
 from __future__ import annotations
 
 from airflow.sdk import Asset, Metadata, TaskGroup, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from liftoff_airflow import dagkit
 from liftoff_airflow.dagkit import begin_env, deploy, finish_env, gate, migrate, precheck, stage_done
@@ -45,8 +46,9 @@ def canary_weight_zero() -> dict:
 
 @task(outlets=[CANARY_VERIFIED])
 def canary_verified(version: str):
+    """Emit the Asset event that may start deploy_production (never for a dry run)."""
     if dagkit.params()["dry_run"]:
-        return
+        raise AirflowSkipException("dry run: nothing was verified")
     yield Metadata(CANARY_VERIFIED, extra={"version": version})
 
 

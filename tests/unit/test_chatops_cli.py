@@ -431,6 +431,7 @@ def test_retry_shows_then_clears_the_failed_stage(fake):
         assert req["body"]["only_failed"] is True and req["body"]["include_downstream"] is True
         assert req["body"]["dag_run_id"] == RUN and sorted(req["body"]["task_ids"]) == group
     assert out.index("stage_3_staging_fleet.deploy") < out.index("cleared 3 task(s)")
+    assert "+ finalize (1 downstream task)" in out
 
 
 def test_retry_dry_run_only_shows(fake):

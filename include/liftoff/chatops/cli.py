@@ -421,11 +421,11 @@ def cmd_status(client: AirflowClient, out: Output, args: argparse.Namespace) -> 
         paused = " (paused)" if dag.get("is_paused") else ""
         out.line(f"{dag_id}{paused}: " + (f"last {len(runs)} run(s)" if runs else "no runs yet"))
         for r in runs:
-            versions = r["version"] or "?"
-            if r["previous_version"] and r["previous_version"] != r["version"]:
+            versions = r["version"] or ""
+            if versions and r["previous_version"] and r["previous_version"] != versions:
                 versions = f"{r['previous_version']} -> {versions}"
             flags = " dry-run" if r["dry_run"] else ""
-            out.line(f"  {r['dag_run_id']}  {r['state']}{flags}  {versions}  "
+            out.line(f"  {r['dag_run_id']}  {r['state']}{flags}  {versions + '  ' if versions else ''}"
                      f"started {_fmt_time(r['start_date'])} ({_duration(r['start_date'], r['end_date'])})")
             for stage, state in r["stages"].items():
                 out.line(f"    {stage:<34} {state}")
@@ -467,8 +467,14 @@ def retry_stage(client: AirflowClient, dag_id: str, run_id: str, stage: str, *, 
     will = [{"task_id": t["task_id"], "state": t.get("state")} for t in preview]
     will.sort(key=lambda t: (unit_key(unit_of(t["task_id"])), t["task_id"]))
     show(f"retry {group} of {dag_id} run {run_id}: {len(will)} task(s) to clear")
+    downstream: dict[str, int] = {}
     for t in will:
-        show(f"  {t['task_id']:<52} {t['state']}")
+        if unit_of(t["task_id"]) == group:
+            show(f"  {t['task_id']:<52} {t['state']}")
+        else:
+            downstream[unit_of(t["task_id"])] = downstream.get(unit_of(t["task_id"]), 0) + 1
+    for unit, count in downstream.items():
+        show(f"  + {unit} ({count} downstream task{'s' if count > 1 else ''})")
     result = {"dag_id": dag_id, "dag_run_id": run_id, "stage": group, "dry_run": dry_run,
               "will_clear": will, "cleared": []}
     if dry_run or not will:
