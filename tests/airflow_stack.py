@@ -111,6 +111,13 @@ def _signal_all(pids: list[int], pgids: list[int], sig: int) -> None:
                 os.kill(pid, sig)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
 def stop_all(stack_id: str, procs: list[subprocess.Popen], timeout: float = 20.0) -> list[int]:
     """SIGTERM every process group we started and every process of the stack, then SIGKILL what
     is left after ``timeout``; returns the pids that survived even that."""
@@ -155,6 +162,18 @@ def create_database(name: str) -> str:
 
 def drop_database(name: str) -> None:
     _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def database_exists(name: str) -> bool:
+    import psycopg2
+
+    conn = psycopg2.connect(dbname="postgres", **PG_DSN)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
 
 
 # -- the stack -----------------------------------------------------------------------------------
@@ -273,6 +292,20 @@ class Stack:
     def processes(self) -> list[int]:
         """Every live process of this stack (the four servers, executor workers, task runners)."""
         return stack_processes(self.stack_id, self.sessions)
+
+    def leftovers(self) -> list[str]:
+        """What is left of the stack after its exit: processes, a listening api-server, the
+        database (each a line; empty when everything is gone)."""
+        out = [f"process {pid}: {_cmdline(pid)}" for pid in self.processes()]
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            out.append(f"something still listens on 127.0.0.1:{self.port}")
+        if database_exists(self.database):
+            out.append(f"database {self.database} still exists")
+        return out
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
 
     def check_alive(self) -> None:
         dead = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}

@@ -39,7 +39,7 @@ def lab_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, S
             stack.wait_until_dag_parsed(DAG)
             lab.build_add(GOOD, nightly=True)
             yield lab, stack
-        assert stack.processes() == [], "airflow processes outlived the stack"
+        assert stack.leftovers() == [], "the airflow stack left something behind"
 
 
 def liftoff(stack: Stack, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:

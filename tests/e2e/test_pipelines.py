@@ -26,9 +26,15 @@ BLOCKED = "17.7.0+rnightly.1006.fffffff-0"
 BASE = "17.5.0-ee.0"
 
 
+def full_conf(dag, **conf) -> dict:
+    """Every param spelled out: dag.test() keeps the previous run's conf in dag.params."""
+    defaults = {"dry_run": False, "on_failure": "rollback", "allow_precheck_failure": None,
+                "quiet_period_seconds": 5}
+    return {k: v for k, v in {**defaults, **conf}.items() if k in dag.params}
+
+
 def run(dag, **conf) -> tuple[str, dict[str, str]]:
-    conf.setdefault("quiet_period_seconds", 5)
-    dr = dag.test(run_conf=conf)
+    dr = dag.test(run_conf=full_conf(dag, **conf))
     return dr.state, {ti.task_id: ti.state for ti in dr.get_task_instances()}
 
 
@@ -67,13 +73,33 @@ def test_invalid_version_is_refused_before_the_run(pipelines, e2e_lab: Lab):
     assert not installs_of(e2e_lab, "17.7.0; rm -rf /")
 
 
+def test_dry_run_plans_every_stage_and_touches_nothing(pipelines, e2e_lab: Lab):
+    dry = "17.7.0+rnightly.1000.9999999-0"
+    e2e_lab.build_add(dry, nightly=True)
+    audit = e2e_lab.config.path("state", "audit.log")
+    before = audit.read_text() if audit.exists() else ""
+    dag = pipelines["deploy_canary"]
+    dag_run = dag.test(run_conf=full_conf(dag, version=dry, dry_run=True))
+    assert dag_run.state == "success"
+    tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
+    assert tis["stage_6_canary_fleet.canary_verified"].state == "skipped"
+    plan = tis["stage_3_staging_fleet.deploy"].xcom_pull(task_ids="stage_3_staging_fleet.deploy")
+    assert plan["dry_run"] and {p["host"] for p in plan["plan"]} >= {"web-01-sv-gstg", "sidekiq-01-sv-gstg"}
+    after = audit.read_text() if audit.exists() else ""
+    changed = [line for line in after[len(before):].splitlines()
+               if not any(q in line for q in ("dpkg-query", "gitlab-ctl status", "db:migrate:status",
+                                                 "gitlab-chef-role show"))]
+    assert not installs_of(e2e_lab, dry)
+    assert changed == [], "a dry run only reads"
+
+
 def test_canary_deploys_a_good_build_through_six_stages(pipelines, e2e_lab: Lab):
     e2e_lab.build_add(GOOD, nightly=True)
     state, tasks = run(pipelines["deploy_canary"], version=GOOD)
     assert state == "success", tasks
-    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gstg").values())
-    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gprd-cny").values())
-    assert all(v == (BASE, BASE) for v in versions(e2e_lab, "gprd").values())
+    assert set(versions(e2e_lab, "gstg").values()) == {(GOOD, GOOD)}
+    assert set(versions(e2e_lab, "gprd-cny").values()) == {(GOOD, GOOD)}
+    assert set(versions(e2e_lab, "gprd").values()) == {(BASE, BASE)}
     staging_db, production_db = migrations(e2e_lab, "gstg"), migrations(e2e_lab, "gprd")
     assert any("regular" in m and "1001" in m for m in staging_db)
     assert any("post" in m and "1001" in m for m in staging_db)
@@ -97,7 +123,7 @@ def test_production_promotes_the_verified_build(pipelines, e2e_lab: Lab):
     state, tasks = run(pipelines["deploy_production"], version=GOOD)
     assert state == "success", tasks
     assert tasks["approval"] == "skipped"
-    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gprd").values())
+    assert set(versions(e2e_lab, "gprd").values()) == {(GOOD, GOOD)}
     assert any("post" in m and "1001" in m for m in migrations(e2e_lab, "gprd"))
     assert canary_main_weights(e2e_lab) == {5}
 
@@ -116,8 +142,8 @@ def test_qa_failure_halts_when_asked(pipelines, e2e_lab: Lab):
     assert tasks["stage_3_staging_fleet.qa"] == "failed"
     assert tasks["halt"] == "success" and tasks["rollback"] == "skipped"
     # halted: staging keeps the build QA rejected, canary is untouched; nothing left locked
-    assert all(v == (QA_BAD_HALT, QA_BAD_HALT) for v in fleet_hosts(e2e_lab, "gstg").values())
-    assert all(v == (GOOD, GOOD) for v in versions(e2e_lab, "gprd-cny").values())
+    assert set(fleet_hosts(e2e_lab, "gstg").values()) == {(QA_BAD_HALT, QA_BAD_HALT)}
+    assert set(versions(e2e_lab, "gprd-cny").values()) == {(GOOD, GOOD)}
     from liftoff.inventory import load_inventory
     from liftoff.store import Store
 
@@ -131,7 +157,7 @@ def test_qa_failure_rolls_back_when_asked(pipelines, e2e_lab: Lab):
     state, tasks = run(pipelines["deploy_canary"], version=QA_BAD_ROLLBACK, on_failure="rollback")
     assert state == "failed"
     assert tasks["rollback"] == "success"
-    assert all(v == (GOOD, GOOD) for v in fleet_hosts(e2e_lab, "gstg").values())
+    assert set(fleet_hosts(e2e_lab, "gstg").values()) == {(GOOD, GOOD)}
 
 
 def test_error_rate_build_is_stopped_and_rolled_back(pipelines, e2e_lab: Lab):
@@ -141,8 +167,8 @@ def test_error_rate_build_is_stopped_and_rolled_back(pipelines, e2e_lab: Lab):
     failed = {t for t, s in tasks.items() if s == "failed"}
     assert failed & {"stage_3_staging_fleet.qa", "stage_3_staging_fleet.quiet_period"}, tasks
     assert tasks["rollback"] == "success"
-    assert all(v == (GOOD, GOOD) for v in fleet_hosts(e2e_lab, "gstg").values())
-    assert all(v == (GOOD, GOOD) for v in fleet_hosts(e2e_lab, "gprd-cny").values())
+    assert set(fleet_hosts(e2e_lab, "gstg").values()) == {(GOOD, GOOD)}
+    assert set(fleet_hosts(e2e_lab, "gprd-cny").values()) == {(GOOD, GOOD)}
 
 
 def test_slow_build_is_stopped_by_the_alert_gate(pipelines, e2e_lab: Lab):
@@ -152,7 +178,7 @@ def test_slow_build_is_stopped_by_the_alert_gate(pipelines, e2e_lab: Lab):
     assert tasks["stage_3_staging_fleet.qa"] == "success"
     assert tasks["stage_3_staging_fleet.quiet_period"] == "failed"
     assert tasks["rollback"] == "success"
-    assert all(v == (GOOD, GOOD) for v in fleet_hosts(e2e_lab, "gstg").values())
+    assert set(fleet_hosts(e2e_lab, "gstg").values()) == {(GOOD, GOOD)}
 
 
 def _post_alert(lab: Lab, ends_in: timedelta) -> None:

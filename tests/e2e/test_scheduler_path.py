@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lab import processes
-from tests.airflow_stack import StackError, airflow_stack
+from tests.airflow_stack import Stack, StackError, airflow_stack
 from tests.labkit import Lab, running_lab
 
 pytestmark = [pytest.mark.airflow, pytest.mark.lab]
@@ -34,13 +34,12 @@ LIFTOFF = [str(Path(sys.executable).parent / "liftoff")]
 
 
 @pytest.fixture(scope="module")
-def lab_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, object]]:
+def lab_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Stack]]:
     with running_lab(tmp_path_factory.mktemp("sched-lab"), OCTET, "--install-seconds", "0.2") as lab:
-        stack_cm = airflow_stack(tmp_path_factory.mktemp("sched-airflow"), lab.env)
-        with stack_cm as stack:
+        with airflow_stack(tmp_path_factory.mktemp("sched-airflow"), lab.env) as stack:
             stack.wait_until_dag_parsed(DAG)
             yield lab, stack
-        assert stack.processes() == [], "airflow processes outlived the stack"
+        assert stack.leftovers() == [], "the airflow stack left something behind"
 
 
 def hosts(lab: Lab, env: str) -> dict[str, dict]:

@@ -498,3 +498,9 @@ def test_helpers():
         normalize_url("http://admin:pw@127.0.0.1:8080")
     assert decode_xcom('{"a": 1}') == {"a": 1} and decode_xcom("plain") == "plain" and decode_xcom(3) == 3
     assert "s3cret" not in repr(Credentials("http://x", USER, "s3cret", "tok"))
+
+
+def test_json_flag_after_the_command(fake):
+    code, out, _ = run_cli(fake, "lock", "gstg", "--reason", "CR-1 freeze", "--json")
+    assert code == 0
+    assert json.loads(out)["conf"] == {"environment": "gstg", "action": "lock", "reason": "CR-1 freeze"}
