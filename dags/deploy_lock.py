@@ -7,7 +7,7 @@ run's), recorded with who and why in the lock history.
 
 from __future__ import annotations
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag, get_current_context, task
 
 from liftoff_airflow import dagkit
 
@@ -20,10 +20,19 @@ def _environments() -> list[str]:
     return environment_names()
 
 
+def _refuse_unknown_conf() -> None:
+    """A misspelt conf key must not fall back to a default: refused before anything changes."""
+    from liftoff_airflow.conf_guard import refuse_unknown_conf
+
+    ctx = get_current_context()
+    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
+
+
 @task
 def change_lock() -> dict:
     from liftoff.operations import lock_env, unlock_env
 
+    _refuse_unknown_conf()
     p = dagkit.params()
     fn = lock_env if p["action"] == "lock" else unlock_env
     return fn(dagkit.run_handle(PIPELINE), p["environment"], p["reason"])

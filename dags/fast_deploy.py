@@ -11,7 +11,7 @@ in metric labels or notifications (``internal`` instead).
 
 from __future__ import annotations
 
-from airflow.sdk import Param, TriggerRule, dag, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from liftoff_airflow import dagkit
 
@@ -29,10 +29,19 @@ def _conf() -> tuple[str, str, str, bool]:
     return p["environment"], p["version"], p["reason"], bool(p["internal"])
 
 
+def _refuse_unknown_conf() -> None:
+    """A misspelt conf key must not fall back to a default: refused before anything changes."""
+    from liftoff_airflow.conf_guard import refuse_unknown_conf
+
+    ctx = get_current_context()
+    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
+
+
 @task
 def precheck() -> dict:
     from liftoff.operations import fast_precheck
 
+    _refuse_unknown_conf()
     env, version, reason, _ = _conf()
     return fast_precheck(dagkit.run_handle(PIPELINE), env, version, reason)
 

@@ -12,7 +12,7 @@ package later get the patch re-applied by the rollout until it is in the build.
 
 from __future__ import annotations
 
-from airflow.sdk import Param, TriggerRule, dag, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from liftoff_airflow import dagkit
 
@@ -26,8 +26,17 @@ def _environments() -> list[str]:
     return environment_names()
 
 
+def _refuse_unknown_conf() -> None:
+    """A misspelt conf key must not fall back to a default: refused before anything changes."""
+    from liftoff_airflow.conf_guard import refuse_unknown_conf
+
+    ctx = get_current_context()
+    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
+
+
 @task.branch
 def choose() -> str:
+    _refuse_unknown_conf()
     return "lift_halt_on_purpose" if dagkit.params()["action"] == "lift_halt" else "apply_patch"
 
 
@@ -68,8 +77,9 @@ def finalize() -> dict:
         "patch_id": Param(None, type=["null", "string"], pattern=PATCH_ID_PATTERN, title="Patch id",
                           description="The patch's id, e.g. security-2026-0042 (gitlab-patch apply ID). "
                                       "With lift_halt: the patch whose halt to lift (empty: every halt)."),
-        "patch": Param(None, type=["null", "string"], maxLength=200000, title="Patch",
-                       description="The patch text (kept with the record, with its SHA-256)."),
+        "patch": Param(None, type=["null", "string"], maxLength=262144, title="Patch",
+                       description="The patch text: the run keeps it whole, the patch record its SHA-256, "
+                                   "size and as much of the text as fits (about 1.5 kB)."),
         "roles": Param([], type="array", items={"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]{0,63}$"},
                        maxItems=20, uniqueItems=True, title="Roles",
                        description="Roles whose hosts get the patch, e.g. [web, api, sidekiq]."),

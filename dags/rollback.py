@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from airflow.sdk import Param, TriggerRule, dag, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from liftoff_airflow import dagkit
 from liftoff_airflow.operators import QAGateOperator, QuietPeriodSensor
@@ -35,9 +35,15 @@ def _conf() -> tuple:
 
 
 def _target() -> str:
-    from airflow.sdk import get_current_context
-
     return get_current_context()["ti"].xcom_pull(task_ids="safety_check")["target"]
+
+
+def _refuse_unknown_conf() -> None:
+    """A misspelt conf key must not fall back to a default: refused before anything changes."""
+    from liftoff_airflow.conf_guard import refuse_unknown_conf
+
+    ctx = get_current_context()
+    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
 
 
 @task
@@ -46,6 +52,7 @@ def safety_check() -> dict:
     from liftoff.operations import require_safe
     from liftoff.operations import safety_check as check
 
+    _refuse_unknown_conf()
     p = dagkit.params()
     result = check(dagkit.run_handle(PIPELINE), p["environment"], p.get("target_version"))
     if p["check_only"]:

@@ -10,7 +10,7 @@ continuous traffic); one run at a time.
 
 from __future__ import annotations
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag, get_current_context, task
 
 from liftoff.traffic import (
     DEFAULT_ENDPOINTS,
@@ -31,11 +31,20 @@ def _environments() -> list[str]:
     return environment_names()
 
 
+def _refuse_unknown_conf() -> None:
+    """A misspelt conf key must not fall back to a default: refused before anything changes."""
+    from liftoff_airflow.conf_guard import refuse_unknown_conf
+
+    ctx = get_current_context()
+    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
+
+
 @task
 def send_traffic() -> dict:
     from liftoff.inventory import load_inventory
     from liftoff.traffic import run_from_inventory
 
+    _refuse_unknown_conf()
     p = dagkit.params()
     return run_from_inventory(load_inventory(), p["environments"], rps=float(p["rps"]),
                               duration_s=float(p["duration_s"]), endpoints=p["endpoints"],

@@ -82,7 +82,7 @@ def inventory(config: LabConfig, topology: Topology | None = None) -> dict:
             "deploy_node": {"name": deploy.name, "address": deploy.addr},
             "roles": roles,
             # Lab alert rules fire within ~10 s, so a short window still catches a bad build.
-            "extra": {"quiet_period": {"window_s": 20, "interval_s": 2}},
+            "extra": {"quiet_period": {"window_s": 20, "interval_s": 2}, "app_port": config.app_port},
         }
     # The lab's QA jobs finish in seconds: poll often, give up early.
     qa = {"project": QA_PROJECT, "ref": QA_REF, "timeout": 300, "poll": 1}

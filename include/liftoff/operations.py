@@ -294,6 +294,12 @@ def begin_rollback(run: Run, env_name: str, target: str, mode: str, reason: str 
     except LockHeld as held:
         if held.lock.run_id != run.run_id:
             raise
+    for name in sharing_database(run.inventory, env.name):  # started since the safety check?
+        lock = run.store.get_lock(name)
+        if lock is not None and lock.run_id != run.run_id:
+            run.store.release(env.name, run.run_id)
+            raise LockHeld(lock, f"rollback of {env.name} stopped: {name} (same database) is now locked by "
+                                 f"{lock.who} (run {lock.run_id})")
     run.store.record_deployment(env.name, target, run.run_id, kind="rollback", status="running")
     run.metrics().rollback(env.name)
 
@@ -601,19 +607,19 @@ def unlock_env(run: Run, env_name: str, reason: str) -> dict:
 # -- canary weight -------------------------------------------------------------------------------------
 
 def parse_weight(weight: int | str) -> int | str:
-    """0..100 or drain/ready/maint (digits in text are a weight)."""
+    """0..100 or drain/ready/maint (ASCII digits in text, blanks around them, are a weight)."""
+    expected = f"canary weight must be 0..100 or one of {', '.join(pipeline.CANARY_STATES)}"
     if isinstance(weight, bool):
-        raise InvalidInput(f"canary weight must be 0..100 or one of {', '.join(pipeline.CANARY_STATES)}")
-    if isinstance(weight, str) and weight.strip().isdigit():
+        raise InvalidInput(f"{expected}, got {weight}")
+    if isinstance(weight, str) and re.fullmatch(r"[0-9]{1,3}", weight.strip()):
         weight = int(weight.strip())
     if isinstance(weight, int):
         if not 0 <= weight <= 100:
-            raise InvalidInput(f"canary weight must be within 0..100, got {weight}")
+            raise InvalidInput(f"canary weight must be within 0..100, got {str(weight)[:20]}")
         return weight
-    if weight in pipeline.CANARY_STATES:
+    if isinstance(weight, str) and weight in pipeline.CANARY_STATES:
         return weight
-    raise InvalidInput(f"canary weight must be 0..100 or one of {', '.join(pipeline.CANARY_STATES)}, "
-                       f"got {weight!r}")
+    raise InvalidInput(f"{expected}, got {str(weight)[:40]!r}" + ("..." if len(str(weight)) > 40 else ""))
 
 
 def canary_divergence(snap: dict[str, list[ServerState]], hosts: Iterable[str], main_backends: Iterable[str],

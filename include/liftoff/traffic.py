@@ -290,6 +290,26 @@ async def run_traffic(targets: Sequence[Target], *, rps: float, duration_s: floa
     return stats
 
 
+def alert_rules(window: str = "1m", error_ratio: float = 0.05, p95_s: float = 1.0) -> dict:
+    """Prometheus rules on the traffic metrics (Prometheus scraping the Pushgateway with
+    ``honor_labels``): alerts carry the ``env`` label, so the environment's quiet period sees
+    them. Counters left on the gateway after a run stop moving, so the alerts clear."""
+    requests = f"sum by (env) (rate(liftoff_traffic_requests_total{{job=\"{JOB}\"}}[{window}]))"
+    errors = f"sum by (env) (rate(liftoff_traffic_errors_total{{job=\"{JOB}\"}}[{window}]))"
+    buckets = f"liftoff_traffic_request_duration_seconds_bucket{{job=\"{JOB}\"}}[{window}]"
+    latency = f"histogram_quantile(0.95, sum by (env, le) (rate({buckets})))"
+    return {"groups": [{"name": "liftoff_traffic", "rules": [
+        {"alert": "SyntheticTrafficErrors", "expr": f"{errors} / {requests} > {error_ratio}", "for": "30s",
+         "labels": {"severity": "critical"},
+         "annotations": {"summary": "{{ $labels.env }}: {{ $value | humanizePercentage }} of synthetic "
+                                    "requests fail"}},
+        {"alert": "SyntheticTrafficSlow", "expr": f"{latency} > {p95_s}", "for": "30s",
+         "labels": {"severity": "warning"},
+         "annotations": {"summary": "{{ $labels.env }}: synthetic p95 latency "
+                                    "{{ $value | humanizeDuration }}"}},
+    ]}]}
+
+
 def run_from_inventory(inventory: Inventory, envs: Iterable[str], *, rps: float, duration_s: float,
                        endpoints: Sequence[str] | None = None, concurrency: int = 16,
                        push_interval_s: float = 5.0) -> dict:

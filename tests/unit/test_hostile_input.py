@@ -185,6 +185,14 @@ def test_unknown_environment_is_named(inventory, name: str):
         inventory.env(name)
 
 
+@pytest.mark.xfail(strict=True, reason="Inventory.env echoes an unknown environment name whole: a 10k-character "
+                                       "name makes a 10k-character message (truncate it in liftoff.inventory)")
+def test_an_unknown_environment_is_named_briefly(inventory):
+    with pytest.raises(InventoryError) as caught:
+        inventory.env("x" * 10_000)
+    assert_clear(str(caught.value), r"unknown environment")
+
+
 @pytest.mark.parametrize("roles", [["webb"], ["web", "$(id)"], ["../web"], ["web\n"], [""], ["w" * 10_000]])
 def test_unknown_or_hostile_role_is_refused(inventory, roles: list[str]):
     with pytest.raises(LiftoffError, match="role"):
@@ -209,6 +217,14 @@ FULLWIDTH_50 = "\uff15\uff10"
 def test_canary_weight_is_refused(weight: object):
     with pytest.raises(InvalidInput, match="canary weight"):
         parse_weight(weight)
+
+
+@pytest.mark.xfail(strict=True, reason="parse_weight echoes the value whole: a 10k-character weight makes a "
+                                       "10k-character message (truncate it in liftoff.operations)")
+def test_a_hostile_canary_weight_is_named_briefly():
+    with pytest.raises(InvalidInput) as caught:
+        parse_weight("x" * 10_000)
+    assert_clear(str(caught.value), r"canary weight")
 
 
 def test_canary_weight_form_refuses_non_ascii_digits(bag):

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
+import shutil
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from liftoff import operations as ops
@@ -191,8 +195,6 @@ def test_patch_detail_keeps_the_text_and_its_hash():
     assert len(detail) <= ops.PATCH_DETAIL_CHARS
     assert data["truncated"] is True and big_text.startswith(data["patch"]) and len(data["patch"]) > 1000
     assert data["bytes"] == len(big_text.encode())
-    import hashlib
-
     assert data["sha256"] == hashlib.sha256(big_text.encode()).hexdigest()
 
 
@@ -276,9 +278,11 @@ def test_canary_divergence():
 
 def test_parse_weight():
     assert ops.parse_weight(0) == 0 and ops.parse_weight("25") == 25 and ops.parse_weight("drain") == "drain"
-    for bad in (101, -1, True, "half", "10%"):
-        with pytest.raises(InvalidInput):
+    assert ops.parse_weight(" 7\n") == 7
+    for bad in (101, -1, True, "half", "10%", "\uff15\uff10", "1000", None, 2.5, "x" * 10_000):
+        with pytest.raises(InvalidInput) as err:
             ops.parse_weight(bad)
+        assert len(str(err.value)) < 200
 
 
 # -- metrics -------------------------------------------------------------------------------------------
@@ -395,7 +399,7 @@ def test_traffic_counts_errors_and_cookies():
             pushed: list[str] = []
             stats = await traffic.run_traffic(targets, rps=20, duration_s=1.0, endpoints=["/", "/boom"],
                                               concurrency=4, push=lambda s, rps: pushed.append(s.env) or True,
-                                              push_interval_s=0.3)
+                                              push_interval_s=0.05)
             return stats, pushed
         finally:
             await runner.cleanup()
@@ -403,12 +407,14 @@ def test_traffic_counts_errors_and_cookies():
     stats, pushed = asyncio.run(go())
     for env in ("gstg", "gprd-cny"):
         s = stats[env].summary()
-        assert 15 <= s["requests"] <= 21, s  # 20 a second for one second, never more
+        assert s["requests"] + s["skipped"] in (20, 21), s  # 20 ticks a second for one second
+        assert s["requests"] >= 10, s
         assert s["errors"] == s["codes"]["500"] and set(s["codes"]) == {"200", "500"}
         assert abs(s["codes"]["200"] - s["codes"]["500"]) <= 1  # endpoints in turn
         assert stats[env].errors == {"/boom": s["errors"]} and s["p95_s"] is not None
     assert {c for _, c in seen} == {None, "gitlab_canary=true"}
-    assert pushed.count("gstg") >= 2 and pushed[-2:] in (["gstg", "gprd-cny"], ["gprd-cny", "gstg"])
+    assert pushed.count("gstg") >= 2  # while it runs, and once at the end
+    assert sorted(pushed[-2:]) == ["gprd-cny", "gstg"]
 
 
 def test_traffic_is_bounded_when_the_environment_is_slow():
@@ -427,8 +433,10 @@ def test_traffic_is_bounded_when_the_environment_is_slow():
             await runner.cleanup()
 
     s = asyncio.run(go())["gstg"].summary()
-    # two workers, each request times out after 0.2 s: about 10 sent, the other ticks skipped
-    assert s["requests"] <= 16 and s["skipped"] >= 30 and s["codes"] == {"error": s["requests"]}
+    # two workers whose requests take 0.2 s each (timeout) and a queue of two: at most about 14 of
+    # the 50 ticks become requests, the others are skipped instead of piling up
+    assert s["requests"] + s["skipped"] in (50, 51)
+    assert s["requests"] <= 16 and s["codes"] == {"error": s["requests"]}
     assert s["errors"] == s["requests"] and "TimeoutError" in s["last_error"]
 
 
@@ -532,3 +540,18 @@ def test_bad_conf_is_refused_at_trigger_time(dagbag):
             assert params_ok(dag, conf), (dag_id, conf)
         for conf in bad:
             assert not params_ok(dag, conf), (dag_id, conf)
+
+
+def test_traffic_alert_rules_are_valid_prometheus_rules(tmp_path):
+    rules = traffic.alert_rules(window="2m", error_ratio=0.1)
+    exprs = [r["expr"] for r in rules["groups"][0]["rules"]]
+    assert 'liftoff_traffic_errors_total{job="liftoff_traffic"}[2m]' in exprs[0]
+    assert exprs[0].endswith("> 0.1")
+    assert all("by (env" in e for e in exprs)
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

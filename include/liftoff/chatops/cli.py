@@ -409,8 +409,9 @@ def run_summary(client: AirflowClient, dag_id: str, run: Mapping[str, Any]) -> d
 
 def cmd_status(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
     report: dict[str, Any] = {}
-    for dag_id in args.dag or STATUS_DAGS:
-        validate_name("name", dag_id)
+    dags = [validate_name("name", d) for d in (args.dag or STATUS_DAGS)]
+    _int_range(args.limit, 1, 100, "--limit")
+    for dag_id in dags:
         dag = client.dag(dag_id)
         if dag is None:
             report[dag_id] = {"exists": False, "runs": []}
