@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := openssh-server openssh-client haproxy prometheus prometheus-alertmanager prometheus-pushgateway
 ENV := source $(ROOT)/scripts/env.sh &&
 
-.PHONY: setup apt venv airflow-db demo test test-unit lint bench lab-up lab-down lab-status clean
+.PHONY: setup apt venv airflow-db demo test test-e2e test-unit lint bench lab-up lab-down lab-status clean
 
 setup: apt venv airflow-db
 
@@ -39,6 +39,9 @@ demo: setup
 
 test: setup
 	$(ENV) python -m pytest -q tests
+
+test-e2e: setup
+	$(ENV) python -m pytest -q tests/e2e
 
 test-unit: setup
 	$(ENV) python -m pytest -q tests/unit
