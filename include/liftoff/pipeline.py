@@ -13,6 +13,7 @@ import logging
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from liftoff import chef, fleet, migrations
@@ -128,6 +129,15 @@ def check_halt(run: Run, version: str) -> dict:
                      f"that includes it or lift the halt with a reason")
 
 
+# -- change lock ---------------------------------------------------------------------------------
+
+def in_weekly_change_lock(now: datetime) -> bool:
+    """GitLab's weekly production change lock: Friday 23:00 UTC to Monday 06:00 UTC."""
+    now = now.astimezone(UTC)
+    day, hour = now.weekday(), now.hour  # Monday is 0
+    return (day == 4 and hour >= 23) or day in (5, 6) or (day == 0 and hour < 6)
+
+
 # -- prechecks ---------------------------------------------------------------------------------
 
 async def _installed_versions(run: Run, env: Environment) -> dict[str, str | None]:
@@ -138,7 +148,7 @@ async def _installed_versions(run: Run, env: Environment) -> dict[str, str | Non
 
 
 def precheck(run: Run, env_name: str, version: str, *, override_reason: str | None = None,
-             severities: tuple[str, ...] = ("critical",)) -> dict:
+             severities: tuple[str, ...] = ("critical",), now: datetime | None = None) -> dict:
     """Fail closed before changing an environment: critical alerts (or Alertmanager down), a
     lock held by another run, a server out of service in HAProxy that no liftoff record
     explains, an unreachable LB, hosts on versions other than one previous and the target.
@@ -146,6 +156,10 @@ def precheck(run: Run, env_name: str, version: str, *, override_reason: str | No
     env = run.env(env_name)
     version = str(parse_version(version))
     failures: list[str] = []
+
+    if env.extra.get("change_lock") == "weekly" and in_weekly_change_lock(now or datetime.now(UTC)):
+        failures.append("change lock: the weekly production change lock is on (Friday 23:00 to "
+                        "Monday 06:00 UTC); an emergency needs an override reason")
 
     gate = AlertClient.from_settings(run.inventory).check(dict(env.alert_matchers), severities)
     if not gate.ok:
