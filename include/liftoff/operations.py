@@ -36,7 +36,7 @@ from liftoff.errors import (
     RollbackRefused,
 )
 from liftoff.haproxy import HAProxy, ServerState
-from liftoff.inventory import Environment, HostRef, Inventory
+from liftoff.inventory import Environment, HostRef, Inventory, load_inventory
 from liftoff.metrics import REDACTED, PipelineMetrics
 from liftoff.pipeline import Run
 from liftoff.store import Deployment
@@ -87,8 +87,6 @@ def environment_names(inventory: Inventory | None = None) -> list[str]:
     """The inventory's environments (GitLab.com's three when no inventory can be read)."""
     if inventory is None:
         try:
-            from liftoff.inventory import load_inventory
-
             inventory = load_inventory()
         except LiftoffError:
             return list(DEFAULT_ENVIRONMENTS)
@@ -155,14 +153,16 @@ def rollback_target(deployments: Sequence[Deployment]) -> tuple[str | None, str 
     """(current, default target) from the environment's records, newest first.
 
     Current: the version of the newest record, whatever its status (a failed or halted deploy
-    counts: its hosts may be half on it). Target: the newest successful deploy or rollback of an
+    counts: its hosts may be half on it), except a rollback that did not finish (running it
+    again aims at the same target). Target: the newest successful deploy or rollback of an
     older version, so a second rollback goes further back, never forward to what was rolled
     back from."""
-    if not deployments:
+    records = [d for d in deployments if d.kind != "rollback" or d.status == "success"]
+    if not records:
         return None, None
-    current = deployments[0].version
+    current = records[0].version
     now = parse_version(current)
-    for d in deployments:
+    for d in records:
         if d.status == "success" and parse_version(d.version) < now:
             return current, d.version
     return current, None
@@ -270,10 +270,12 @@ def shield_traffic(run: Run, env_name: str) -> dict:
     canary = canary_env_of(run.inventory, env.name)
     if canary is not None:
         result = pipeline.canary_weight(run, "drain", canary_env=canary, force=True)
-        return {"action": f"drained canary {canary}", "result": result}
+        return {"action": f"drained canary {canary}", "result": result,
+                "note": f"{canary} stays drained: canary_weight ready once it is wanted again"}
     if env.is_canary:
         result = pipeline.canary_weight(run, 0, canary_env=env.name, force=True)
-        return {"action": f"canary {env.name} weight 0", "result": result}
+        return {"action": f"canary {env.name} weight 0", "result": result,
+                "note": "the canary stays at weight 0: set canary_weight once it is wanted again"}
     return {"action": "none"}
 
 

@@ -116,6 +116,14 @@ def test_rollback_target_follows_the_records(store):
     assert ops.rollback_target(store.deployments("gprd")) == (V1, None)
     store.record_deployment("gprd", V3, "run-3", status="success")
     assert ops.rollback_target(store.deployments("gprd")) == (V3, V1)
+    # a rollback that failed half way: running it again aims at the same target
+    store.record_deployment("gprd", V1, "rb-2", kind="rollback", status="failed")
+    assert ops.rollback_target(store.deployments("gprd")) == (V3, V1)
+    # deploy_canary's own rollback marks its deploy rolled_back and records the rollback
+    store.record_deployment("gprd", "17.8.0-ee.0", "run-4", status="running")
+    store.record_deployment("gprd", V3, "run-4", kind="rollback", status="success")
+    store.record_deployment("gprd", "17.8.0-ee.0", "run-4", status="rolled_back")
+    assert ops.rollback_target(store.deployments("gprd")) == (V3, V1)
 
 
 def check(safe=False, overridable=True, reasons=("1 post-deployment migration(s) newer",)):
