@@ -46,9 +46,13 @@ def canary_weight_zero() -> dict:
 
 @task(outlets=[CANARY_VERIFIED])
 def canary_verified(version: str):
-    """Emit the Asset event that may start deploy_production (never for a dry run)."""
+    """Lift the halts of patches this build includes, and emit the Asset event that may start
+    deploy_production (never for a dry run)."""
+    from liftoff.pipeline import lift_halts_included
+
     if dagkit.params()["dry_run"]:
         raise AirflowSkipException("dry run: nothing was verified")
+    lift_halts_included(dagkit.run_handle(PIPELINE), version)
     yield Metadata(CANARY_VERIFIED, extra={"version": version})
 
 

@@ -116,17 +116,27 @@ def resolve_version(run: Run, requested: str | None, scheduled: bool) -> str:
 
 def check_halt(run: Run, version: str) -> dict:
     """Refuse while a post-deployment patch halts canary deploys, unless this build includes
-    the patch (which lifts the halt)."""
+    the patch (the halt is lifted once the build is verified on canary)."""
     halt = run.store.active_halt()
     if halt is None:
         return {"halted": False}
     included = build_info(run.inventory, version).get("includes_patches") or []
     if halt.patch_id and halt.patch_id in included:
-        run.store.lift_halt(run.who, f"build {version} includes patch {halt.patch_id}", halt.patch_id)
-        return {"halted": False, "lifted": halt.patch_id}
+        return {"halted": True, "lifts_with_this_build": halt.patch_id}
     raise HaltActive(f"canary deploys are halted by post-deployment patch {halt.patch_id or '?'} "
                      f"({halt.reason}, by {halt.who} since {halt.since:%Y-%m-%d %H:%M}Z): deploy a build "
                      f"that includes it or lift the halt with a reason")
+
+
+def lift_halts_included(run: Run, version: str) -> list[str]:
+    """After the build is verified on canary: lift the halts of the patches it includes."""
+    included = set(build_info(run.inventory, version).get("includes_patches") or [])
+    lifted = []
+    for halt in run.store.active_halts():
+        if halt.patch_id and halt.patch_id in included:
+            run.store.lift_halt(run.who, f"build {version} includes patch {halt.patch_id}", halt.patch_id)
+            lifted.append(halt.patch_id)
+    return lifted
 
 
 # -- change lock ---------------------------------------------------------------------------------

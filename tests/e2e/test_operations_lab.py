@@ -241,8 +241,11 @@ def test_patch_halts_deploy_canary_until_a_build_includes_it(lab, dagbag, capfd)
     assert on_version(lab, "gstg", BASE) and store().active_halt().patch_id == PATCH
 
     lab.build_add(WITH_PATCH, includes_patches=[PATCH])
-    lifted = run_dag(dagbag, "deploy_canary", {"version": WITH_PATCH}, only=["resolve_version"])
-    assert lifted.state == "success" and lifted.xcom("resolve_version") == WITH_PATCH
+    started = run_dag(dagbag, "deploy_canary", {"version": WITH_PATCH}, only=["resolve_version"])
+    assert started.state == "success" and started.xcom("resolve_version") == WITH_PATCH
+    assert store().active_halt().patch_id == PATCH, "lifted only once canary runs the build"
+    lifted = run_dag(dagbag, "deploy_canary", {"version": WITH_PATCH, "quiet_period_seconds": 1})
+    assert lifted.state == "success"
     s = store()
     assert s.active_halt() is None
     assert s.halts()[0].lifted_reason == f"build {WITH_PATCH} includes patch {PATCH}"
