@@ -7,16 +7,26 @@ server is drained or in maintenance on any load balancer without a liftoff drain
 by a run that is over, and every command a host ran for liftoff (labd's audit.log) is in
 liftoff's own audit trail, with its exit code.
 
-| fault | how it is caused | expected |
-|---|---|---|
-| a host becomes unreachable mid-batch | labd's ``host-down`` right after the host's package install (a Remote that injects it at that moment: deterministic) | the rollout stops after that batch; the host is failed, drained on every LB and recorded; the others UP; once the host is back a retry of the same run repairs it and finishes |
-| one production LB is down | its HAProxy process stopped | canary weight, rollout and precheck fail closed naming the LB; the other LB unchanged; nothing touched |
-| an LB dies between the snapshot and the drain | stopped while the drain record is written | the drain says which LB has it and which not; the host is failed with its record; a retry with the LB back finishes |
-| Alertmanager down | its connection points at a closed port | the alert check and precheck fail closed, the quiet-period trigger fails |
-| GitLab API (QA) down | idem | the QA operator and trigger fail closed, naming no token |
-| Pushgateway down (refusing, or silent) | idem | pushes return False with a warning; a deploy still finishes |
-| two deploys at once on one environment | two threads, a barrier, ``begin_env`` | one wins; the other fails naming the holder; the loser ran no command |
-| hostile input | every engine entry point x bad values | refused with a message before anything is touched (audit.log unchanged) |
+Fault (how it is caused) -> expected:
+
+* a host becomes unreachable mid-batch (labd's ``host-down`` right after the host's package
+  install, injected by a Remote at that very moment: deterministic) -> the rollout stops after
+  that batch; the host is failed, drained on every LB and recorded; the others UP; once the
+  host is back a retry of the same run repairs it and finishes.
+* one production LB is down (its HAProxy process stopped) -> canary weight, rollout and
+  precheck fail closed naming the LB; the other LB unchanged; nothing touched.
+* an LB dies between the snapshot and the drain (stopped while the drain record is written)
+  -> the drain says which LB has it and which not; the host is failed with its record; a
+  retry with the LB back finishes.
+* Alertmanager down (its connection at a closed port) -> the alert check and the precheck fail
+  closed, the quiet-period trigger fails.
+* GitLab API (QA) down -> the QA operator and trigger fail closed, naming no token.
+* Pushgateway down (refusing, or silent) -> pushes return False with a warning; a deploy
+  still finishes.
+* two deploys at once on one environment (two threads, a barrier, ``begin_env``) -> one
+  wins; the other fails naming the holder; the loser ran no command.
+* hostile input (every engine entry point x bad values) -> refused with a message before
+  anything is touched (audit.log unchanged).
 """
 
 from __future__ import annotations
@@ -261,7 +271,8 @@ def restart_lbs(lab: Lab) -> None:
     processes.up(lab.config, log=lambda _: None)  # starts only what is not running
     env = load_inventory().env("gprd")
     lab.wait_for("every gprd LB to answer, every server passing its health check", lambda: all(
-        s.status in ("UP", "DRAIN") for states in HAProxy.for_env(env).snapshot().values() for s in states), 60)
+        s.status in ("UP", "DRAIN") for states in HAProxy.for_env(env).snapshot().values() for s in states),
+        60)
 
 
 def test_one_production_lb_down_fails_closed_naming_it(lab: Lab, run):
@@ -302,7 +313,8 @@ class LBKillingStore(Store):
         record = super().record_drained(*args, **kwargs)
         if not self.killed and self.lab is not None:
             self.killed = True
-            assert processes.stop_pids([processes.running_pid(self.lab.config, "haproxy-fe-02-lb-gprd")]) == []
+            pid = processes.running_pid(self.lab.config, "haproxy-fe-02-lb-gprd")
+            assert processes.stop_pids([pid]) == []
         return record
 
 
@@ -346,7 +358,8 @@ def test_alertmanager_down_gates_fail_closed(lab: Lab, run, monkeypatch):
     before = mark(lab, run.store)
     inventory = load_inventory()
     gate = AlertClient.from_settings(inventory).check({"env": "gstg"})
-    assert not gate.ok and "fail closed" in gate.reason and "unreachable" in gate.reason and url in gate.reason
+    assert not gate.ok and "fail closed" in gate.reason
+    assert "unreachable" in gate.reason and url in gate.reason
     with pytest.raises(pipeline.PrecheckFailed, match="alerts: .*unknown \\(fail closed\\)"):
         pipeline.precheck(run, "gstg", V2)
     period = QuietPeriod(window_s=5, interval_s=1, fail_on_alert=True)
@@ -450,7 +463,8 @@ def test_pushgateway_down_is_logged_and_never_fails_a_deploy(lab: Lab, run, monk
 def test_two_deploys_at_once_one_runs_the_other_fails_naming_the_holder(lab: Lab):
     FIGURES["faults tried"] += 1
     suffix = time.monotonic_ns()
-    runs = [pipeline.Run(run_id=f"race-{who}-{suffix}", who=who, pipeline="deploy_canary") for who in ("alice", "bob")]
+    runs = [pipeline.Run(run_id=f"race-{who}-{suffix}", who=who, pipeline="deploy_canary")
+            for who in ("alice", "bob")]
     store = runs[0].store
     before = mark(lab, store)
     barrier = threading.Barrier(len(runs))
@@ -537,7 +551,7 @@ def test_hostile_input_is_refused_before_any_host_is_touched(lab: Lab, run):
                 call(value)
             message = str(caught.value)
             assert "\n" not in message and "\x00" not in message, (name, message[:200])
-            if len(message) >= 600:  # a 10k value echoed whole: see the xfails in tests/unit/test_hostile_input.py
+            if len(message) >= 600:  # a 10k value echoed whole: see the xfails in test_hostile_input.py
                 FIGURES["refusals echoing a 10k value whole"] += 1
             refused.append(name)
             FIGURES["hostile inputs refused (lab)"] += 1

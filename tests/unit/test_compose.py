@@ -59,6 +59,7 @@ BUILD_KEYS = {"context", "dockerfile", "dockerfile_inline", "args", "ssh", "cach
               "additional_contexts", "extra_hosts", "isolation", "labels", "network", "no_cache", "platforms",
               "privileged", "pull", "secrets", "shm_size", "tags", "target", "ulimits", "entitlements"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+EMBEDDED_CODE = ("LIFTOFF_CREATE_STATE_DB", "LIFTOFF_LAB_CONNECTIONS_PY")  # code in variables, not settings
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,8 @@ def test_airflow_commands_exist_in_this_airflow():
 
     parser = get_parser()
     for argv in (["api-server"], ["scheduler"], ["dag-processor"], ["triggerer"], ["db", "migrate"],
-                 ["config", "list"], ["version"], ["jobs", "check", "--job-type", "DagProcessorJob", "--local"],
+                 ["config", "list"], ["version"],
+                 ["jobs", "check", "--job-type", "DagProcessorJob", "--local"],
                  ["jobs", "check", "--job-type", "TriggererJob", "--local"]):
         parser.parse_args(argv)  # exits on an unknown command
 
@@ -171,15 +173,17 @@ def test_airflow_option_names_exist(services: dict):
     from airflow.configuration import conf
 
     described = conf.configuration_description
-    provider_options = {("celery", "broker_url"), ("celery", "result_backend")}  # celery provider, in the image
+    # the celery provider's, which the apache/airflow image has
+    provider_options = {("celery", "broker_url"), ("celery", "result_backend")}
     for name, svc in services.items():
         for key in env_of(svc):
             m = re.fullmatch(r"AIRFLOW__([A-Z0-9_]+?)__([A-Z0-9_]+)", key)
             if not m:
                 continue
             section, option = m.group(1).lower(), m.group(2).lower()
-            option = option.removesuffix("_cmd").removesuffix("_secret") if option.endswith("_cmd") else option
-            known = option in described.get(section, {}).get("options", {}) or (section, option) in provider_options
+            option = option.removesuffix("_cmd")
+            known = (option in described.get(section, {}).get("options", {})
+                     or (section, option) in provider_options)
             assert known, f"{name}: {key} is not an Airflow 3.3 option"
 
 
@@ -188,7 +192,7 @@ def test_liftoff_variable_names_are_read_by_liftoff(services: dict):
                      for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts)
     for name, svc in services.items():
         for key in env_of(svc):
-            if key.startswith("LIFTOFF_") and key not in ("LIFTOFF_CREATE_STATE_DB", "LIFTOFF_LAB_CONNECTIONS_PY"):
+            if key.startswith("LIFTOFF_") and key not in EMBEDDED_CODE:
                 assert f'"{key}"' in code, f"{name}: nothing reads {key}"
 
 
@@ -227,7 +231,7 @@ def test_dependencies_exist_and_form_no_cycle(services: dict):
             assert dep in services, f"{name} depends on unknown {dep}"
             assert condition in CONDITIONS, (name, dep, condition)
             if condition == "service_healthy":
-                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy: it has no check"
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy: no check"
             if not in_lab_profile(services[name]):
                 assert not in_lab_profile(services[dep]), f"{name} (no profile) depends on lab-only {dep}"
     state: dict[str, str] = {}
@@ -291,7 +295,8 @@ def test_bind_mounts_exist_and_match_the_env(services: dict):
                 rel = source[2:].rstrip("/")
                 assert (ROOT / rel).exists() or rel in RUNTIME_DIRS, f"{name}: {source} does not exist"
         env = env_of(svc)
-        for key, source in (("AIRFLOW__CORE__DAGS_FOLDER", "./dags"), ("AIRFLOW__CORE__PLUGINS_FOLDER", "./plugins")):
+        for key, source in (("AIRFLOW__CORE__DAGS_FOLDER", "./dags"),
+                            ("AIRFLOW__CORE__PLUGINS_FOLDER", "./plugins")):
             if key in env and name in AIRFLOW_SERVICES:
                 assert targets.get(env[key]) == source, (name, key)
         if name in AIRFLOW_SERVICES:
@@ -302,7 +307,8 @@ def test_bind_mounts_exist_and_match_the_env(services: dict):
         for key in ("LIFTOFF_INVENTORY", "LIFTOFF_CONNECTIONS", "LIFTOFF_LAB_DIR"):
             if key in env:
                 assert lab_dir is not None, f"{name}: {key} points into the lab volume, not mounted here"
-                assert interpolate(env[key]).startswith(lab_dir + "/") or interpolate(env[key]) == lab_dir, key
+                value = interpolate(env[key])
+                assert value.startswith(lab_dir + "/") or value == lab_dir, key
 
 
 def test_runtime_directories_are_not_code(services: dict):
@@ -346,9 +352,11 @@ def test_images_install_liftoff_like_make_setup(services: dict):
     assert "pip install -q --no-deps -e ." in makefile
     for name in ("airflow-init", "lab"):
         steps = " ".join(dockerfile_steps(dockerfile(services[name])))
-        assert re.search(r"pip install --no-cache-dir -r \S*requirements\.txt -c \S*constraints\.txt", steps), name
+        pinned = r"pip install --no-cache-dir -r \S*requirements\.txt -c \S*constraints\.txt"
+        assert re.search(pinned, steps), name
         assert re.search(r"pip install --no-cache-dir --no-deps /opt/liftoff/src", steps), name
-        assert "COPY --chown=airflow:0 requirements.txt constraints.txt pyproject.toml /opt/liftoff/src/" in steps
+        copy = "COPY --chown=airflow:0 requirements.txt constraints.txt pyproject.toml /opt/liftoff/src/"
+        assert copy in steps, name
 
 
 def test_lab_image_has_the_makefile_s_debian_packages(services: dict):
@@ -444,7 +452,8 @@ def test_lab_connections_snippet_writes_what_liftoff_reads(services: dict, tmp_p
     monkeypatch.setenv("LIFTOFF_LAB_DIR", str(lab_dir))
     monkeypatch.setenv("LIFTOFF_CONNECTIONS", str(target))
     monkeypatch.setenv("LIFTOFF_STATE_URL", interpolate(env["LIFTOFF_STATE_URL"]))
-    exec(compile(interpolate(env["LIFTOFF_LAB_CONNECTIONS_PY"]), "lab:LIFTOFF_LAB_CONNECTIONS_PY", "exec"), {})
+    snippet = compile(interpolate(env["LIFTOFF_LAB_CONNECTIONS_PY"]), "lab:connections", "exec")
+    exec(snippet, {})
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
     monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", "true")
     for key in [k for k in os.environ if k.startswith("AIRFLOW_CONN_")]:

@@ -66,7 +66,8 @@ def test_no_production_code_turns_host_key_checking_off():
 
 def test_the_allowed_mention_is_the_refusal():
     text = (ROOT / "include/liftoff/remote.py").read_text()
-    mentions = [ln for ln in text.splitlines() if "no_host_key_check" in ln and not ln.lstrip().startswith("a ")]
+    mentions = [ln for ln in text.splitlines()
+                if "no_host_key_check" in ln and not ln.lstrip().startswith("a ")]
     assert any("for key in (" in ln for ln in mentions), mentions
     assert "def check_host_key_policy" in text and "raise ConfigError" in text
 
@@ -174,7 +175,8 @@ def assert_no_secret(printed: str, password: bool = True) -> None:
 
 @pytest.mark.parametrize("argv", [
     ("status",), ("--json", "status"), ("deploy", "17.6.0-ee.0", "--dry-run"),
-    ("watch", "manual__2026-01-01T00:00:00+00:00", "--interval", "1"), ("lock", "gstg", "--reason", "incident 42"),
+    ("watch", "manual__2026-01-01T00:00:00+00:00", "--interval", "1"),
+    ("lock", "gstg", "--reason", "incident 42"),
 ])
 @pytest.mark.parametrize("auth", ["password", "token"])
 def test_cli_prints_no_secret_even_when_the_api_echoes_them(api: str, argv: tuple[str, ...], auth: str):
@@ -207,7 +209,7 @@ def test_credentials_and_client_never_show_secrets_in_repr():
                             "included; check userinfo first (or redact it) in liftoff.chatops.api")),
     pytest.param(f"http://127.0.0.1:8080/?token={TOKEN}", marks=pytest.mark.xfail(
         strict=True, reason="a query string is refused by echoing the URL, token included")),
-])
+], ids=["userinfo", "userinfo-and-bad-scheme", "token-in-query"])
 def test_cli_refuses_credentials_in_the_url_without_echoing_them(url: str):
     code, printed = cli("status", LIFTOFF_API_URL=url, LIFTOFF_API_USER="admin", LIFTOFF_API_PASSWORD="x" * 8)
     assert code == 2, printed
