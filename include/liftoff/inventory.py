@@ -193,7 +193,7 @@ class Inventory:
         except KeyError:
             known = ", ".join(self.environments) or "none"
             raise InventoryError(
-                f"unknown environment {name!r} (inventory {self.source or '?'} has: {known})") from None
+                f"unknown environment {_brief(name)} (inventory {self.source or '?'} has: {known})") from None
 
     def conn_id(self, purpose: str) -> str:
         """The Airflow connection id for ``ssh``, ``gitlab``, ``alertmanager``, ..."""
@@ -204,6 +204,12 @@ class Inventory:
 
 
 # -- loading --------------------------------------------------------------------------------
+
+def _brief(value: object, limit: int = 40) -> str:
+    """A value fit for an error message: quoted and bounded."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
 
 def load_inventory(path: str | os.PathLike[str] | None = None) -> Inventory:
     """Read and validate the inventory file (default: env ``LIFTOFF_INVENTORY``)."""

@@ -67,9 +67,11 @@ COMMON_PARAMS: dict[str, Param] = {
 def run_handle(pipeline: str):
     """The pipeline.Run for the current task (run id and who from the DAG run)."""
     from liftoff.pipeline import Run
+    from liftoff_airflow.conf_guard import refuse_unknown_conf
 
     ctx = get_current_context()
     dag_run = ctx["dag_run"]
+    refuse_unknown_conf(dag_run.conf, ctx["dag"].params)
     who = (dag_run.conf or {}).get("requested_by") or ("scheduler" if dag_run.run_type == "scheduled"
                                                          else "airflow-user")
     return Run(run_id=safe_run_id(dag_run.run_id), who=safe_run_id(str(who)), pipeline=pipeline)

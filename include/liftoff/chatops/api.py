@@ -91,10 +91,13 @@ class Credentials:
 
 def normalize_url(url: str) -> str:
     parsed = urllib.parse.urlsplit(url.strip())
-    if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query or parsed.fragment:
-        raise BadInput(f"LIFTOFF_API_URL must be an http(s) URL like {DEFAULT_URL}, got {url!r}")
+    # Never echo the URL: it may carry a password or a token.
     if parsed.username or parsed.password:
         raise BadInput("LIFTOFF_API_URL must not carry credentials: use LIFTOFF_API_USER/PASSWORD")
+    if parsed.query or parsed.fragment:
+        raise BadInput("LIFTOFF_API_URL must not carry a query string or fragment")
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise BadInput(f"LIFTOFF_API_URL must be an http(s) URL like {DEFAULT_URL}")
     return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
 
 
