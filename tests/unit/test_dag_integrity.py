@@ -88,3 +88,10 @@ def test_trigger_form_refuses_bad_conf(bag: DagBag, conf: dict):
                                      "16.3.202311291200-13bd0cc7c2a.3f6b8fe0f4d"])
 def test_trigger_form_takes_every_omnibus_format(bag: DagBag, version: str):
     _validate(bag.dags["deploy_canary"], {"version": version, "on_failure": "halt"})
+
+
+def test_auto_promotion_is_off_by_default_and_follows_the_canary_asset_when_on(monkeypatch):
+    assert DagBag(dag_folder=str(DAGS / "deploy_production.py")).dags["deploy_production"].schedule is None
+    monkeypatch.setenv("LIFTOFF_AUTO_PROMOTE", "true")
+    dag = DagBag(dag_folder=str(DAGS / "deploy_production.py")).dags["deploy_production"]
+    assert "liftoff://canary-verified" in repr(dag.timetable.asset_condition)
