@@ -6,9 +6,18 @@ separate processes, LocalExecutor, a fresh PostgreSQL database, auth on.
         run = stack.trigger("deploy_canary", {"version": "17.6.0-ee.0"})
         stack.wait_run("deploy_canary", run["dag_run_id"], timeout=600)
 
+``executor="celery"`` gives the distributed topology without Docker: CeleryExecutor with the
+local Redis (127.0.0.1:6379, a database 1-15 of its own, claimed with a key) as the broker, the
+result backend in the stack's PostgreSQL database, one ``airflow celery worker`` process more,
+and liftoff's state store in a PostgreSQL database of its own (``stack.state_url``, given to
+every process as ``LIFTOFF_STATE_URL``). ``stack.kill("scheduler")`` is a kill -9 of one
+component and everything it started; ``stack.start("scheduler")`` starts it again, same
+command line and environment.
+
 Everything binds to 127.0.0.1; the log servers are off. Every process carries a marker in its
 environment, so :func:`stack_processes` finds them all (task subprocesses included) and the
-exit stops every one of them (SIGTERM, then SIGKILL). The database is dropped afterwards.
+exit stops every one of them (SIGTERM, then SIGKILL). The databases are dropped and the Redis
+database flushed afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -41,6 +51,14 @@ PROCESSES = {
     "dag-processor": ["dag-processor"],
     "triggerer": ["triggerer", "--skip-serve-logs"],
 }
+# The Celery worker of executor="celery": no log server (the task logs are files under the
+# shared AIRFLOW_HOME), no mingle/gossip with workers of other stacks.
+WORKER = ["celery", "worker", "--concurrency", "{concurrency}", "--celery-hostname", "{worker_name}",
+          "--skip-serve-logs", "--without-mingle", "--without-gossip"]
+EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+REDIS = ("127.0.0.1", 6379)
+REDIS_DBS = range(1, 16)  # db 0 is left to whatever else uses this Redis
+REDIS_CLAIM_KEY = "liftoff:airflow-stack"
 
 
 class StackError(RuntimeError):
@@ -176,6 +194,51 @@ def database_exists(name: str) -> bool:
         conn.close()
 
 
+# -- Redis (the Celery broker) ----------------------------------------------------------------------
+
+def _redis(db: int):
+    import redis
+
+    return redis.Redis(host=REDIS[0], port=REDIS[1], db=db, socket_timeout=10, socket_connect_timeout=5)
+
+
+def claim_redis_db(stack_id: str) -> int:
+    """An empty Redis database (1-15, in random order) for this stack's broker, claimed with a key
+    set only if absent, so two stacks never share one."""
+    import redis
+
+    for db in random.sample(list(REDIS_DBS), len(REDIS_DBS)):
+        client = _redis(db)
+        try:
+            if client.set(REDIS_CLAIM_KEY, stack_id, nx=True):
+                if client.dbsize() == 1:
+                    return db
+                client.delete(REDIS_CLAIM_KEY)  # someone else's keys live here
+        except redis.RedisError as exc:
+            raise StackError(f"Redis at {REDIS[0]}:{REDIS[1]} (the Celery broker) does not answer: "
+                             f"{type(exc).__name__}: {exc}; start redis-server") from None
+        finally:
+            client.close()
+    raise StackError(f"no empty Redis database among {REDIS_DBS.start}-{REDIS_DBS.stop - 1} "
+                     f"on {REDIS[0]}:{REDIS[1]}")
+
+
+def flush_redis_db(db: int) -> None:
+    client = _redis(db)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def redis_db_size(db: int) -> int:
+    client = _redis(db)
+    try:
+        return int(client.dbsize())
+    finally:
+        client.close()
+
+
 # -- the stack -----------------------------------------------------------------------------------
 
 @dataclass
@@ -191,6 +254,11 @@ class Stack:
     env: dict[str, str] = field(repr=False)  # carries the JWT secret and the lab's tokens
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
     user: str = USER
+    executor: str = "local"
+    state_database: str | None = None  # liftoff's state store, when the stack has one
+    redis_db: int | None = None  # the Celery broker's Redis database (executor="celery")
+    commands: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    started: list[subprocess.Popen] = field(default_factory=list, repr=False)  # every one, ever
     _token: str | None = field(default=None, repr=False)
 
     # -- REST ----------------------------------------------------------------------------------
@@ -284,10 +352,90 @@ class Stack:
         raise StackError(f"run {run_id} of {dag_id} still {state} after {timeout:.0f}s; task states: "
                          f"{self.task_states(dag_id, run_id)}; logs in {self.logs}")
 
+    def running_task_instances(self, dag_id: str = "~", run_id: str = "~") -> list[dict]:
+        """Task instances in state ``running`` (every DAG and run by default)."""
+        page = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", state="running", limit=100)
+        return page.get("task_instances", [])
+
+    # -- the distributed set-up ----------------------------------------------------------------
+    @property
+    def state_url(self) -> str | None:
+        """SQLAlchemy URL of liftoff's state store (PostgreSQL), when the stack has one."""
+        return self.env.get("LIFTOFF_STATE_URL") if self.state_database else None
+
+    @property
+    def broker_url(self) -> str:
+        if self.redis_db is None:
+            raise StackError("this stack has no Celery broker (executor='local')")
+        return f"redis://{REDIS[0]}:{REDIS[1]}/{self.redis_db}"
+
+    def celery(self, action: str = "active", timeout: float = 3.0,
+               limit: int | None = None) -> dict[str, Any]:
+        """A Celery remote-control inspection (``ping``, ``active``, ``reserved``...) through the
+        stack's broker: ``{worker name: reply}``, empty when no worker answered within
+        ``timeout``; ``limit`` returns as soon as that many workers answered."""
+        from celery import Celery
+
+        app = Celery(broker=self.broker_url)
+        try:
+            return getattr(app.control.inspect(timeout=timeout, limit=limit), action)() or {}
+        finally:
+            app.close()
+
     # -- processes -----------------------------------------------------------------------------
     @property
     def sessions(self) -> list[int]:
-        return [p.pid for p in self.procs.values()]
+        return [p.pid for p in self.started]
+
+    def component_processes(self, name: str) -> list[int]:
+        """Live pids of one component: its process and everything it started (its session)."""
+        proc = self.procs.get(name)
+        if proc is None:
+            return []
+        return sorted(pid for pid in stack_processes(self.stack_id, [proc.pid])
+                      if (_stat(pid) or ("", -1))[1] == proc.pid)
+
+    def start(self, name: str) -> subprocess.Popen:
+        """Start one component (again): same command line and environment, log appended."""
+        if name in self.procs and self.procs[name].poll() is None:
+            raise StackError(f"{name} is already running (pid {self.procs[name].pid})")
+        out = open(self.logs / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(self.commands[name], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        self.procs[name] = proc
+        self.started.append(proc)
+        return proc
+
+    def kill(self, name: str, timeout: float = 15.0) -> list[int]:
+        """kill -9 one component and every process of its session (a Celery worker's pool and
+        task processes, say), as if its machine died; returns the pids killed."""
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            raise StackError(f"{name} is not running")
+        killed: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.component_processes(name)  # again: a process may have forked meanwhile
+            if not pids:
+                break
+            killed.update(pids)
+            _signal_all(pids, [proc.pid], signal.SIGKILL)
+            time.sleep(0.05)
+        proc.wait(timeout=timeout)
+        left = self.component_processes(name)
+        if left:
+            raise StackError(f"{name}: processes survived SIGKILL: {left}")
+        del self.procs[name]
+        return sorted(killed)
+
+    def listening(self) -> list[str]:
+        """``ip:port`` of every TCP socket the stack's processes listen on."""
+        import psutil
+
+        pids = set(self.processes())
+        return sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN and c.pid in pids)
 
     def processes(self) -> list[int]:
         """Every live process of this stack (the four servers, executor workers, task runners)."""
@@ -299,8 +447,11 @@ class Stack:
         out = [f"process {pid}: {_cmdline(pid)}" for pid in self.processes()]
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
             out.append(f"something still listens on 127.0.0.1:{self.port}")
-        if database_exists(self.database):
-            out.append(f"database {self.database} still exists")
+        for name in (self.database, self.state_database):
+            if name and database_exists(name):
+                out.append(f"database {name} still exists")
+        if self.redis_db is not None and redis_db_size(self.redis_db):
+            out.append(f"Redis database {self.redis_db} still holds {redis_db_size(self.redis_db)} key(s)")
         return out
 
     @property
@@ -383,9 +534,43 @@ def airflow_env(home: Path, db_url: str, port: int, password_file: Path, stack_i
     return {**base, **cfg, **extra}
 
 
+def celery_env(db_url: str, redis_db: int, concurrency: int) -> dict[str, str]:
+    """CeleryExecutor with the local Redis as the broker and the stack's database as the result
+    backend (the docker-compose.yml set-up, on loopback)."""
+    return {
+        "AIRFLOW__CORE__EXECUTOR": EXECUTORS["celery"],
+        "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS[0]}:{REDIS[1]}/{redis_db}",
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db_url,  # db+postgresql+psycopg2://: SQLAlchemy 2.1
+        # would pick psycopg 3 for a bare postgresql://
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
+        "AIRFLOW__CELERY__SYNC_PARALLELISM": "1",
+        # Airflow's default, said explicitly: a killed worker's task is never redelivered during
+        # a test; it is failed by its heartbeat timeout and retried by clearing it.
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
+    }
+
+
+def state_env(state_url: str) -> dict[str, str]:
+    """liftoff's state store for every process (and the lab's liftoff_state connection, too)."""
+    conn = {"conn_type": "generic", "extra": {"url": state_url}}
+    return {"LIFTOFF_STATE_URL": state_url,
+            "AIRFLOW_CONN_LIFTOFF_STATE": json.dumps(conn, separators=(",", ":"))}
+
+
 @contextlib.contextmanager
-def airflow_stack(tmp_dir: Path, env: dict[str, str], start_timeout: float = 180) -> Iterator[Stack]:
-    """Start a real Airflow in ``tmp_dir`` (its own AIRFLOW_HOME and database), stop it after."""
+def airflow_stack(tmp_dir: Path, env: dict[str, str], start_timeout: float = 180, *,
+                  executor: str = "local", concurrency: int = 4,
+                  state_db: bool | None = None) -> Iterator[Stack]:
+    """Start a real Airflow in ``tmp_dir`` (its own AIRFLOW_HOME and database), stop it after.
+
+    ``executor``: ``local`` (LocalExecutor) or ``celery`` (CeleryExecutor, Redis broker, one
+    worker of ``concurrency`` slots). ``state_db``: liftoff's state store in a fresh PostgreSQL
+    database (default: with celery only; otherwise the caller's ``env`` decides, e.g. the lab's
+    SQLite file). ``env`` is applied over the stack's settings, so a test can tune Airflow."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {sorted(EXECUTORS)}, not {executor!r}")
+    if state_db is None:
+        state_db = executor == "celery"
     tmp_dir = Path(tmp_dir)
     stack_id = secrets.token_hex(6)
     home = tmp_dir / "airflow"
@@ -399,31 +584,46 @@ def airflow_stack(tmp_dir: Path, env: dict[str, str], start_timeout: float = 180
         f.write(json.dumps({USER: password}) + "\n")
     port = free_port()
     database = f"liftoff_af_{stack_id}"
-    db_url = create_database(database)
-    proc_env = airflow_env(home, db_url, port, password_file, stack_id, dict(env))
-    stack = Stack(base_url=f"http://127.0.0.1:{port}", home=home, logs=logs, password=password,
-                  stack_id=stack_id, database=database, env=proc_env)
-    procs: list[subprocess.Popen] = []
+    state_database = f"liftoff_st_{stack_id}" if state_db else None
+    redis_db = claim_redis_db(stack_id) if executor == "celery" else None
+    stack: Stack | None = None
     try:
+        db_url = create_database(database)
+        settings: dict[str, str] = {}
+        if redis_db is not None:
+            settings.update(celery_env(db_url, redis_db, concurrency))
+        if state_database:
+            settings.update(state_env(create_database(state_database)))
+        proc_env = airflow_env(home, db_url, port, password_file, stack_id, {**settings, **env})
+        if state_database:
+            proc_env.update(state_env(settings["LIFTOFF_STATE_URL"]))  # over the lab's SQLite file
+        stack = Stack(base_url=f"http://127.0.0.1:{port}", home=home, logs=logs, password=password,
+                      stack_id=stack_id, database=database, env=proc_env, executor=executor,
+                      state_database=state_database, redis_db=redis_db)
         with open(logs / "db-migrate.log", "w") as out:
             migrate = subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=proc_env, stdout=out,
                                      stderr=subprocess.STDOUT, cwd=REPO_ROOT, timeout=300)
         if migrate.returncode != 0:
             raise StackError(f"airflow db migrate failed: {(logs / 'db-migrate.log').read_text()[-3000:]}")
-        for name, args in PROCESSES.items():
-            argv = [str(VENV_BIN / "airflow"), *(a.format(port=port) for a in args)]
-            out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-            proc = subprocess.Popen(argv, env=proc_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-            out.close()
-            procs.append(proc)
-            stack.procs[name] = proc
+        commands = dict(PROCESSES)
+        if executor == "celery":
+            commands["worker"] = WORKER
+        fill = {"port": port, "concurrency": concurrency, "worker_name": f"liftoff-{stack_id}@%h"}
+        for name, args in commands.items():
+            stack.commands[name] = [str(VENV_BIN / "airflow"), *(a.format(**fill) for a in args)]
+            (logs / f"{name}.log").write_text("")
+            stack.start(name)
         _wait_api(stack, start_timeout)
         yield stack
     finally:
-        survivors = stop_all(stack_id, procs)
-        with contextlib.suppress(Exception):
-            drop_database(database)
+        survivors = stop_all(stack_id, stack.started) if stack is not None else []
+        for name in (database, state_database):
+            if name:
+                with contextlib.suppress(Exception):
+                    drop_database(name)
+        if redis_db is not None:
+            with contextlib.suppress(Exception):
+                flush_redis_db(redis_db)
         if survivors:
             raise StackError(f"airflow processes survived SIGKILL: {survivors}")
 

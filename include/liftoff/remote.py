@@ -152,7 +152,6 @@ class Remote:
         self._audit = _AuditSink(store, audit_flush_s)
         self._mode: str | None = None  # "hook" or "settings"
         self._options: dict | None = None  # asyncssh options for the "settings" mode
-        self._known_hosts: Any = None  # parsed once, shared by every connection
         self._mode_lock = asyncio.Lock()
         self.commands_run = 0
         self.connections_opened = 0
@@ -182,9 +181,7 @@ class Remote:
                         log.info("Airflow cannot resolve %s (%s); using liftoff.settings", self.conn_id,
                                  type(exc).__name__)
                     else:
-                        extra = conn.extra_dejson or {}
-                        check_host_key_policy(extra, self.conn_id)
-                        self._known_hosts = self._preload_known_hosts(extra)
+                        self._options = self._options_from_hook(conn)
                         self._mode = "hook"
                         return
             self._options = self._options_from_settings()
@@ -203,6 +200,37 @@ class Remote:
             raise ConfigError(f"connection {self.conn_id}: known_hosts file {path} does not exist; "
                               "host keys must be verifiable")
         return asyncssh.read_known_hosts(path)
+
+    def _options_from_hook(self, conn: Any) -> dict:
+        """asyncssh.connect options from the Airflow connection, parsed once by SSHHookAsync.
+
+        The connection is looked up once per Remote, not once per host: inside a task, many
+        concurrent lookups (and the secret masking they trigger) from the event loop deadlock
+        the task's channel to its supervisor."""
+        from airflow.providers.ssh.hooks.ssh import SSHHookAsync
+
+        extra = conn.extra_dejson or {}
+        check_host_key_policy(extra, self.conn_id)
+        hook = SSHHookAsync(ssh_conn_id=self.conn_id, keepalive_interval=self.keepalive_interval)
+        hook._parse_extras(conn)
+        opts: dict[str, Any] = {"port": conn.port or SSH_PORT, "username": conn.login,
+                                "keepalive_interval": self.keepalive_interval}
+        if conn.password:
+            opts["password"] = conn.password
+        if hook.key_file:
+            opts["client_keys"] = hook.key_file
+        if hook.private_key:
+            import asyncssh
+
+            opts["client_keys"] = [asyncssh.import_private_key(hook.private_key, hook.passphrase or None)]
+        elif hook.passphrase:
+            opts["passphrase"] = hook.passphrase
+        if extra.get("host_key"):
+            parts = str(extra["host_key"]).strip().split()
+            opts["host_key"] = " ".join(parts[:2]) if len(parts) >= 2 else f"ssh-rsa {parts[0]}"
+        else:
+            opts["known_hosts"] = self._preload_known_hosts(extra)
+        return opts
 
     def _options_from_settings(self) -> dict:
         """asyncssh.connect options as SSHHookAsync._get_conn builds them, from resolve_connection."""
@@ -234,16 +262,6 @@ class Remote:
 
     async def _open(self, host: HostRef) -> Any:
         await self._choose_mode()
-        if self._mode == "hook":
-            from airflow.providers.ssh.hooks.ssh import SSHHookAsync
-
-            hook = SSHHookAsync(ssh_conn_id=self.conn_id, host=host.address,
-                                keepalive_interval=self.keepalive_interval)
-            if self._known_hosts is not None:
-                # the parsed file instead of its path: _get_conn keeps a non-default value and
-                # passes it to asyncssh.connect as is (still verified against every key)
-                hook.known_hosts = self._known_hosts
-            return await hook.get_conn()
         import asyncssh
 
         opts = dict(self._options or {})
