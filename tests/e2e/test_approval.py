@@ -44,7 +44,7 @@ def wait_for_state(stack: Stack, run_id: str, task_id: str, state: str, timeout:
 
 
 def answer(stack: Stack, run_id: str, option: str) -> None:
-    stack.request("PATCH", f"/api/v2/dags/deploy_production/dagRuns/{run_id}/taskInstances/approval/-1/"
+    stack.request("PATCH", f"/dags/deploy_production/dagRuns/{run_id}/taskInstances/approval/-1/"
                            "hitlDetails", {"chosen_options": [option], "params_input": {}})
 
 
