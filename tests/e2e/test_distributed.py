@@ -101,6 +101,16 @@ def servers_not_ready(lab: Lab) -> list[str]:
     return bad
 
 
+def installs(lab: Lab, version: str) -> dict[str, list[int]]:
+    """Exit codes of every ``apt-get install`` of ``version``, per host, from labd's audit log."""
+    out: dict[str, list[int]] = {}
+    for line in Path(lab.config.path("state", "audit.log")).read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 5 and "apt-get install" in fields[4] and f"gitlab-ee={version}" in fields[4]:
+            out.setdefault(fields[1], []).append(int(fields[2]))
+    return out
+
+
 def assert_on_version(lab: Lab, version: str) -> None:
     for env in ENVS:
         for name, h in hosts(lab, env).items():
@@ -245,6 +255,9 @@ def test_scheduler_and_worker_killed_mid_fleet_stage(lab_stack):
         final = stack.task_states(DAG, run_id)
         assert all(final[t] == "success" for t in final if t.startswith("stage_")), final
         assert_on_version(lab, KILLED)
+        counts = installs(lab, KILLED)
+        for name in before["done"]:  # the resumed stage skipped the hosts done before the kill
+            assert counts[name] == [0], f"{name} was installed again: {counts[name]}"
         assert servers_not_ready(lab) == []
         assert store.drained() == [] and store.list_locks() == []
     finally:
