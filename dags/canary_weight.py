@@ -8,26 +8,18 @@ maint) while a canary deploy holds the canary's lock is refused unless ``force``
 
 from __future__ import annotations
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, task
 
 from liftoff_airflow import dagkit
 
 PIPELINE = "canary_weight"
 
 
-def _refuse_unknown_conf() -> None:
-    """A misspelt conf key must not fall back to a default: refused before anything changes."""
-    from liftoff_airflow.conf_guard import refuse_unknown_conf
-
-    ctx = get_current_context()
-    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
-
-
 @task
 def set_weight() -> dict:
     from liftoff.operations import set_canary_weight
 
-    _refuse_unknown_conf()
+    dagkit.refuse_unknown_conf()
     p = dagkit.params()
     return set_canary_weight(dagkit.run_handle(PIPELINE), p["weight"], force=bool(p["force"]))
 

@@ -11,17 +11,11 @@ in metric labels or notifications (``internal`` instead).
 
 from __future__ import annotations
 
-from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, task
 
 from liftoff_airflow import dagkit
 
 PIPELINE = "fast_deploy"
-
-
-def _environments() -> list[str]:
-    from liftoff.operations import environment_names
-
-    return environment_names()
 
 
 def _conf() -> tuple[str, str, str, bool]:
@@ -29,19 +23,11 @@ def _conf() -> tuple[str, str, str, bool]:
     return p["environment"], p["version"], p["reason"], bool(p["internal"])
 
 
-def _refuse_unknown_conf() -> None:
-    """A misspelt conf key must not fall back to a default: refused before anything changes."""
-    from liftoff_airflow.conf_guard import refuse_unknown_conf
-
-    ctx = get_current_context()
-    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
-
-
 @task
 def precheck() -> dict:
     from liftoff.operations import fast_precheck
 
-    _refuse_unknown_conf()
+    dagkit.refuse_unknown_conf()
     env, version, reason, _ = _conf()
     return fast_precheck(dagkit.run_handle(PIPELINE), env, version, reason)
 
@@ -97,7 +83,8 @@ def finalize() -> dict:
     default_args=dagkit.DEFAULT_ARGS,
     tags=["liftoff", "deploy", "fast"],
     params={
-        "environment": Param(enum=_environments(), title="Environment", description="Where to deploy."),
+        "environment": Param(enum=dagkit.environment_names(), title="Environment",
+                             description="Where to deploy."),
         "version": dagkit.version_param(required=True),
         "reason": dagkit.reason_param("Reason", "Why this cannot wait for the pipeline (recorded and pushed "
                                       "as a metric), e.g. a security issue or incident URL.", required=True),

@@ -12,7 +12,7 @@ package later get the patch re-applied by the rollout until it is in the build.
 
 from __future__ import annotations
 
-from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, task
 
 from liftoff_airflow import dagkit
 
@@ -20,23 +20,9 @@ PIPELINE = "post_deploy_patch"
 PATCH_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
 
 
-def _environments() -> list[str]:
-    from liftoff.operations import environment_names
-
-    return environment_names()
-
-
-def _refuse_unknown_conf() -> None:
-    """A misspelt conf key must not fall back to a default: refused before anything changes."""
-    from liftoff_airflow.conf_guard import refuse_unknown_conf
-
-    ctx = get_current_context()
-    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
-
-
 @task.branch
 def choose() -> str:
-    _refuse_unknown_conf()
+    dagkit.refuse_unknown_conf()
     return "lift_halt_on_purpose" if dagkit.params()["action"] == "lift_halt" else "apply_patch"
 
 
@@ -72,7 +58,7 @@ def finalize() -> dict:
     default_args=dagkit.DEFAULT_ARGS,
     tags=["liftoff", "patch"],
     params={
-        "environment": Param(enum=_environments(), title="Environment",
+        "environment": Param(enum=dagkit.environment_names(), title="Environment",
                              description="The environment whose hosts get the patch."),
         "patch_id": Param(None, type=["null", "string"], pattern=PATCH_ID_PATTERN, title="Patch id",
                           description="The patch's id, e.g. security-2026-0042 (gitlab-patch apply ID). "

@@ -23,12 +23,6 @@ ENV = "{{ params.environment }}"
 TARGET = "{{ ti.xcom_pull(task_ids='safety_check')['target'] }}"
 
 
-def _environments() -> list[str]:
-    from liftoff.operations import environment_names
-
-    return environment_names()
-
-
 def _conf() -> tuple:
     p = dagkit.params()
     return p["environment"], p["mode"], p.get("reason"), p.get("override_reason")
@@ -38,21 +32,13 @@ def _target() -> str:
     return get_current_context()["ti"].xcom_pull(task_ids="safety_check")["target"]
 
 
-def _refuse_unknown_conf() -> None:
-    """A misspelt conf key must not fall back to a default: refused before anything changes."""
-    from liftoff_airflow.conf_guard import refuse_unknown_conf
-
-    ctx = get_current_context()
-    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
-
-
 @task
 def safety_check() -> dict:
     """``rollback check``; unless ``check_only``, an unsafe answer fails the run here."""
     from liftoff.operations import require_safe
     from liftoff.operations import safety_check as check
 
-    _refuse_unknown_conf()
+    dagkit.refuse_unknown_conf()
     p = dagkit.params()
     result = check(dagkit.run_handle(PIPELINE), p["environment"], p.get("target_version"))
     if p["check_only"]:
@@ -128,7 +114,7 @@ def finalize() -> dict:
     default_args=dagkit.DEFAULT_ARGS,
     tags=["liftoff", "rollback"],
     params={
-        "environment": Param(enum=_environments(), title="Environment",
+        "environment": Param(enum=dagkit.environment_names(), title="Environment",
                              description="The environment to roll back."),
         "target_version": Param(None, type=["null", "string"], pattern=dagkit.VERSION_PATTERN, maxLength=100,
                                 title="Target version",

@@ -10,7 +10,7 @@ continuous traffic); one run at a time.
 
 from __future__ import annotations
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, task
 
 from liftoff.traffic import (
     DEFAULT_ENDPOINTS,
@@ -25,26 +25,12 @@ from liftoff_airflow import dagkit
 PIPELINE = "traffic"
 
 
-def _environments() -> list[str]:
-    from liftoff.operations import environment_names
-
-    return environment_names()
-
-
-def _refuse_unknown_conf() -> None:
-    """A misspelt conf key must not fall back to a default: refused before anything changes."""
-    from liftoff_airflow.conf_guard import refuse_unknown_conf
-
-    ctx = get_current_context()
-    refuse_unknown_conf(ctx["dag_run"].conf, ctx["dag"].params)
-
-
 @task
 def send_traffic() -> dict:
     from liftoff.inventory import load_inventory
     from liftoff.traffic import run_from_inventory
 
-    _refuse_unknown_conf()
+    dagkit.refuse_unknown_conf()
     p = dagkit.params()
     return run_from_inventory(load_inventory(), p["environments"], rps=float(p["rps"]),
                               duration_s=float(p["duration_s"]), endpoints=p["endpoints"],
@@ -61,7 +47,8 @@ def send_traffic() -> dict:
     tags=["liftoff", "traffic"],
     params={
         "environments": Param(["gstg", "gprd-cny"], type="array", minItems=1, uniqueItems=True,
-                              items={"type": "string", "enum": _environments()}, title="Environments",
+                              items={"type": "string", "enum": dagkit.environment_names()},
+                              title="Environments",
                               description="Where to send traffic (canary with its QA cookie)."),
         "rps": Param(5, type="number", exclusiveMinimum=0, maximum=MAX_RPS, title="Requests a second",
                      description="Per environment."),

@@ -64,14 +64,29 @@ COMMON_PARAMS: dict[str, Param] = {
 }
 
 
-def run_handle(pipeline: str):
-    """The pipeline.Run for the current task (run id and who from the DAG run)."""
-    from liftoff.pipeline import Run
-    from liftoff_airflow.conf_guard import refuse_unknown_conf
+def refuse_unknown_conf() -> None:
+    """A misspelt conf key must not fall back to a default: refused before anything changes."""
+    from liftoff_airflow.conf_guard import refuse_unknown_conf as refuse
 
     ctx = get_current_context()
+    refuse(ctx["dag_run"].conf, ctx["dag"].params)
+
+
+def environment_names() -> list[str]:
+    """The inventory's environments, for a Param's enum (GitLab.com's three without one)."""
+    from liftoff.operations import environment_names as names
+
+    return names()
+
+
+def run_handle(pipeline: str):
+    """The pipeline.Run for the current task (run id and who from the DAG run); refuses
+    unknown conf keys first."""
+    from liftoff.pipeline import Run
+
+    refuse_unknown_conf()
+    ctx = get_current_context()
     dag_run = ctx["dag_run"]
-    refuse_unknown_conf(dag_run.conf, ctx["dag"].params)
     who = (dag_run.conf or {}).get("requested_by") or ("scheduler" if dag_run.run_type == "scheduled"
                                                          else "airflow-user")
     return Run(run_id=safe_run_id(dag_run.run_id), who=safe_run_id(str(who)), pipeline=pipeline)
