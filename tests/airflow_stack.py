@@ -540,8 +540,9 @@ def celery_env(db_url: str, redis_db: int, concurrency: int) -> dict[str, str]:
     return {
         "AIRFLOW__CORE__EXECUTOR": EXECUTORS["celery"],
         "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS[0]}:{REDIS[1]}/{redis_db}",
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db_url,  # db+postgresql+psycopg2://: SQLAlchemy 2.1
-        # would pick psycopg 3 for a bare postgresql://
+        # db+postgresql+psycopg2://, the driver said: SQLAlchemy 2.1 takes psycopg 3 (not installed)
+        # for a bare postgresql://
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db_url,
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
         "AIRFLOW__CELERY__SYNC_PARALLELISM": "1",
         # Airflow's default, said explicitly: a killed worker's task is never redelivered during
