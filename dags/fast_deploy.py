@@ -11,7 +11,7 @@ in metric labels or notifications (``internal`` instead).
 
 from __future__ import annotations
 
-from airflow.sdk import Param, TriggerRule, dag, task
+from airflow.sdk import Param, dag, task
 
 from liftoff_airflow import dagkit
 
@@ -65,15 +65,6 @@ def finish_env() -> dict:
     return finish_fast_deploy(dagkit.run_handle(PIPELINE), env, version, reason, internal)
 
 
-@task(trigger_rule=TriggerRule.ALL_DONE)
-def finalize() -> dict:
-    from liftoff.operations import mark_unfinished
-
-    env = dagkit.params()["environment"]
-    mark_unfinished(dagkit.run_handle(PIPELINE), [env], "failed")
-    return dagkit.finalize_run(PIPELINE, [env])
-
-
 @dag(
     dag_id=PIPELINE,
     description="Deploy a critical fix to one environment fast: no QA, no quiet period, reason recorded",
@@ -101,7 +92,7 @@ def fast_deploy():
     gitaly = deploy.override(task_id="deploy_gitaly")("gitaly")
     rest = deploy.override(task_id="deploy_fleet")("fleet")
     done = finish_env()
-    begin >> work >> gitaly >> rest >> done >> finalize()
+    begin >> work >> gitaly >> rest >> done >> dagkit.finalize_env(PIPELINE)
 
 
 fast_deploy()

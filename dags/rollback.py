@@ -95,16 +95,6 @@ def rollback_done() -> dict:
     return done(dagkit.run_handle(PIPELINE), dagkit.params()["environment"], _target())
 
 
-@task(trigger_rule=TriggerRule.ALL_DONE)
-def finalize() -> dict:
-    """Always last: an unfinished rollback is recorded failed, the lock released, the result pushed."""
-    from liftoff.operations import mark_unfinished
-
-    env = dagkit.params()["environment"]
-    mark_unfinished(dagkit.run_handle(PIPELINE), [env], "failed")
-    return dagkit.finalize_run(PIPELINE, [env])
-
-
 @dag(
     dag_id=PIPELINE,
     description="Roll an environment back (fleet first, gitaly last), after a migration safety check",
@@ -149,7 +139,7 @@ def rollback():
     qa = QAGateOperator(task_id="qa", env=ENV, version=TARGET, expect_version=True)
     quiet = QuietPeriodSensor(task_id="quiet_period", env=ENV, window_s=dagkit.quiet_window())
     done = rollback_done()
-    end = finalize()
+    end = dagkit.finalize_env(PIPELINE)
     check >> go >> shield >> begin >> fleet >> gitaly >> chef >> gates >> qa >> quiet >> done
     chef >> done
     done >> end

@@ -249,6 +249,17 @@ def finalize(pipeline: str, envs: list[str]) -> dict:
     return finalize_run(pipeline, envs)
 
 
+@task(task_id="finalize", trigger_rule=TriggerRule.ALL_DONE)
+def finalize_env(pipeline: str) -> dict:
+    """Always last in a one-environment DAG: this run's unfinished records are marked failed,
+    then its lock is released and its result pushed (finalize_run)."""
+    from liftoff.operations import mark_unfinished
+
+    env = params()["environment"]
+    mark_unfinished(run_handle(pipeline), [env], "failed")
+    return finalize_run(pipeline, [env])
+
+
 def failure_handling(pipeline: str, envs: list[str], upstream: list) -> Any:
     """on_failure -> rollback | halt -> finalize; returns finalize."""
     decide = on_failure()
