@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -247,10 +248,14 @@ class Store:
         except Exception:
             raise StoreError(f"not a database URL: {_safe_url(url)}") from None
         kwargs: dict = {"echo": echo}
+        # An in-memory SQLite database is one connection shared by every thread (StaticPool):
+        # transactions on it must take turns, or two threads' BEGINs collide.
+        self._shared_connection: threading.Lock | contextlib.nullcontext = contextlib.nullcontext()
         if parsed.get_backend_name() == "sqlite":
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
             if parsed.database in (None, "", ":memory:"):
                 kwargs["poolclass"] = StaticPool
+                self._shared_connection = threading.Lock()
         else:
             kwargs["pool_pre_ping"] = True
         try:
@@ -290,7 +295,7 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         try:
-            with self.engine.begin() as conn:
+            with self._shared_connection, self.engine.begin() as conn:
                 yield conn
         except (IntegrityError, LockHeld, InvalidInput):
             raise

@@ -224,3 +224,28 @@ def test_in_memory_and_bad_urls():
     with pytest.raises(StoreError, match="cannot create tables") as err:
         Store("postgresql+psycopg2://nobody:secretpw@127.0.0.1:1/x")
     assert "secretpw" not in str(err.value)
+
+
+def test_in_memory_store_serialises_threads():
+    """One shared in-memory connection: concurrent writers take turns instead of colliding."""
+    s = Store("sqlite://")
+    n, per_thread = 8, 40
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        try:
+            for j in range(per_thread):
+                s.set_host_status("r1", "gstg", f"h{i}-{j}", "done", "17.5.0-ee.0", "")
+        except BaseException as exc:  # collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(s.host_statuses("r1")) == n * per_thread
+    s.close()
