@@ -31,7 +31,7 @@ Result = tuple[int, str, str]
 PACKAGE = "gitlab-ee"
 ENV_ASSIGN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 PATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
-SHELL_OPERATORS = {"&&", "||", ";", "|", "&", ">", ">>", "<", "2>&1", "2>", "$(", "`"}
+SHELL_OPERATORS = {"||", ";", "|", "&", ">", ">>", "<", "2>&1", "2>", "$(", "`"}
 TRUE_VALUES = {"1", "true", "yes", "on"}
 READ_TIMEOUT = 30.0
 
@@ -51,7 +51,27 @@ def _lines(*lines: str) -> str:
 # -- parsing -------------------------------------------------------------------------------
 def parse(command: str) -> tuple[dict[str, str], list[str]]:
     """Split a command into its environment assignments and argv (``sudo``/``env`` dropped)."""
-    argv = shlex.split(command)
+    return parse_words(shlex.split(command))
+
+
+def split_chain(command: str) -> list[list[str]]:
+    """A command line's words, split into the commands of an ``A && B && C`` chain.
+
+    Raises ValueError for unbalanced quotes or an empty command around ``&&``."""
+    chain: list[list[str]] = [[]]
+    for word in shlex.split(command):
+        if word == "&&":
+            chain.append([])
+        else:
+            chain[-1].append(word)
+    if len(chain) > 1 and not all(chain):
+        raise ValueError("syntax error near unexpected token `&&'")
+    return chain
+
+
+def parse_words(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Environment assignments and argv of one command's words (``sudo``/``env`` dropped)."""
+    argv = list(words)
     env: dict[str, str] = {}
     while argv:
         head = argv[0]
@@ -344,6 +364,13 @@ COMMANDS: dict[str, tuple[Handler, bool]] = {
 }
 
 
+def _echo(world: World, state: HostState, env: dict, args: list[str]) -> Result:
+    return _ok(_lines(" ".join(args)))
+
+
+COMMANDS["echo"] = (_echo, False)
+
+
 def _unknown(command: str) -> Result:
     return _fail(127, _lines(f"lab: unknown command: {command}"))
 
@@ -355,9 +382,25 @@ async def _dispatch(world: World, state: HostState, command: str) -> Result:
     if not command.strip():
         return _fail(1, _lines(f"lab: {state.name} runs commands only (no interactive shell)"))
     try:
-        env, argv = parse(command)
+        chain = split_chain(command)
     except ValueError as exc:
-        return _fail(127, _lines(f"lab: unknown command: {command} ({exc})"))
+        return _fail(2 if "syntax" in str(exc) else 127, _lines(f"lab: {command}: {exc}"))
+    if len(chain) == 1:
+        return await _dispatch_one(world, state, command, chain[0])
+    outs: list[str] = []
+    errs: list[str] = []
+    code = 0
+    for words in chain:  # like a shell: stop at the first command that fails
+        code, out, err = await _dispatch_one(world, state, shlex.join(words), words)
+        outs.append(out)
+        errs.append(err)
+        if code != 0:
+            break
+    return code, "".join(outs), "".join(errs)
+
+
+async def _dispatch_one(world: World, state: HostState, command: str, words: list[str]) -> Result:
+    env, argv = parse_words(words)
     if not argv or argv[0] not in COMMANDS:
         return _unknown(command)
     if any(arg in SHELL_OPERATORS for arg in argv):

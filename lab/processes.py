@@ -102,7 +102,7 @@ def lab_processes(config: LabConfig) -> list[Proc]:
         ),
         Proc(
             "sshd",
-            [configs.SSHD, "-D", "-e", "-f", str(configs.sshd_config_file(config))],
+            [configs.SSHD, "-D", "-e", *configs.sshd_flags(), "-f", str(configs.sshd_config_file(config))],
             lambda: tcp_answers(config.control_addr, config.ssh_port, banner=b"SSH-"),
         ),
     ]

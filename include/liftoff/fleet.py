@@ -39,12 +39,14 @@ from liftoff.inventory import Environment, HostRef, Role
 from liftoff.remote import CommandResult, Remote
 from liftoff.versions import (
     apt_install_command,
+    chained_command,
     chef_disable_command,
     chef_enable_command,
     gitlab_ctl_command,
     installed_version_command,
     parse_version,
     patch_apply_command,
+    split_step_output,
     validate_name,
 )
 
@@ -203,6 +205,30 @@ def app_port_for(env: Environment, role: Role, override: int | None = None) -> i
     return None
 
 
+INSPECT_STEPS = (("version", installed_version_command()), ("status", gitlab_ctl_command("status")))
+STEP_KIND = {"patch": "patches", "reconfigure": "reconfigure", "hup": "restart", "restart": "restart",
+             "status": "restart"}
+
+
+ONE_SESSION = " (one session for this and the next steps, stopping at the first failure)"
+
+
+def after_install_steps(role: Role, patches: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """The steps after the package install, in order, as (step name, command)."""
+    return [
+        *((f"patch-{p}", patch_apply_command(p)) for p in patches),
+        ("reconfigure", gitlab_ctl_command("reconfigure")),
+        *((f"hup-{s}", gitlab_ctl_command("hup", s)) for s in role.hup),
+        *((f"restart-{s}", gitlab_ctl_command("restart", s)) for s in role.restart),
+        ("status", gitlab_ctl_command("status")),
+    ]
+
+
+def step_label(step: str) -> str:
+    """``hup-puma`` -> ``hup puma``; ``status`` -> ``gitlab-ctl status``."""
+    return "gitlab-ctl status" if step == "status" else step.replace("-", " ", 1)
+
+
 def parse_pids(status_output: str) -> dict[str, int | None]:
     """``gitlab-ctl status`` -> {service: pid, or None when it is down}."""
     out: dict[str, int | None] = {}
@@ -299,18 +325,18 @@ def plan(env: Environment, roles: Iterable[str] | None, version: str, *, run_id:
         port = app_port_for(env, role, options.app_port)
         for i, batch in enumerate(batches):
             for h in batch:
+                after = after_install_steps(role, patches)
                 steps = [
-                    f"check: {installed_version_command()} (skip if {version} and in service)",
+                    f"check: {installed_version_command()} && {gitlab_ctl_command('status')} (one session; "
+                    f"skip if {version} and in service)",
                     f"store: record {h.name} drained (write-ahead)",
                     f"haproxy: drain {h.name} in every backend on every LB ({lbs})",
                     f"haproxy: wait until its sessions end (at most {options.drain_timeout:.0f}s)",
                     f"run: {chef_disable_command(reason)}",
                     f"run: {apt_install_command(version)}",
-                    *(f"run: {patch_apply_command(p)}" for p in patches),
-                    f"run: {gitlab_ctl_command('reconfigure')}",
-                    *(f"run: {gitlab_ctl_command('hup', s)}" for s in role.hup),
-                    *(f"run: {gitlab_ctl_command('restart', s)}" for s in role.restart),
-                    f"run: {gitlab_ctl_command('status')} (PIDs of "
+                    *(f"run: {cmd}" + (ONE_SESSION if i == 0 else "")
+                      for i, (_, cmd) in enumerate(after[:-1])),
+                    f"run: {after[-1][1]} (PIDs of "
                     f"{', '.join(role.hup + role.restart) or '-'} changed, every service running)",
                 ]
                 if port:
@@ -480,18 +506,13 @@ class _Rollout:
         return {h.name: r for h, r in zip(hosts, results, strict=True)}
 
     async def _inspect(self, host: HostRef) -> _Inspection:
-        r = await self.remote.run(host, installed_version_command(), self.options.command_timeout)
+        """Installed version and service PIDs, in one session (read-only)."""
+        r = await self.remote.run(host, chained_command(INSPECT_STEPS), self.options.command_timeout)
         if r.exit_code is None:
             return _Inspection(error=f"unreachable: {r.describe()}")
-        installed = r.stdout.strip() if r.ok and r.stdout.strip() else None
-        if installed == self.version:
-            return _Inspection(installed)  # PIDs are read only if the host needs work
-        return await self._with_pids(host, _Inspection(installed))
-
-    async def _with_pids(self, host: HostRef, insp: _Inspection) -> _Inspection:
-        s = await self.remote.run(host, gitlab_ctl_command("status"), self.options.command_timeout)
-        insp.pids = parse_pids(s.stdout) if s.ok else {}
-        return insp
+        done, _ = split_step_output(INSPECT_STEPS, r.stdout)
+        installed = done.get("version", "").strip() or None
+        return _Inspection(installed, parse_pids(done["status"]) if "status" in done else {})
 
     # -- one batch -----------------------------------------------------------------------------
     async def _batch(self, role: Role, index: int, hosts: list[HostRef], insp: dict[str, _Inspection],
@@ -530,9 +551,6 @@ class _Rollout:
                 work.append(h)
         role_names = {h.name for h in role.hosts}
         check_capacity(self.env, role, [work], out & role_names)
-        # at the target already but out of service (a repair): read its PIDs now
-        await asyncio.gather(*(self._with_pids(h, insp[h.name]) for h in work if insp[h.name].pids is None))
-        lap("repair_pids")
         if not work:
             installing_started()
             await self._set_statuses(statuses)
@@ -653,26 +671,16 @@ class _Rollout:
             r = await self.remote.run(h, apt_install_command(self.version), self.options.install_timeout)
             if not r.ok:
                 return f"install failed: {r.describe()}"
-        for patch in self.patches:
-            hr.step = "patches"
-            r = await self.remote.run(h, patch_apply_command(patch), timeout)
-            if not r.ok:
-                return f"patch {patch} failed: {r.describe()}"
-        hr.step = "reconfigure"
-        r = await self.remote.run(h, gitlab_ctl_command("reconfigure"), timeout)
-        if not r.ok:
-            return f"reconfigure failed: {r.describe()}"
-        hr.step = "restart"
-        actions = [("hup", s) for s in role.hup] + [("restart", s) for s in role.restart]
-        results = await asyncio.gather(*(self.remote.run(h, gitlab_ctl_command(a, s), timeout)
-                                         for a, s in actions))
-        for (action, svc), r in zip(actions, results, strict=True):
-            if not r.ok:
-                return f"{action} {svc} failed: {r.describe()}"
-        r = await self.remote.run(h, gitlab_ctl_command("status"), timeout)
-        if not r.ok:
-            return f"gitlab-ctl status failed: {r.describe()}"
-        after = parse_pids(r.stdout)
+        # patches, reconfigure, HUP/restarts and status: one session, stopping at the first failure
+        steps = after_install_steps(role, self.patches)
+        hr.step = STEP_KIND[steps[0][0].split("-", 1)[0]]
+        r = await self.remote.run(h, chained_command(steps), timeout * len(steps))
+        done, unfinished = split_step_output(steps, r.stdout)
+        if unfinished is not None or not r.ok:
+            failed = unfinished or steps[-1][0]
+            hr.step = STEP_KIND[failed.split("-", 1)[0]]
+            return f"{step_label(failed)} failed: {r.describe()}"
+        after = parse_pids(done["status"])
         before = insp.pids or {}
         down = sorted(s for s, pid in after.items() if pid is None)
         if down:

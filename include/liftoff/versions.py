@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import total_ordering
@@ -275,8 +276,50 @@ def apt_install_command(version: object, *, sudo: bool = False) -> str:
 
 
 def installed_version_command() -> str:
-    """Print the installed gitlab-ee package version."""
-    return build_command("dpkg-query", "-W", "-f=${Version}", PACKAGE)
+    """Print the installed gitlab-ee package version (one line)."""
+    return build_command("dpkg-query", "-W", "-f=${Version}\\n", PACKAGE)
+
+
+STEP_MARK = "liftoff-step-done:"
+_STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+
+
+def chained_command(steps: Sequence[tuple[str, str]]) -> str:
+    """Several commands in one SSH session: ``A && echo MARK:a && B && echo MARK:b ...``.
+
+    The chain stops at the first failing command, like a shell does; the ``echo`` after each
+    step tells :func:`split_step_output` how far it got and which output is whose. One
+    session instead of one per step saves a round trip per step on every host."""
+    if not steps:
+        raise InvalidInput("empty command chain")
+    parts: list[str] = []
+    for name, command in steps:
+        if not _STEP_NAME.match(name):
+            raise InvalidInput(f"bad step name {name!r}")
+        if not command or "\n" in command:
+            raise InvalidInput(f"step {name}: empty or multi-line command")
+        parts += [command, build_command("echo", STEP_MARK + name)]
+    return " && ".join(parts)
+
+
+def split_step_output(steps: Sequence[tuple[str, str]], stdout: str) -> tuple[dict[str, str], str | None]:
+    """Each finished step's stdout, and the first step that did not finish (None: all did)."""
+    done: dict[str, str] = {}
+    names = [name for name, _ in steps]
+    current: list[str] = []
+    for line in stdout.splitlines():
+        i = len(done)
+        mark = STEP_MARK + names[i] if i < len(names) else None
+        if mark is not None and line.endswith(mark):
+            head = line[: -len(mark)]
+            if head:
+                current.append(head)
+            done[names[i]] = "".join(f"{ln}\n" for ln in current)
+            current = []
+        else:
+            current.append(line)
+    unfinished = next((n for n in names if n not in done), None)
+    return done, unfinished
 
 
 GITLAB_CTL_ACTIONS = ("reconfigure", "restart", "hup", "status", "start", "stop")

@@ -167,8 +167,26 @@ class FakeFleet:
         self.builds.add(installed)
 
     def execute(self, name: str, command: str) -> tuple[int, str, str]:
+        """Run a command or an ``A && B`` chain (stopping at the first failure, like a shell)."""
+        chain: list[list[str]] = [[]]
+        for word in shlex.split(command):
+            if word == "&&":
+                chain.append([])
+            else:
+                chain[-1].append(word)
+        code, outs, errs = 0, [], []
+        for argv in chain:
+            code, out, err = self._execute_one(name, argv, shlex.join(argv))
+            outs.append(out)
+            errs.append(err)
+            if code != 0:
+                break
+        return code, "".join(outs), "".join(errs)
+
+    def _execute_one(self, name: str, argv: list[str], command: str) -> tuple[int, str, str]:
         h = self.hosts[name]
-        argv = shlex.split(command)
+        if argv and argv[0] == "echo":
+            return 0, " ".join(argv[1:]) + "\n", ""
         if argv[:2] == ["dpkg-query", "-W"]:
             return 0, h.installed, ""
         if argv[0] == "chef-client-disable":
@@ -258,7 +276,13 @@ class FakeRemote:
         pass
 
     def commands(self, host: str | None = None) -> list[str]:
+        """The command lines sent (one per SSH session)."""
         return [c for h, c, _ in self.log if host is None or h == host]
+
+    def steps(self, host: str | None = None) -> list[str]:
+        """The commands sent, ``&&`` chains split and their step markers left out."""
+        return [part for c in self.commands(host) for part in c.split(" && ")
+                if not part.startswith("echo liftoff-step-done:")]
 
 
 def make_env(lbs: list[FakeLB], roles: dict[str, dict], name: str = "gprd", extra: dict | None = None):

@@ -70,7 +70,9 @@ def test_rolls_every_host_in_batches(lbs, store):
         assert len(changes) == 20
         assert changes[0].count("state drain") == 2
     # per host, the documented order
-    cmds = remote.commands("web-01-sv-gprd")
+    cmds = remote.steps("web-01-sv-gprd")
+    # inspect, chef stop, install, after-install (reconfigure .. status) and verify: five sessions
+    assert len(remote.commands("web-01-sv-gprd")) == 5
     order = ["dpkg-query", "gitlab-ctl status", "chef-client-disable 'liftoff deploy run-1'",
              f"apt-get install -y gitlab-ee={NEW}", "gitlab-ctl reconfigure", "gitlab-ctl hup puma",
              "gitlab-ctl restart workhorse", "gitlab-ctl restart nginx", "gitlab-ctl status", "dpkg-query"]
@@ -98,7 +100,9 @@ def test_skips_hosts_already_done(lbs, store):
     assert {h: r.status for h, r in report.hosts.items()} == {
         "web-01-sv-gprd": "skipped", "web-02-sv-gprd": "done", "web-03-sv-gprd": "skipped",
         "web-04-sv-gprd": "done"}
-    assert remote.commands("web-01-sv-gprd") == ["dpkg-query -W '-f=${Version}' gitlab-ee"]
+    assert len(remote.commands("web-01-sv-gprd")) == 1, "inspected in one session, nothing else"
+    assert remote.steps("web-01-sv-gprd") == ["dpkg-query -W '-f=${Version}\\n' gitlab-ee",
+                                              "gitlab-ctl status"]
     assert not any("web-01-sv-gprd" in line for line in set_lines(lbs))
 
 
@@ -229,7 +233,7 @@ def test_pending_patches_are_applied_again(lbs, store):
     store.record_patch("fix-2", "gprd", "run-0", "ops", status="reverted")
     assert roll(env, remote, store).status == "success"
     assert fleet.hosts["web-01-sv-gprd"].patches == ["fix-1"]
-    cmds = remote.commands("web-01-sv-gprd")
+    cmds = remote.steps("web-01-sv-gprd")
     assert cmds.index("gitlab-patch apply fix-1") < cmds.index("gitlab-ctl reconfigure")
 
 
@@ -264,3 +268,20 @@ def test_report_is_json_for_xcom(lbs, store):
     assert again.failed_hosts == report.failed_hosts and again.roles["web"].batches == [["web-01-sv-gprd"]]
     with pytest.raises(Exception, match="web-01-sv-gprd"):
         again.raise_for_failure()
+
+
+def test_a_failing_step_in_the_after_install_session_is_named_and_stops_the_rest(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 2, "floor": "0%", "batch": "2",
+                                             "hup": ["puma"], "restart": ["sidekiq", "nginx"]}})
+    before = dict(fleet.hosts["web-01-sv-gprd"].services)
+    report = roll(env, remote, store)
+    assert report.status == "failed"
+    assert set(report.failed_hosts) == {"web-01-sv-gprd", "web-02-sv-gprd"}
+    reason = report.failed_hosts["web-01-sv-gprd"]
+    assert reason.startswith("restart sidekiq failed: ") and "runsv not running" in reason
+    assert report.hosts["web-01-sv-gprd"].step == "restart"
+    after = fleet.hosts["web-01-sv-gprd"].services
+    assert after["puma"] != before["puma"], "the steps before the failure ran"
+    assert after["nginx"] == before["nginx"], "the steps after the failure did not"
+    assert lb_admin(lbs, "web-01-sv-gprd") == {"drain"}
+    assert {d.host for d in store.drained("gprd")} == {"web-01-sv-gprd", "web-02-sv-gprd"}

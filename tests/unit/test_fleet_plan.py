@@ -39,7 +39,7 @@ def test_steps_per_host_in_order_with_exact_commands():
     assert (first.role, first.batch, first.host) == ("web", 1, "web-01-sv-gprd")
     steps = first.steps
     want_in_order = [
-        "dpkg-query -W '-f=${Version}' gitlab-ee",
+        "dpkg-query -W '-f=${Version}\\n' gitlab-ee && gitlab-ctl status (one session",
         "record web-01-sv-gprd drained (write-ahead)",
         "drain web-01-sv-gprd in every backend on every LB (fe-01-lb-gprd, fe-02-lb-gprd)",
         "wait until its sessions end",
@@ -51,7 +51,7 @@ def test_steps_per_host_in_order_with_exact_commands():
         "gitlab-ctl restart workhorse",
         "gitlab-ctl restart nginx",
         "gitlab-ctl status (PIDs of puma, workhorse, nginx changed",
-        f"dpkg-query -W '-f=${{Version}}' gitlab-ee == {V}",
+        f"dpkg-query -W '-f=${{Version}}\\n' gitlab-ee == {V}",
         "ready web-01-sv-gprd on every LB",
         "wait until every LB reports it UP",
         "clear the drain record",

@@ -214,3 +214,19 @@ def test_relay_script_is_bash_aimed_at_labd(world):
     script = relay_script(world.config)
     assert script.startswith("#!/bin/bash\n")
     assert f"/dev/tcp/{world.config.control_addr}/{world.config.hostsim_port}" in script
+
+
+def test_a_chain_runs_in_order_and_stops_at_the_first_failure(world):
+    before = world.hosts[WEB].services["puma"].pid
+    code, out, err = run(world, WEB, "gitlab-ctl hup puma && echo mark:hup && gitlab-ctl restart nosuch "
+                                     "&& echo mark:restart && gitlab-ctl hup puma")
+    assert code == 1
+    assert out.splitlines()[-1] == "mark:hup" and "mark:restart" not in out
+    assert "nosuch" in err
+    after = world.hosts[WEB].services["puma"].pid
+    assert after != before, "the first command ran"
+    code, out, _ = run(world, WEB, "dpkg-query -W '-f=${Version}\\n' gitlab-ee && echo done")
+    assert (code, out) == (0, f"{world.hosts[WEB].installed}\ndone\n")
+    for broken in ("&& gitlab-ctl status", "gitlab-ctl status &&", "gitlab-ctl status && && echo x"):
+        assert run(world, WEB, broken)[0] == 2
+    assert world.hosts[WEB].services["puma"].pid == after, "a malformed chain runs nothing"

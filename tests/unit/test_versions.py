@@ -154,7 +154,7 @@ def test_apt_install_command_quotes_a_validated_version():
 
 
 def test_command_builders_quote_every_argument():
-    assert shlex.split(installed_version_command()) == ["dpkg-query", "-W", "-f=${Version}", "gitlab-ee"]
+    assert shlex.split(installed_version_command()) == ["dpkg-query", "-W", "-f=${Version}\\n", "gitlab-ee"]
     assert migrate_command(post_deployment=False) == \
         "SKIP_POST_DEPLOYMENT_MIGRATIONS=true gitlab-rake db:migrate"
     assert migrate_command(post_deployment=True) == "gitlab-rake db:migrate"
@@ -184,3 +184,27 @@ def test_shell_quote_and_build_command():
         build_command()
     with pytest.raises(InvalidInput):
         build_command("true", env={"a;b": "x"})
+
+
+def test_a_command_chain_marks_each_step_and_finds_where_it_stopped():
+    from liftoff.versions import chained_command, split_step_output
+
+    steps = [("reconfigure", "gitlab-ctl reconfigure"), ("hup-puma", "gitlab-ctl hup puma"),
+             ("status", "gitlab-ctl status")]
+    line = chained_command(steps)
+    mark = "liftoff-step-done:"
+    assert shlex.split(line) == ["gitlab-ctl", "reconfigure", "&&", "echo", f"{mark}reconfigure", "&&",
+                                 "gitlab-ctl", "hup", "puma", "&&", "echo", f"{mark}hup-puma", "&&",
+                                 "gitlab-ctl", "status", "&&", "echo", f"{mark}status"]
+    done, stopped = split_step_output(steps, f"Reconfigured!\n{mark}reconfigure\nok: run: puma\n")
+    assert done == {"reconfigure": "Reconfigured!\n"} and stopped == "hup-puma"
+    out = f"a\n{mark}reconfigure\nb\n{mark}hup-puma\nrun: x\n{mark}status\n"
+    assert split_step_output(steps, out) == ({"reconfigure": "a\n", "hup-puma": "b\n", "status": "run: x\n"},
+                                             None)
+    # a step's last line without a newline still ends at its marker
+    assert split_step_output(steps[:1], f"17.5.0{mark}reconfigure\n") == ({"reconfigure": "17.5.0\n"}, None)
+    # a marker out of order is output, not progress
+    assert split_step_output(steps, "liftoff-step-done:status\n")[1] == "reconfigure"
+    for bad in ([], [("bad name", "x")], [("ok", "")], [("ok", "a\nb")]):
+        with pytest.raises(InvalidInput):
+            chained_command(bad)
