@@ -20,11 +20,12 @@ import yaml
 
 from liftoff import chef, migrations
 from liftoff.errors import CapacityError, ConfigError, InvalidVersion
-from liftoff.fleet import RolloutOptions, rollout
+from liftoff.fleet import INSPECT_STEPS, RolloutOptions, rollout
 from liftoff.haproxy import HAProxy
 from liftoff.inventory import load_inventory, parse_inventory
 from liftoff.remote import Remote
 from liftoff.store import Store
+from liftoff.versions import chained_command
 
 pytestmark = pytest.mark.lab
 
@@ -117,7 +118,8 @@ def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, 
     audit = store.audit_records(run_id="fleet-lab-1", host="web-02-sv-gprd")
     install = [a for a in audit if a.command.startswith("apt-get install")]
     assert install and install[0].exit_code == 100 and "dpkg" in install[0].output_tail
-    assert [a.command for a in audit][:2] == ["dpkg-query -W '-f=${Version}' gitlab-ee", "gitlab-ctl status"]
+    assert [a.command for a in audit][0] == chained_command(INSPECT_STEPS)
+    assert audit[0].exit_code == 0 and "run: puma:" in audit[0].output_tail
 
     # second run, a good build, HTTP checks on: the drained host is repaired first
     env_http = with_app_port(lab)
@@ -138,7 +140,7 @@ def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, 
     third = roll(env, GOOD, "fleet-lab-3", store)
     assert third.status == "success" and third.counts() == {"skipped": 3}
     assert [a.command for a in store.audit_records(run_id="fleet-lab-3")] == [
-        "dpkg-query -W '-f=${Version}' gitlab-ee"] * 3
+        chained_command(INSPECT_STEPS)] * 3
     assert lab_audit_lines(lab) - lines == 3
     assert store.host_statuses(f"{ENV}:{GOOD}")["web-01-sv-gprd"].status == "done"
     json.loads(third.to_json())
