@@ -36,7 +36,7 @@ from liftoff import chef as chef_mod
 from liftoff.errors import CapacityError, HAProxyError, InvalidInput, LiftoffError
 from liftoff.haproxy import HAProxy, ServerState, lb_hosts, out_of_service
 from liftoff.inventory import Environment, HostRef, Role
-from liftoff.remote import CommandResult, Remote
+from liftoff.remote import Remote
 from liftoff.versions import (
     apt_install_command,
     chained_command,
@@ -393,8 +393,7 @@ class _Rollout:
         return await asyncio.to_thread(fn, *args)
 
     def _statuses(self, rows: list[tuple[str, str, str]]) -> None:
-        for host, status, detail in rows:
-            self.store.set_host_status(self.rollout, self.env.name, host, status, self.version, detail)
+        self.store.set_host_statuses(self.rollout, self.env.name, rows, self.version)
 
     async def _set_statuses(self, rows: list[tuple[str, str, str]]) -> None:
         if rows:
@@ -559,9 +558,8 @@ class _Rollout:
 
         # write-ahead: the drain records exist before any LB is touched
         def write_ahead() -> None:
-            for h in work:
-                self.store.record_drained(self.env.name, h.name, self.run_id,
-                                          f"liftoff deploy {self.version} (batch {index} of {role.name})")
+            self.store.record_drained_many(self.env.name, [h.name for h in work], self.run_id,
+                                           f"liftoff deploy {self.version} (batch {index} of {role.name})")
 
         if self.store is not None:
             await asyncio.to_thread(write_ahead)
@@ -582,25 +580,17 @@ class _Rollout:
             await self._set_statuses([(h.name, "failed", reports[h.name].reason) for h in work])
             return False
 
-        async def stop_chef(h: HostRef) -> CommandResult:
-            reports[h.name].step = "chef_stop"
-            r = await self.remote.run(h, chef_disable_command(self.reason), self.options.command_timeout)
-            if r.ok:
-                reports[h.name].chef = "stopped"
-            return r
-
         waiting = (self.haproxy.await_sessions_zero(lb_work, self.options.drain_timeout) if lb_work
                    else _nothing())
         lap("drain")
-        left, chef_results = await asyncio.gather(waiting, asyncio.gather(*(stop_chef(h) for h in work)))
-        lap("sessions_and_chef")
+        left = await waiting
+        lap("sessions")
         for name, n in (left or {}).items():
             reports[name].notes.append(f"{n} session(s) still open after {self.options.drain_timeout:.0f}s")
         installing_started()
         await draining
         installing = self._set_statuses([(h.name, "installing", f"batch {index}") for h in work])
-        flows = asyncio.gather(*(self._host(role, h, insp[h.name], c)
-                                 for h, c in zip(work, chef_results, strict=True)))
+        flows = asyncio.gather(*(self._host(role, h, insp[h.name]) for h in work))
         _, errors = await asyncio.gather(installing, flows)
         lap("hosts")
         good = [h for h, e in zip(work, errors, strict=True) if e is None]
@@ -639,8 +629,7 @@ class _Rollout:
             await self._start_chef(good)
 
         def finish() -> None:
-            for h in good:
-                self.store.clear_drained(self.env.name, h.name)
+            self.store.clear_drained_many(self.env.name, [h.name for h in good])
             self._statuses([(h.name, reports[h.name].status, reports[h.name].reason or
                              ("repaired" if reports[h.name].repaired else "")) for h in work])
 
@@ -659,18 +648,24 @@ class _Rollout:
         await asyncio.gather(*(self.remote.close_host(h) for h in hosts), return_exceptions=True)
 
     # -- one host --------------------------------------------------------------------------------
-    async def _host(self, role: Role, h: HostRef, insp: _Inspection, chef_stop: CommandResult) -> str | None:
+    async def _host(self, role: Role, h: HostRef, insp: _Inspection) -> str | None:
         """The host's steps after the drain; None when it is ready to go back, else why not."""
         hr = self.report.hosts[h.name]
         timeout = self.options.command_timeout
-        if not chef_stop.ok:
-            return f"could not stop chef: {chef_stop.describe()}"
-
+        # stop chef, then install (unless already there): one session, stopping at the first failure
+        steps = [("chef-stop", chef_disable_command(self.reason))]
         if insp.installed != self.version:
+            steps.append(("install", apt_install_command(self.version)))
+        hr.step = "chef_stop"
+        r = await self.remote.run(h, chained_command(steps), self.options.install_timeout)
+        done, unfinished = split_step_output(steps, r.stdout)
+        if "chef-stop" in done:
+            hr.chef = "stopped"
+        if unfinished is not None or not r.ok:
+            if (unfinished or steps[-1][0]) == "chef-stop":
+                return f"could not stop chef: {r.describe()}"
             hr.step = "install"
-            r = await self.remote.run(h, apt_install_command(self.version), self.options.install_timeout)
-            if not r.ok:
-                return f"install failed: {r.describe()}"
+            return f"install failed: {r.describe()}"
         # patches, reconfigure, HUP/restarts and status: one session, stopping at the first failure
         steps = after_install_steps(role, self.patches)
         hr.step = STEP_KIND[steps[0][0].split("-", 1)[0]]

@@ -394,6 +394,25 @@ class Store:
         rec = [r for r in self.drained(env) if r.host == host]
         return rec[0]
 
+    def record_drained_many(self, env: str, hosts: Iterable[str], run_id: str, reason: str = "") -> int:
+        """Drain records for several hosts in one transaction (a batch's write-ahead)."""
+        validate_name("env", env)
+        names = [validate_name("host", h) for h in hosts]
+        now = time.time()
+        self._upsert_many(drained_t, [({"env": env, "host": h}, {"run_id": run_id, "reason": reason[:1000]},
+                                       {"since": now}) for h in names])
+        return len(names)
+
+    def clear_drained_many(self, env: str, hosts: Iterable[str]) -> int:
+        """Forget several drain records in one transaction; how many there were."""
+        names = list(hosts)
+        if not names:
+            return 0
+        with self._tx() as conn:
+            res = conn.execute(delete(drained_t).where(and_(drained_t.c.env == env,
+                                                            drained_t.c.host.in_(names))))
+        return res.rowcount or 0
+
     def clear_drained(self, env: str, host: str) -> bool:
         """Forget the drain record; call AFTER the host is ready on every LB."""
         with self._tx() as conn:
@@ -419,6 +438,20 @@ class Store:
         values = {"env": env, "status": status, "version": str(version), "detail": detail[:2000],
                   "updated": time.time()}
         self._upsert(progress_t, {"rollout": rollout, "host": host}, values, {})
+
+    def set_host_statuses(self, rollout: str, env: str, rows: Iterable[tuple[str, str, str]],
+                          version: str) -> None:
+        """Several hosts' progress, ``(host, status, detail)`` rows, in one transaction."""
+        validate_name("rollout", rollout)
+        now = time.time()
+        items = []
+        for host, status, detail in rows:
+            if status not in HOST_STATUSES:
+                raise InvalidInput(f"host status {status!r} is not one of {', '.join(HOST_STATUSES)}")
+            items.append(({"rollout": rollout, "host": validate_name("host", host)},
+                          {"env": env, "status": status, "version": str(version), "detail": detail[:2000],
+                           "updated": now}, {}))
+        self._upsert_many(progress_t, items)
 
     def host_statuses(self, rollout: str) -> dict[str, HostProgress]:
         with self._tx() as conn:
@@ -585,17 +618,25 @@ class Store:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _upsert(self, table: Table, key: dict, values: dict, insert_only: dict) -> None:
-        cond = and_(*(table.c[k] == v for k, v in key.items()))
+        self._upsert_many(table, [(key, values, insert_only)])
+
+    def _upsert_many(self, table: Table, items: list[tuple[dict, dict, dict]]) -> None:
+        """Update-or-insert rows ``(key, values, insert_only)``, all in one transaction."""
+        if not items:
+            return
         for _ in range(5):
             try:
                 with self._tx() as conn:
-                    res = conn.execute(update(table).where(cond).values(**values))
-                    if not res.rowcount:
-                        conn.execute(insert(table).values(**key, **values, **insert_only))
+                    for key, values, insert_only in items:
+                        cond = and_(*(table.c[k] == v for k, v in key.items()))
+                        res = conn.execute(update(table).where(cond).values(**values))
+                        if not res.rowcount:
+                            conn.execute(insert(table).values(**key, **values, **insert_only))
                 return
             except IntegrityError:
                 continue  # inserted concurrently: update it on the next round
-        raise StoreError(f"could not write {table.name} for {key}")
+        raise StoreError(f"could not write {table.name} for {items[0][0]}" + (
+            f" and {len(items) - 1} more" if len(items) > 1 else ""))
 
 
 def _lock(row) -> Lock:

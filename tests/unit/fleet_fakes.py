@@ -155,6 +155,7 @@ class FakeFleet:
         self.builds: set[str] = set()
         self.install_fails_on: dict[str, set[str]] = {}  # version -> hosts
         self.hup_keeps_pid: set[str] = set()  # hosts whose HUP does not restart anything
+        self.chef_stop_fails: set[str] = set()  # hosts whose chef-client-disable fails
         self.chef_role: str = ""
         self._pid = 1000
 
@@ -189,6 +190,8 @@ class FakeFleet:
             return 0, " ".join(argv[1:]) + "\n", ""
         if argv[:2] == ["dpkg-query", "-W"]:
             return 0, h.installed, ""
+        if argv[0] == "chef-client-disable" and name in self.chef_stop_fails:
+            return 1, "", "chef-client-disable: cannot write the disable file\n"
         if argv[0] == "chef-client-disable":
             h.chef_running, h.chef_reason = False, argv[1]
             return 0, "", ""

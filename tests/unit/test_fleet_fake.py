@@ -71,8 +71,8 @@ def test_rolls_every_host_in_batches(lbs, store):
         assert changes[0].count("state drain") == 2
     # per host, the documented order
     cmds = remote.steps("web-01-sv-gprd")
-    # inspect, chef stop, install, after-install (reconfigure .. status) and verify: five sessions
-    assert len(remote.commands("web-01-sv-gprd")) == 5
+    # inspect, chef stop + install, after-install (reconfigure .. status) and verify: four sessions
+    assert len(remote.commands("web-01-sv-gprd")) == 4
     order = ["dpkg-query", "gitlab-ctl status", "chef-client-disable 'liftoff deploy run-1'",
              f"apt-get install -y gitlab-ee={NEW}", "gitlab-ctl reconfigure", "gitlab-ctl hup puma",
              "gitlab-ctl restart workhorse", "gitlab-ctl restart nginx", "gitlab-ctl status", "dpkg-query"]
@@ -285,3 +285,16 @@ def test_a_failing_step_in_the_after_install_session_is_named_and_stops_the_rest
     assert after["nginx"] == before["nginx"], "the steps after the failure did not"
     assert lb_admin(lbs, "web-01-sv-gprd") == {"drain"}
     assert {d.host for d in store.drained("gprd")} == {"web-01-sv-gprd", "web-02-sv-gprd"}
+
+
+def test_a_host_whose_chef_cannot_stop_is_not_installed(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 2, "floor": "0%", "batch": "2"}})
+    fleet.chef_stop_fails.add("web-02-sv-gprd")
+    report = roll(env, remote, store)
+    assert list(report.failed_hosts) == ["web-02-sv-gprd"]
+    assert report.failed_hosts["web-02-sv-gprd"].startswith("could not stop chef: ")
+    assert report.hosts["web-02-sv-gprd"].step == "chef_stop"
+    assert fleet.hosts["web-02-sv-gprd"].installed != NEW, "the install after a failed chef stop never ran"
+    assert fleet.hosts["web-01-sv-gprd"].installed == NEW
+    assert report.chef_stopped == ["web-01-sv-gprd"], "only where chef really stopped"
+    assert lb_admin(lbs, "web-02-sv-gprd") == {"drain"}

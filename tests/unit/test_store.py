@@ -249,3 +249,24 @@ def test_in_memory_store_serialises_threads():
     assert errors == []
     assert len(s.host_statuses("r1")) == n * per_thread
     s.close()
+
+
+def test_batch_drain_records_and_statuses(store):
+    assert store.record_drained_many("gprd", ["web-01", "web-02", "web-03"], "run-1", "batch 1") == 3
+    assert store.record_drained_many("gprd", ["web-03"], "run-2", "again") == 1
+    recs = {r.host: r for r in store.drained("gprd")}
+    assert set(recs) == {"web-01", "web-02", "web-03"} and recs["web-03"].run_id == "run-2"
+    assert store.clear_drained_many("gprd", ["web-01", "web-03", "nope"]) == 2
+    assert [r.host for r in store.drained("gprd")] == ["web-02"]
+    assert store.clear_drained_many("gprd", []) == 0
+    store.set_host_statuses("gprd:v1", "gprd", [("web-01", "done", ""), ("web-02", "failed", "boom")], "v1")
+    got = store.host_statuses("gprd:v1")
+    assert {h: (p.status, p.detail) for h, p in got.items()} == {"web-01": ("done", ""),
+                                                                  "web-02": ("failed", "boom")}
+    with pytest.raises(InvalidInput):
+        store.set_host_statuses("gprd:v1", "gprd", [("web-01", "done", ""), ("web-03", "bogus", "")], "v1")
+    after = store.host_statuses("gprd:v1")
+    assert after["web-01"].status == "done" and "web-03" not in after
+    with pytest.raises(InvalidInput):
+        store.record_drained_many("gprd", ["ok", "bad host;rm"], "run-1")
+    assert [r.host for r in store.drained("gprd")] == ["web-02"], "bad input touches nothing"
