@@ -391,7 +391,11 @@ async def _dispatch(world: World, state: HostState, command: str) -> Result:
     errs: list[str] = []
     code = 0
     for words in chain:  # like a shell: stop at the first command that fails
-        code, out, err = await _dispatch_one(world, state, shlex.join(words), words)
+        start = time.monotonic()
+        one = shlex.join(words)
+        code, out, err = await _dispatch_one(world, state, one, words)
+        if words[0] != "echo":  # the audit log keeps each command of a chain, not step markers
+            world.audit(state.name, one, code, time.monotonic() - start)
         outs.append(out)
         errs.append(err)
         if code != 0:
@@ -415,14 +419,21 @@ async def _dispatch_one(world: World, state: HostState, command: str, words: lis
 
 
 async def run_command(world: World, host_state: HostState, command: str) -> Result:
-    """Run one command on a host: ``(exit code, stdout, stderr)``; audited, state saved."""
+    """Run one command (or ``&&`` chain) on a host: ``(exit code, stdout, stderr)``; each
+    command audited, state saved."""
     start = time.monotonic()
+    try:
+        chained = host_state.reachable and len(split_chain(command)) > 1
+    except ValueError:
+        chained = False
     try:
         code, out, err = await _dispatch(world, host_state, command)
     except Exception as exc:  # a simulator bug must not look like a host success
         log.exception("command failed on %s: %s", host_state.name, command)
         code, out, err = 70, "", _lines(f"lab: internal error: {exc}")
-    world.audit(host_state.name, command, code, time.monotonic() - start)
+        chained = False
+    if not chained:  # a chain's commands were audited one by one
+        world.audit(host_state.name, command, code, time.monotonic() - start)
     return code, out, err
 
 

@@ -587,10 +587,18 @@ class _Rollout:
         lap("sessions")
         for name, n in (left or {}).items():
             reports[name].notes.append(f"{n} session(s) still open after {self.options.drain_timeout:.0f}s")
-        installing_started()
+        waiting_to_start = len(work)
+
+        def host_started() -> None:
+            # the next batch's read-only inspection waits until every install here runs
+            nonlocal waiting_to_start
+            waiting_to_start -= 1
+            if waiting_to_start == 0:
+                installing_started()
+
         await draining
         installing = self._set_statuses([(h.name, "installing", f"batch {index}") for h in work])
-        flows = asyncio.gather(*(self._host(role, h, insp[h.name]) for h in work))
+        flows = asyncio.gather(*(self._host(role, h, insp[h.name], host_started) for h in work))
         _, errors = await asyncio.gather(installing, flows)
         lap("hosts")
         good = [h for h, e in zip(work, errors, strict=True) if e is None]
@@ -648,7 +656,8 @@ class _Rollout:
         await asyncio.gather(*(self.remote.close_host(h) for h in hosts), return_exceptions=True)
 
     # -- one host --------------------------------------------------------------------------------
-    async def _host(self, role: Role, h: HostRef, insp: _Inspection) -> str | None:
+    async def _host(self, role: Role, h: HostRef, insp: _Inspection,
+                    started: Callable[[], None] = lambda: None) -> str | None:
         """The host's steps after the drain; None when it is ready to go back, else why not."""
         hr = self.report.hosts[h.name]
         timeout = self.options.command_timeout
@@ -657,7 +666,7 @@ class _Rollout:
         if insp.installed != self.version:
             steps.append(("install", apt_install_command(self.version)))
         hr.step = "chef_stop"
-        r = await self.remote.run(h, chained_command(steps), self.options.install_timeout)
+        r = await self.remote.run(h, chained_command(steps), self.options.install_timeout, started=started)
         done, unfinished = split_step_output(steps, r.stdout)
         if "chef-stop" in done:
             hr.chef = "stopped"

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -340,25 +341,38 @@ class Remote:
         await self._audit.flush()
 
     # -- commands ----------------------------------------------------------------------------------
-    async def run(self, host: HostRef, command: str, timeout: float | None = None) -> CommandResult:
-        """Run one command; never raises for remote trouble (see ``CommandResult.error``)."""
+    async def run(self, host: HostRef, command: str, timeout: float | None = None,
+                  started: Callable[[], None] | None = None) -> CommandResult:
+        """Run one command; never raises for remote trouble (see ``CommandResult.error``).
+
+        ``started`` is called once the remote command runs (or could not start), so that a
+        caller can hold back less urgent work until then."""
         import asyncssh
 
         if not command or "\n" in command or "\0" in command:
             raise RemoteError(f"refusing an empty or multi-line command for {host.name}")
         limit = self.timeout if timeout is None else float(timeout)
         start = time.monotonic()
+        pending = [started] if started is not None else []
+
+        def now_started() -> None:
+            while pending:
+                pending.pop()()
+
         async with self._run_slots:
             try:
                 conn = await self.connection(host)
             except Exception as exc:  # unreachable, refused, host key not verified ...
+                now_started()
                 result = CommandResult(None, "", "", time.monotonic() - start, host.name, command,
                                        f"cannot connect to {host.name} ({host.address}): "
                                        f"{type(exc).__name__}: {exc}")
                 self._record(result)
                 return result
             try:
-                proc = await conn.run(command, check=False, timeout=limit)
+                process = await conn.create_process(command)
+                now_started()
+                proc = await process.wait(False, limit)
                 code = proc.exit_status
                 error = ""
                 if code is None:
@@ -377,6 +391,7 @@ class Remote:
                                        f"connection lost: {type(exc).__name__}: {exc}")
                 if self._conns.get(host.name) is not None:
                     await self.close_host(host)
+        now_started()
         self.commands_run += 1
         self._record(result)
         return result

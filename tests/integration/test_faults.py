@@ -188,9 +188,9 @@ class HostDownAfterInstall(Remote):
         self.victim = victim
         self.downed = False
 
-    async def run(self, host, command, timeout=None):
-        result = await super().run(host, command, timeout)
-        if host.name == self.victim and command.startswith("apt-get install") and not self.downed:
+    async def run(self, host, command, timeout=None, **kwargs):
+        result = await super().run(host, command, timeout, **kwargs)
+        if host.name == self.victim and "apt-get install" in command and not self.downed:
             self.downed = True
             await asyncio.to_thread(processes.control, self.lab.config, "POST", "/faults/host-down",
                                     {"host": self.victim})

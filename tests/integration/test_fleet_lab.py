@@ -116,7 +116,7 @@ def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, 
     assert hosts["web-03-sv-gprd"]["installed"] != FAILING
     # every command audited with its exit code
     audit = store.audit_records(run_id="fleet-lab-1", host="web-02-sv-gprd")
-    install = [a for a in audit if a.command.startswith("apt-get install")]
+    install = [a for a in audit if "apt-get install" in a.command]
     assert install and install[0].exit_code == 100 and "dpkg" in install[0].output_tail
     assert [a.command for a in audit][0] == chained_command(INSPECT_STEPS)
     assert audit[0].exit_code == 0 and "run: puma:" in audit[0].output_tail
@@ -132,7 +132,7 @@ def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, 
         assert lb_states(env, h) == {"UP/ready"}
         state = lab.host_status(h)
         assert state["installed"] == GOOD and state["running"] == GOOD
-    assert any(a.command == f"apt-get install -y gitlab-ee={GOOD}" and a.exit_code == 0
+    assert any(f"apt-get install -y gitlab-ee={GOOD}" in a.command and a.exit_code == 0
                for a in store.audit_records(run_id="fleet-lab-2", host="web-02-sv-gprd"))
 
     # third run: nothing to do, nothing touched
@@ -141,7 +141,7 @@ def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, 
     assert third.status == "success" and third.counts() == {"skipped": 3}
     assert [a.command for a in store.audit_records(run_id="fleet-lab-3")] == [
         chained_command(INSPECT_STEPS)] * 3
-    assert lab_audit_lines(lab) - lines == 3
+    assert lab_audit_lines(lab) - lines == 6, "dpkg-query and gitlab-ctl status on each host"
     assert store.host_statuses(f"{ENV}:{GOOD}")["web-01-sv-gprd"].status == "done"
     json.loads(third.to_json())
 
@@ -252,3 +252,27 @@ def test_haproxy_on_the_real_lbs(fleet_env):
     finally:
         ha.ready([host])
     assert ha.wait_up([host], timeout=30) == {}
+
+
+def test_started_is_called_once_the_remote_command_runs(fleet_env):
+    """``Remote.run(started=...)`` fires while the command still runs (the fleet starts the next
+    batch's inspection then), and once for a host that cannot be reached."""
+    env = load_inventory().env(ENV)
+    host = env.host("web-01-sv-gprd")
+    seen: list[str | None] = []
+
+    def started() -> None:
+        seen.append(fleet_env.host_status(host.name)["installed"])
+
+    async def go():
+        async with Remote() as remote:
+            before = fleet_env.host_status(host.name)["installed"]
+            r = await remote.run(host, f"apt-get install -y gitlab-ee={FAILING}", 60, started=started)
+            unreachable = dataclasses.replace(host, name="nowhere-01", address="127.0.0.1")
+            lost = await remote.run(unreachable, "gitlab-ctl status", 60, started=lambda: seen.append("lost"))
+            return before, r, lost
+
+    before, r, lost = asyncio.run(go())
+    assert before != FAILING and r.ok, r.describe()
+    assert seen == [before, "lost"], "called once each, before the install finished"
+    assert lost.exit_code is None and fleet_env.host_status(host.name)["installed"] == FAILING

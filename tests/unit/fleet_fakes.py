@@ -13,6 +13,7 @@ import json
 import re
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from liftoff.inventory import HostRef, parse_inventory
@@ -241,8 +242,11 @@ class FakeRemote:
         self.running = 0
         self.max_running = 0
 
-    async def run(self, host: HostRef, command: str, timeout: float | None = None) -> CommandResult:
+    async def run(self, host: HostRef, command: str, timeout: float | None = None,
+                  started: Callable[[], None] | None = None) -> CommandResult:
         assert timeout is None or timeout >= 30, f"timeout {timeout} too short for {command}"
+        if started is not None:
+            started()
         start = time.monotonic()
         self.running += 1
         self.max_running = max(self.max_running, self.running)

@@ -157,7 +157,7 @@ def test_host_left_drained_on_an_lb_is_repaired_not_skipped(lbs, store):
     assert report.status == "success"
     assert report.hosts["web-02-sv-gprd"].repaired and report.hosts["web-02-sv-gprd"].status == "done"
     assert lb_admin(lbs, "web-02-sv-gprd") == {"ready"}
-    assert not any(c.startswith("apt-get") for c in remote.commands("web-02-sv-gprd"))
+    assert not any(c.startswith("apt-get") for c in remote.steps("web-02-sv-gprd"))
 
 
 def test_capacity_floor_refuses_before_touching_anything(lbs, store):

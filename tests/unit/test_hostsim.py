@@ -85,7 +85,9 @@ def test_unknown_command_exits_127_and_is_audited(world):
     world.close()
     audit = world.audit_path.read_text().splitlines()
     assert audit[0].split("\t")[1:] == [WEB, "127", audit[0].split("\t")[3], "rm -rf /"]
-    assert len(audit) == 2
+    # a chain is audited command by command, up to the one that failed
+    assert [line.split("\t")[4] for line in audit[1:]] == ["gitlab-ctl status", "rm -rf /"]
+    assert len(audit) == 3
 
 
 def test_restart_and_hup_give_new_pids_and_the_installed_version(world):
