@@ -47,7 +47,7 @@ def test_generated_configs_validate_and_stay_on_loopback(tmp_path: Path, scale: 
         "app", "haproxy", "pushgateway", "prometheus", "alertmanager"]
     known = configs.known_hosts_file(config).read_text().splitlines()
     assert len(known) == topology.size
-    assert known[0].startswith(f"[{topology.hosts[0].addr}]:{config.ssh_port} ssh-ed25519 ")
+    assert known[0].startswith(f"[{topology.hosts[0].addr}]:{config.ssh_port} ecdsa-sha2-nistp256 ")
 
 
 def test_gprd_lbs_weigh_canary_in_main_backends(tmp_path: Path) -> None:
