@@ -391,6 +391,10 @@ async def _dispatch(world: World, state: HostState, command: str) -> Result:
     errs: list[str] = []
     code = 0
     for words in chain:  # like a shell: stop at the first command that fails
+        if not state.reachable:  # the host went down during the chain: nothing more runs
+            code = 255
+            errs.append(_lines(f"Connection to {state.addr} closed by remote host."))
+            break
         start = time.monotonic()
         one = shlex.join(words)
         code, out, err = await _dispatch_one(world, state, one, words)

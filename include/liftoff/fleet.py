@@ -24,6 +24,7 @@ listed in the report.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -140,7 +141,8 @@ class RolloutReport:
 
     @property
     def chef_stopped(self) -> list[str]:
-        return sorted(h.host for h in self.hosts.values() if h.chef == "stopped")
+        """Hosts where this rollout stopped chef (or may have: ``unknown``) and did not start it."""
+        return sorted(h.host for h in self.hosts.values() if h.chef in ("stopped", "unknown"))
 
     @property
     def ok(self) -> bool:
@@ -206,8 +208,19 @@ def app_port_for(env: Environment, role: Role, override: int | None = None) -> i
 
 
 INSPECT_STEPS = (("version", installed_version_command()), ("status", gitlab_ctl_command("status")))
-STEP_KIND = {"patch": "patches", "reconfigure": "reconfigure", "hup": "restart", "restart": "restart",
-             "status": "restart"}
+STEP_KIND = {"chef": "chef_stop", "install": "install", "patch": "patches", "reconfigure": "reconfigure",
+             "hup": "restart", "restart": "restart", "status": "restart"}
+STEP_LABELS = {"chef-stop": "chef stop", "status": "gitlab-ctl status"}
+
+
+def host_steps(reason: str, install: str | None, role: Role,
+               patches: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """A host's steps once drained, in order, as (step name, command): chef stop, the install
+    (``install`` is the version, None when already installed) and :func:`after_install_steps`."""
+    steps = [("chef-stop", chef_disable_command(reason))]
+    if install is not None:
+        steps.append(("install", apt_install_command(install)))
+    return steps + after_install_steps(role, patches)
 
 
 ONE_SESSION = " (one session for this and the next steps, stopping at the first failure)"
@@ -226,7 +239,7 @@ def after_install_steps(role: Role, patches: Iterable[str] = ()) -> list[tuple[s
 
 def step_label(step: str) -> str:
     """``hup-puma`` -> ``hup puma``; ``status`` -> ``gitlab-ctl status``."""
-    return "gitlab-ctl status" if step == "status" else step.replace("-", " ", 1)
+    return STEP_LABELS.get(step) or step.replace("-", " ", 1)
 
 
 def parse_pids(status_output: str) -> dict[str, int | None]:
@@ -325,15 +338,13 @@ def plan(env: Environment, roles: Iterable[str] | None, version: str, *, run_id:
         port = app_port_for(env, role, options.app_port)
         for i, batch in enumerate(batches):
             for h in batch:
-                after = after_install_steps(role, patches)
+                after = host_steps(reason, version, role, patches)
                 steps = [
                     f"check: {installed_version_command()} && {gitlab_ctl_command('status')} (one session; "
                     f"skip if {version} and in service)",
                     f"store: record {h.name} drained (write-ahead)",
                     f"haproxy: drain {h.name} in every backend on every LB ({lbs})",
                     f"haproxy: wait until its sessions end (at most {options.drain_timeout:.0f}s)",
-                    f"run: {chef_disable_command(reason)}",
-                    f"run: {apt_install_command(version)}",
                     *(f"run: {cmd}" + (ONE_SESSION if i == 0 else "")
                       for i, (_, cmd) in enumerate(after[:-1])),
                     f"run: {after[-1][1]} (PIDs of "
@@ -661,29 +672,28 @@ class _Rollout:
         """The host's steps after the drain; None when it is ready to go back, else why not."""
         hr = self.report.hosts[h.name]
         timeout = self.options.command_timeout
-        # stop chef, then install (unless already there): one session, stopping at the first failure
-        steps = [("chef-stop", chef_disable_command(self.reason))]
-        if insp.installed != self.version:
-            steps.append(("install", apt_install_command(self.version)))
+        # chef stop, install (unless there already), patches, reconfigure, HUP/restarts, status:
+        # one SSH session for the host, stopping at the first step that fails
+        steps = host_steps(self.reason, self.version if insp.installed != self.version else None,
+                           role, self.patches)
         hr.step = "chef_stop"
-        r = await self.remote.run(h, chained_command(steps), self.options.install_timeout, started=started)
+        limit = self.options.install_timeout + timeout * len(steps)
+        r = await self.remote.run(h, chained_command(steps), limit, started=started)
         done, unfinished = split_step_output(steps, r.stdout)
         if "chef-stop" in done:
             hr.chef = "stopped"
         if unfinished is not None or not r.ok:
-            if (unfinished or steps[-1][0]) == "chef-stop":
-                return f"could not stop chef: {r.describe()}"
-            hr.step = "install"
-            return f"install failed: {r.describe()}"
-        # patches, reconfigure, HUP/restarts and status: one session, stopping at the first failure
-        steps = after_install_steps(role, self.patches)
-        hr.step = STEP_KIND[steps[0][0].split("-", 1)[0]]
-        r = await self.remote.run(h, chained_command(steps), timeout * len(steps))
-        done, unfinished = split_step_output(steps, r.stdout)
-        if unfinished is not None or not r.ok:
             failed = unfinished or steps[-1][0]
             hr.step = STEP_KIND[failed.split("-", 1)[0]]
-            return f"{step_label(failed)} failed: {r.describe()}"
+            what = dataclasses.replace(r, command=dict(steps)[failed]).describe()  # the step, not the chain
+            if r.exit_code is None:  # cut off: the host's output (and so its progress) never came back
+                if not done:
+                    hr.chef = "unknown"
+                    hr.notes.append("the session was cut before the host reported: chef may be stopped")
+                return f"{step_label(failed)} (or a later step) did not finish: {what}"
+            if failed == "chef-stop":
+                return f"could not stop chef: {what}"
+            return f"{step_label(failed)} failed: {what}"
         after = parse_pids(done["status"])
         before = insp.pids or {}
         down = sorted(s for s, pid in after.items() if pid is None)

@@ -302,6 +302,21 @@ def chained_command(steps: Sequence[tuple[str, str]]) -> str:
     return " && ".join(parts)
 
 
+def chain_steps(line: str) -> list[tuple[str, str]] | None:
+    """The steps of a line built by :func:`chained_command` (e.g. read back from the audit
+    trail); None for any other command line."""
+    parts = line.split(" && ")
+    if len(parts) < 2 or len(parts) % 2:
+        return None
+    steps = []
+    for command, mark in zip(parts[::2], parts[1::2], strict=True):
+        words = shlex.split(mark)
+        if len(words) != 2 or words[0] != "echo" or not words[1].startswith(STEP_MARK):
+            return None
+        steps.append((words[1][len(STEP_MARK):], command))
+    return steps
+
+
 def split_step_output(steps: Sequence[tuple[str, str]], stdout: str) -> tuple[dict[str, str], str | None]:
     """Each finished step's stdout, and the first step that did not finish (None: all did)."""
     done: dict[str, str] = {}

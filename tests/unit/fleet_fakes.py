@@ -157,6 +157,7 @@ class FakeFleet:
         self.install_fails_on: dict[str, set[str]] = {}  # version -> hosts
         self.hup_keeps_pid: set[str] = set()  # hosts whose HUP does not restart anything
         self.chef_stop_fails: set[str] = set()  # hosts whose chef-client-disable fails
+        self.cut_install_session: set[str] = set()  # hosts whose install session is cut (no output)
         self.chef_role: str = ""
         self._pid = 1000
 
@@ -259,6 +260,8 @@ class FakeRemote:
             else:
                 code, out, err = self.fleet.execute(host.name, command)
                 result = CommandResult(code, out, err, time.monotonic() - start, host.name, command)
+                if "apt-get install" in command and host.name in self.fleet.cut_install_session:
+                    result = CommandResult(None, "", "", 0.0, host.name, command, "connection lost: reset")
         finally:
             self.running -= 1
         self.log.append((host.name, command, result.exit_code))

@@ -71,8 +71,8 @@ def test_rolls_every_host_in_batches(lbs, store):
         assert changes[0].count("state drain") == 2
     # per host, the documented order
     cmds = remote.steps("web-01-sv-gprd")
-    # inspect, chef stop + install, after-install (reconfigure .. status) and verify: four sessions
-    assert len(remote.commands("web-01-sv-gprd")) == 4
+    # inspect; chef stop, install, reconfigure .. status; verify: three sessions
+    assert len(remote.commands("web-01-sv-gprd")) == 3
     order = ["dpkg-query", "gitlab-ctl status", "chef-client-disable 'liftoff deploy run-1'",
              f"apt-get install -y gitlab-ee={NEW}", "gitlab-ctl reconfigure", "gitlab-ctl hup puma",
              "gitlab-ctl restart workhorse", "gitlab-ctl restart nginx", "gitlab-ctl status", "dpkg-query"]
@@ -298,3 +298,20 @@ def test_a_host_whose_chef_cannot_stop_is_not_installed(lbs, store):
     assert fleet.hosts["web-01-sv-gprd"].installed == NEW
     assert report.chef_stopped == ["web-01-sv-gprd"], "only where chef really stopped"
     assert lb_admin(lbs, "web-02-sv-gprd") == {"drain"}
+
+
+def test_a_session_cut_mid_host_says_so_and_counts_chef_as_maybe_stopped(lbs, store):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 2, "floor": "0%", "batch": "2"}})
+    fleet.cut_install_session.add("web-02-sv-gprd")
+    report = roll(env, remote, store)
+    assert list(report.failed_hosts) == ["web-02-sv-gprd"]
+    reason = report.failed_hosts["web-02-sv-gprd"]
+    assert reason.startswith("chef stop (or a later step) did not finish: ") and "connection lost" in reason
+    assert report.hosts["web-02-sv-gprd"].chef == "unknown"
+    assert "web-02-sv-gprd" in report.chef_stopped, "a host whose chef may be stopped is listed"
+    assert lb_admin(lbs, "web-02-sv-gprd") == {"drain"}
+    assert [d.host for d in store.drained("gprd")] == ["web-02-sv-gprd"]
+    fleet.cut_install_session.clear()
+    again = roll(env, remote, store, run_id="run-2")
+    assert again.status == "success" and again.hosts["web-02-sv-gprd"].repaired
+    assert store.drained("gprd") == [] and lb_admin(lbs, "web-02-sv-gprd") == {"ready"}

@@ -205,6 +205,10 @@ def test_a_command_chain_marks_each_step_and_finds_where_it_stopped():
     assert split_step_output(steps[:1], f"17.5.0{mark}reconfigure\n") == ({"reconfigure": "17.5.0\n"}, None)
     # a marker out of order is output, not progress
     assert split_step_output(steps, "liftoff-step-done:status\n")[1] == "reconfigure"
+    from liftoff.versions import chain_steps
+
+    assert chain_steps(line) == steps, "a chain read back from the audit trail"
+    assert chain_steps("gitlab-ctl status") is None and chain_steps("a && b") is None
     for bad in ([], [("bad name", "x")], [("ok", "")], [("ok", "a\nb")]):
         with pytest.raises(InvalidInput):
             chained_command(bad)
