@@ -367,6 +367,15 @@ def cmd_fault(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    config = load(args)
+    require_up(config)
+    target = configs.add_rules(config, Path(args.file), args.name)
+    configs.reload_prometheus(config)
+    print(f"rules {args.name} loaded ({target}); Prometheus reloaded")
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     config = load(args)
     try:
@@ -421,6 +430,11 @@ def parser() -> argparse.ArgumentParser:
     fault.add_argument("fault", choices=["host-down", "host-up"])
     fault.add_argument("host")
     fault.set_defaults(func=cmd_fault)
+
+    rules = sub.add_parser("rules", help="load an extra Prometheus rule file (e.g. liftoff's traffic alerts)")
+    rules.add_argument("file", help="rule file (YAML), '-' not accepted")
+    rules.add_argument("--name", default="extra", help="installed as prometheus/rules.d/NAME.yml")
+    rules.set_defaults(func=cmd_rules)
 
     env = sub.add_parser("env", help="print the shell exports that point liftoff at the lab")
     env.set_defaults(func=cmd_env)

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -419,7 +420,7 @@ def prometheus_config(config: LabConfig, topology: Topology) -> dict:
             "evaluation_interval": f"{evaluation}s",
         },
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [config.alertmanager_addr]}]}]},
-        "rule_files": [str(prom_dir / "rules.yml")],
+        "rule_files": [str(prom_dir / "rules.yml"), str(prom_dir / "rules.d" / "*.yml")],
         "scrape_configs": [
             {
                 "job_name": "app",
@@ -509,10 +510,43 @@ def check_prometheus(config: LabConfig) -> None:
         raise ConfigError(f"promtool check config: {(out.stdout + out.stderr).strip()}")
 
 
+def add_rules(config: LabConfig, source: Path, name: str) -> Path:
+    """Install an extra Prometheus rule file (e.g. liftoff's synthetic traffic alerts) as
+    ``prometheus/rules.d/NAME.yml``; checked with promtool first (a bad file is refused and
+    changes nothing). The caller reloads Prometheus."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,60}", name):
+        raise ConfigError(f"bad rules name {name!r} (lowercase letters, digits, - and _)")
+    try:
+        text = source.read_text()
+        yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read rules from {source}: {exc}") from None
+    target_dir = config.path("prometheus", "rules.d")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target_dir / f".{name}.yml.tmp"
+    tmp.write_text(text)
+    promtool = shutil.which("promtool")
+    if promtool:
+        out = subprocess.run([promtool, "check", "rules", str(tmp)], capture_output=True, text=True)
+        if out.returncode != 0:
+            tmp.unlink()
+            raise ConfigError(f"promtool check rules {source}: {(out.stdout + out.stderr).strip()}")
+    target = target_dir / f"{name}.yml"
+    os.replace(tmp, target)
+    return target
+
+
+def reload_prometheus(config: LabConfig) -> None:
+    """SIGHUP: Prometheus re-reads its config and rule files."""
+    pid = int(pid_file(config, "prometheus").read_text())
+    os.kill(pid, signal.SIGHUP)
+
+
 def write_prometheus(config: LabConfig, topology: Topology) -> Path:
     prom_dir = config.path("prometheus")
     (prom_dir / "targets").mkdir(parents=True, exist_ok=True)
     (prom_dir / "data").mkdir(exist_ok=True)
+    (prom_dir / "rules.d").mkdir(exist_ok=True)
     targets = prom_dir / "targets" / "app.json"
     tmp = targets.with_name(".app.json.tmp")
     tmp.write_text(json.dumps(app_targets(config, topology), indent=1))

@@ -290,20 +290,30 @@ async def run_traffic(targets: Sequence[Target], *, rps: float, duration_s: floa
     return stats
 
 
-def alert_rules(window: str = "1m", error_ratio: float = 0.05, p95_s: float = 1.0) -> dict:
+_DURATION = re.compile(r"^[1-9][0-9]{0,5}(ms|s|m|h)$")
+
+
+def alert_rules(window: str = "1m", error_ratio: float = 0.05, p95_s: float = 1.0,
+                for_: str = "30s") -> dict:
     """Prometheus rules on the traffic metrics (Prometheus scraping the Pushgateway with
     ``honor_labels``): alerts carry the ``env`` label, so the environment's quiet period sees
-    them. Counters left on the gateway after a run stop moving, so the alerts clear."""
+    them. Counters left on the gateway after a run stop moving, so the alerts clear.
+    ``python -m liftoff.traffic rules`` prints them as YAML for Prometheus' ``rule_files``."""
+    for name, value in (("window", window), ("for", for_)):
+        if not _DURATION.match(value):
+            raise InvalidInput(f"{name} {value!r} is not a Prometheus duration like 30s or 2m")
+    if not 0 < error_ratio < 1 or p95_s <= 0:
+        raise InvalidInput("error_ratio must be between 0 and 1 and p95_s above 0")
     requests = f"sum by (env) (rate(liftoff_traffic_requests_total{{job=\"{JOB}\"}}[{window}]))"
     errors = f"sum by (env) (rate(liftoff_traffic_errors_total{{job=\"{JOB}\"}}[{window}]))"
     buckets = f"liftoff_traffic_request_duration_seconds_bucket{{job=\"{JOB}\"}}[{window}]"
     latency = f"histogram_quantile(0.95, sum by (env, le) (rate({buckets})))"
     return {"groups": [{"name": "liftoff_traffic", "rules": [
-        {"alert": "SyntheticTrafficErrors", "expr": f"{errors} / {requests} > {error_ratio}", "for": "30s",
+        {"alert": "SyntheticTrafficErrors", "expr": f"{errors} / {requests} > {error_ratio}", "for": for_,
          "labels": {"severity": "critical"},
          "annotations": {"summary": "{{ $labels.env }}: {{ $value | humanizePercentage }} of synthetic "
                                     "requests fail"}},
-        {"alert": "SyntheticTrafficSlow", "expr": f"{latency} > {p95_s}", "for": "30s",
+        {"alert": "SyntheticTrafficSlow", "expr": f"{latency} > {p95_s}", "for": for_,
          "labels": {"severity": "warning"},
          "annotations": {"summary": "{{ $labels.env }}: synthetic p95 latency "
                                     "{{ $value | humanizeDuration }}"}},
@@ -327,3 +337,29 @@ def run_from_inventory(inventory: Inventory, envs: Iterable[str], *, rps: float,
                                     push=pusher.push if pusher else None, push_interval_s=push_interval_s))
     return {"duration_s": round(time.time() - started, 1), "rps": rps, "pushed": pusher is not None,
             "environments": {env: s.summary() for env, s in stats.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m liftoff.traffic rules [--window 1m] [--for 30s] ...``: the alert rules as YAML."""
+    import argparse
+
+    import yaml
+
+    p = argparse.ArgumentParser(prog="python -m liftoff.traffic", description="liftoff synthetic traffic")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    rules = sub.add_parser("rules", help="print the Prometheus alert rules on the traffic metrics")
+    rules.add_argument("--window", default="1m")
+    rules.add_argument("--for", dest="for_", default="30s")
+    rules.add_argument("--error-ratio", type=float, default=0.05)
+    rules.add_argument("--p95-seconds", type=float, default=1.0)
+    args = p.parse_args(argv)
+    try:
+        doc = alert_rules(args.window, args.error_ratio, args.p95_seconds, args.for_)
+    except InvalidInput as exc:
+        p.error(str(exc))
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.labkit import Lab, running_lab
 
@@ -372,15 +373,22 @@ def test_deploy_lock_by_hand_stops_deploys_until_unlocked(lab, dagbag):
 
 # -- traffic -------------------------------------------------------------------------------------------
 
-def test_traffic_shows_a_bad_staging_build(lab, dagbag):
+def test_traffic_shows_a_bad_staging_build(lab, dagbag, tmp_path):
+    from liftoff import traffic
+
+    # liftoff's alert rules on its traffic metrics, loaded into the lab's Prometheus
+    rules = tmp_path / "liftoff-traffic.yml"
+    rules.write_text(yaml.safe_dump(traffic.alert_rules(window="10s", for_="1s")))
+    loaded = lab.cli("rules", str(rules), "--name", "liftoff-traffic")
+    assert loaded.returncode == 0, loaded.stderr
     lab.build_add(ERRORS, error_rate=0.5)
     deploy(ERRORS, "gstg")
-    result = run_dag(dagbag, "traffic", {"environments": ["gstg", "gprd-cny"], "rps": 10, "duration_s": 4})
+    result = run_dag(dagbag, "traffic", {"environments": ["gstg", "gprd-cny"], "rps": 10, "duration_s": 8})
     assert result.state == "success"
     summary = result.xcom("send_traffic")["environments"]
-    for env in ("gstg", "gprd-cny"):  # 10 ticks a second for 4 seconds
-        assert summary[env]["requests"] + summary[env]["skipped"] in (40, 41)
-        assert summary[env]["requests"] >= 20
+    for env in ("gstg", "gprd-cny"):  # 10 ticks a second for 8 seconds, pushed at 5 s and at the end
+        assert summary[env]["requests"] + summary[env]["skipped"] in (80, 81)
+        assert summary[env]["requests"] >= 40
     assert summary["gstg"]["errors"] >= 5 and summary["gstg"]["codes"].get("500", 0) >= 5
     assert summary["gprd-cny"]["errors"] == 0
     metrics = pushgateway(lab)
@@ -390,3 +398,10 @@ def test_traffic_shows_a_bad_staging_build(lab, dagbag):
     assert errors.get("gstg", 0) == summary["gstg"]["errors"] and "gprd-cny" not in errors
     assert re.search(r'liftoff_traffic_requests_total\{[^}]*env="gprd-cny"[^}]*job="liftoff_traffic"',
                      metrics)
+    # the bad build shows as an alert on staging, with the env label the quiet period reads
+    lab.wait_for("SyntheticTrafficErrors on gstg",
+                 lambda: lab.alerts(alertname="SyntheticTrafficErrors", env="gstg"), timeout=30)
+    assert lab.alerts(alertname="SyntheticTrafficErrors", env="gprd-cny") == []
+    # counters that stop moving clear it (later tests gate on gstg's quiet period)
+    lab.wait_for("SyntheticTrafficErrors to clear",
+                 lambda: not lab.alerts(alertname="SyntheticTrafficErrors"), timeout=60)

@@ -341,3 +341,28 @@ def test_down_leaves_no_process_of_the_lab(private_lab: Path, lab_cli) -> None:
     assert list(private_lab.joinpath("run").glob("*.pid")) == []
     status = lab_cli(private_lab, "status")
     assert status.returncode == 2 and "not up" in status.stderr
+
+
+def test_extra_rule_files_are_checked_then_loaded(lab, tmp_path: Path) -> None:
+    """``python -m lab rules FILE``: promtool refuses a bad file (nothing installed), a good one is
+    loaded into the running Prometheus."""
+    rules_dir = lab.config.path("prometheus", "rules.d")
+    bad = tmp_path / "bad.yml"
+    bad.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"alert": "A", "expr": "up ==="}]}]}))
+    out = lab.cli("rules", str(bad), "--name", "bad")
+    assert out.returncode == 1 and "promtool check rules" in out.stderr
+    assert not (rules_dir / "bad.yml").exists()
+    assert lab.cli("rules", str(bad), "--name", "../escape").returncode == 1
+    good = tmp_path / "good.yml"
+    good.write_text(yaml.safe_dump({"groups": [{"name": "lab_test_extra", "rules": [
+        {"alert": "LabTestNeverFires", "expr": "vector(0) > 1", "labels": {"severity": "info"}}]}]}))
+    out = lab.cli("rules", str(good), "--name", "lab-test")
+    assert out.returncode == 0, out.stderr
+
+    def groups() -> list[str]:
+        url = f"http://{lab.config.prometheus_addr}/api/v1/rules"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return [g["name"] for g in json.load(resp)["data"]["groups"]]
+
+    lab.wait_for("the extra rule group", lambda: "lab_test_extra" in groups(), timeout=30)
+    assert "lab" in groups(), "the lab's own rules stay"
