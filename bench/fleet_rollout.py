@@ -30,6 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "include")]
 
+from bench.labcli import lab_cli  # noqa: E402
 from lab.config import LabConfig  # noqa: E402
 from lab.liftoff_env import exports  # noqa: E402
 from liftoff.fleet import RolloutOptions, rollout  # noqa: E402
@@ -38,14 +39,6 @@ from liftoff.store import Store  # noqa: E402
 
 ENV, ROLE = "gprd", "web"
 STEPS_PER_HOST = 9  # dpkg, chef stop, install, reconfigure, hup puma, restart x2, status x2
-
-
-def lab_cli(lab_dir: Path, *args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "lab", "--lab-dir", str(lab_dir), *args], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise SystemExit(f"lab {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
 
 
 def quiet_login_shell(lab_dir: Path) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,19 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "include")]
 
+from bench.labcli import lab_cli  # noqa: E402
 from lab.config import LabConfig  # noqa: E402
 from lab.liftoff_env import exports  # noqa: E402
 
 ENV = "gprd"
 BASE = "17.5.0-ee.0"
-
-
-def lab_cli(lab_dir: Path, *args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "lab", "--lab-dir", str(lab_dir), *args], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise SystemExit(f"lab {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
 
 
 def put_build(run_id: str, version: str) -> None:
