@@ -144,17 +144,21 @@ def denied_addresses(config: LabConfig) -> list[str]:
     return sorted({line.strip() for line in file.read_text().splitlines() if line.strip()})
 
 
-@functools.cache
-def sshd_supports(option: str) -> bool:
-    """Whether the installed sshd knows a config keyword (PerSourcePenalties came in 9.8)."""
+def _sshd_check(*flags: str, option: str = "") -> subprocess.CompletedProcess:
+    """Run this sshd on a throwaway config (a fresh host key, plus ``option``) with ``flags``."""
     with tempfile.TemporaryDirectory() as tmp:
         key = Path(tmp, "k")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
                        check=True, stdin=subprocess.DEVNULL)
         cfg = Path(tmp, "c")
         cfg.write_text(f"HostKey {key}\nListenAddress 127.0.0.1:1\n{option}\n")
-        out = subprocess.run([SSHD, "-T", "-f", str(cfg)], capture_output=True, text=True)
-        return "Bad configuration option" not in out.stderr
+        return subprocess.run([SSHD, *flags, "-f", str(cfg)], capture_output=True, text=True)
+
+
+@functools.cache
+def sshd_supports(option: str) -> bool:
+    """Whether the installed sshd knows a config keyword (PerSourcePenalties came in 9.8)."""
+    return "Bad configuration option" not in _sshd_check("-T", option=option).stderr
 
 
 @functools.cache
@@ -164,14 +168,7 @@ def sshd_flags() -> tuple[str, ...]:
     The lab's one sshd answers for up to 1,000 hosts on a few cores; re-executing itself for
     every connection roughly doubles its CPU per connection (27 -> 16 ms measured). Each
     production host runs its own sshd, so this only keeps the lab from being the bottleneck."""
-    with tempfile.TemporaryDirectory() as tmp:
-        key = Path(tmp, "k")
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                       check=True, stdin=subprocess.DEVNULL)
-        cfg = Path(tmp, "c")
-        cfg.write_text(f"HostKey {key}\nListenAddress 127.0.0.1:1\n")
-        out = subprocess.run([SSHD, "-t", "-r", "-f", str(cfg)], capture_output=True, text=True)
-        return ("-r",) if out.returncode == 0 else ()
+    return ("-r",) if _sshd_check("-t", "-r").returncode == 0 else ()
 
 
 def force_command(config: LabConfig) -> str:

@@ -375,18 +375,20 @@ def _unknown(command: str) -> Result:
     return _fail(127, _lines(f"lab: unknown command: {command}"))
 
 
-async def _dispatch(world: World, state: HostState, command: str) -> Result:
+async def _dispatch(world: World, state: HostState, command: str) -> tuple[Result, bool]:
+    """Run a command or an ``&&`` chain: its result, and whether it was audited already (each
+    command of a chain is, as it runs; :func:`run_command` audits the rest)."""
     if not state.reachable:
         port = world.config.ssh_port
-        return _fail(255, _lines(f"ssh: connect to host {state.addr} port {port}: Connection refused"))
+        return _fail(255, _lines(f"ssh: connect to host {state.addr} port {port}: Connection refused")), False
     if not command.strip():
-        return _fail(1, _lines(f"lab: {state.name} runs commands only (no interactive shell)"))
+        return _fail(1, _lines(f"lab: {state.name} runs commands only (no interactive shell)")), False
     try:
         chain = split_chain(command)
     except ValueError as exc:
-        return _fail(2 if "syntax" in str(exc) else 127, _lines(f"lab: {command}: {exc}"))
+        return _fail(2 if "syntax" in str(exc) else 127, _lines(f"lab: {command}: {exc}")), False
     if len(chain) == 1:
-        return await _dispatch_one(world, state, command, chain[0])
+        return await _dispatch_one(world, state, command, chain[0]), False
     outs: list[str] = []
     errs: list[str] = []
     code = 0
@@ -404,7 +406,7 @@ async def _dispatch(world: World, state: HostState, command: str) -> Result:
         errs.append(err)
         if code != 0:
             break
-    return code, "".join(outs), "".join(errs)
+    return (code, "".join(outs), "".join(errs)), True
 
 
 async def _dispatch_one(world: World, state: HostState, command: str, words: list[str]) -> Result:
@@ -427,16 +429,11 @@ async def run_command(world: World, host_state: HostState, command: str) -> Resu
     command audited, state saved."""
     start = time.monotonic()
     try:
-        chained = host_state.reachable and len(split_chain(command)) > 1
-    except ValueError:
-        chained = False
-    try:
-        code, out, err = await _dispatch(world, host_state, command)
+        (code, out, err), audited = await _dispatch(world, host_state, command)
     except Exception as exc:  # a simulator bug must not look like a host success
         log.exception("command failed on %s: %s", host_state.name, command)
-        code, out, err = 70, "", _lines(f"lab: internal error: {exc}")
-        chained = False
-    if not chained:  # a chain's commands were audited one by one
+        (code, out, err), audited = (70, "", _lines(f"lab: internal error: {exc}")), False
+    if not audited:
         world.audit(host_state.name, command, code, time.monotonic() - start)
     return code, out, err
 

@@ -386,13 +386,8 @@ class Store:
     # -- drain records (write-ahead) ------------------------------------------------------------
     def record_drained(self, env: str, host: str, run_id: str, reason: str = "") -> DrainRecord:
         """Record that ``host`` is (about to be) drained; call BEFORE draining it."""
-        validate_name("env", env)
-        validate_name("host", host)
-        now = time.time()
-        values = {"run_id": run_id, "reason": reason[:1000]}
-        self._upsert(drained_t, {"env": env, "host": host}, values, {"since": now})
-        rec = [r for r in self.drained(env) if r.host == host]
-        return rec[0]
+        self.record_drained_many(env, [host], run_id, reason)
+        return next(r for r in self.drained(env) if r.host == host)
 
     def record_drained_many(self, env: str, hosts: Iterable[str], run_id: str, reason: str = "") -> int:
         """Drain records for several hosts in one transaction (a batch's write-ahead)."""
@@ -415,10 +410,7 @@ class Store:
 
     def clear_drained(self, env: str, host: str) -> bool:
         """Forget the drain record; call AFTER the host is ready on every LB."""
-        with self._tx() as conn:
-            res = conn.execute(
-                delete(drained_t).where(and_(drained_t.c.env == env, drained_t.c.host == host)))
-        return bool(res.rowcount)
+        return self.clear_drained_many(env, [host]) > 0
 
     def drained(self, env: str | None = None) -> list[DrainRecord]:
         q = select(drained_t).order_by(drained_t.c.env, drained_t.c.since, drained_t.c.host)
@@ -431,13 +423,7 @@ class Store:
     # -- host progress -----------------------------------------------------------------------------
     def set_host_status(self, rollout: str, env: str, host: str, status: str, version: str,
                         detail: str = "") -> None:
-        if status not in HOST_STATUSES:
-            raise InvalidInput(f"host status {status!r} is not one of {', '.join(HOST_STATUSES)}")
-        validate_name("rollout", rollout)
-        validate_name("host", host)
-        values = {"env": env, "status": status, "version": str(version), "detail": detail[:2000],
-                  "updated": time.time()}
-        self._upsert(progress_t, {"rollout": rollout, "host": host}, values, {})
+        self.set_host_statuses(rollout, env, [(host, status, detail)], version)
 
     def set_host_statuses(self, rollout: str, env: str, rows: Iterable[tuple[str, str, str]],
                           version: str) -> None:
@@ -617,9 +603,6 @@ class Store:
         return [_halt(r) for r in rows]
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _upsert(self, table: Table, key: dict, values: dict, insert_only: dict) -> None:
-        self._upsert_many(table, [(key, values, insert_only)])
-
     def _upsert_many(self, table: Table, items: list[tuple[dict, dict, dict]]) -> None:
         """Update-or-insert rows ``(key, values, insert_only)``, all in one transaction."""
         if not items:

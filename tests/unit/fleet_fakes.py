@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lab.hostsim import split_chain
 from liftoff.inventory import HostRef, parse_inventory
 from liftoff.remote import CommandFailed, CommandResult
 
@@ -171,14 +172,8 @@ class FakeFleet:
 
     def execute(self, name: str, command: str) -> tuple[int, str, str]:
         """Run a command or an ``A && B`` chain (stopping at the first failure, like a shell)."""
-        chain: list[list[str]] = [[]]
-        for word in shlex.split(command):
-            if word == "&&":
-                chain.append([])
-            else:
-                chain[-1].append(word)
         code, outs, errs = 0, [], []
-        for argv in chain:
+        for argv in split_chain(command):
             code, out, err = self._execute_one(name, argv, shlex.join(argv))
             outs.append(out)
             errs.append(err)
