@@ -2,8 +2,7 @@
 
 import asyncio
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -24,6 +23,7 @@ from liftoff.alerts import (
     run_quiet_period,
 )
 from liftoff.errors import AlertsUnavailable, InvalidInput
+from tests.unit.http_fakes import LocalServer
 
 
 def am_alert(name, severity="critical", env="gstg", state="active", silenced=(), **labels):
@@ -59,14 +59,11 @@ class FakeAM:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
+        self._http = LocalServer(Handler)
+        self.url = self._http.url
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self._http.close()
 
 
 @pytest.fixture()

@@ -6,9 +6,8 @@ from __future__ import annotations
 import io
 import json
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -18,6 +17,7 @@ from liftoff.chatops import cli
 from liftoff.chatops.api import AirflowClient, BadInput, Credentials, decode_xcom, normalize_url
 from liftoff.errors import InvalidInput
 from tests.airflow_stack import free_port
+from tests.unit.http_fakes import LocalServer
 
 USER, PASSWORD, TOKEN = "admin", "s3cret-pass-word", "eyJhbGciOi.fake-token-value.sig"
 GOOD = "17.6.0+rnightly.101.abcdef2-0"
@@ -37,8 +37,8 @@ class FakeAirflow:
         self.xcoms: dict[tuple[str, str], object] = {}
         self.trigger_error: tuple[int, object] | None = None
         self.valid_tokens = {TOKEN}
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.http = LocalServer(self._handler(), poll_interval=0.02)
+        self.url = self.http.url
 
     def triggers(self) -> list[dict]:
         return [r for r in self.requests if r["method"] == "POST" and r["path"].endswith("/dagRuns")]
@@ -130,11 +130,8 @@ class FakeAirflow:
 @pytest.fixture
 def fake() -> Iterator[FakeAirflow]:
     f = FakeAirflow()
-    thread = threading.Thread(target=f.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
     yield f
-    f.server.shutdown()
-    f.server.server_close()
+    f.http.close()
 
 
 def run_cli(fake: FakeAirflow | None, *argv: str, env: dict | None = None) -> tuple[int, str, str]:

@@ -3,58 +3,12 @@
 import base64
 import logging
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from liftoff.metrics import PipelineMetrics, delete_group, group_path
-
-
-class FakeGateway:
-    def __init__(self):
-        self.pushes: list[tuple[str, str, str, str | None]] = []
-        self.exposition = ""
-        self.status = 200
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self, method):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length).decode() if length else ""
-                fake.pushes.append((method, self.path, body, self.headers.get("Authorization")))
-                self.send_response(fake.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def do_PUT(self):  # noqa: N802
-                self._record("PUT")
-
-            def do_POST(self):  # noqa: N802
-                self._record("POST")
-
-            def do_DELETE(self):  # noqa: N802
-                self._record("DELETE")
-
-            def do_GET(self):  # noqa: N802
-                data = fake.exposition.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+from tests.unit.http_fakes import FakeGateway
 
 
 @pytest.fixture()

@@ -10,8 +10,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from liftoff.haproxy import ServerState
 from liftoff.inventory import parse_inventory
 from liftoff.pipeline import Run
 from liftoff.store import Store
+from tests.unit.http_fakes import FakeGateway
 
 V1, V2, V3 = "17.5.0-ee.0", "17.6.0-ee.0", "17.7.0-ee.0"
 
@@ -295,43 +294,6 @@ def test_parse_weight():
 
 # -- metrics -------------------------------------------------------------------------------------------
 
-class FakeGateway:
-    """Records pushes; GET /metrics serves ``exposition``."""
-
-    def __init__(self):
-        self.pushes: list[tuple[str, str, str]] = []
-        self.exposition = ""
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
-                fake.pushes.append((self.command, self.path, body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_PUT = do_POST = _record  # noqa: N815
-
-            def do_GET(self):  # noqa: N802
-                data = fake.exposition.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture()
 def gateway():
     g = FakeGateway()
@@ -348,7 +310,7 @@ def test_fast_deploy_metric_counts_and_carries_the_reason(gateway):
     gateway.exposition = ('liftoff_fast_deploys_total{job="liftoff",pipeline="fast_deploy",env="gstg"} 2\n')
     m = ops.OperationMetrics(gateway.url, "fast_deploy")
     assert m.fast_deploy("gstg", "internal", "CVE-2026-1 fix") is True
-    method, path, body = gateway.pushes[-1]
+    method, path, body, _ = gateway.pushes[-1]
     assert method == "PUT" and path == "/metrics/job/liftoff/env/gstg/pipeline/fast_deploy"
     got = samples(body)
     assert got[("liftoff_fast_deploys_total", ())] == 3
@@ -461,7 +423,7 @@ def test_traffic_push_format(gateway):
     st.observe("/", "502", 0.3, True, "HTTP 502 /")
     st.skipped = 4
     assert traffic.Pusher(gateway.url).push(st, 7.5) is True
-    method, path, body = gateway.pushes[-1]
+    method, path, body, _ = gateway.pushes[-1]
     assert method == "PUT" and path == "/metrics/job/liftoff_traffic/env/gprd-cny"
     got = samples(body)
     assert got[("liftoff_traffic_requests_total", (("code", "502"), ("endpoint", "/")))] == 1

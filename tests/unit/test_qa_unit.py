@@ -3,14 +3,14 @@
 import json
 import logging
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from liftoff.errors import InvalidInput, InvalidVersion, QAError
 from liftoff.qa import QAClient, qa_variables
+from tests.unit.http_fakes import LocalServer
 
 PROJECT = "gitlab-org/quality/gitlab-qa-runner"
 TOKEN = "glpat-private-secret"
@@ -81,9 +81,8 @@ class FakeGitLab:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self._http = LocalServer(Handler)
+        self.url = self._http.url
 
     def create(self, ref, variables):
         self.next_id += 1
@@ -94,8 +93,7 @@ class FakeGitLab:
         return {k: v for k, v in self.pipelines[pid].items() if not k.startswith("_")}
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self._http.close()
 
 
 @pytest.fixture()

@@ -16,7 +16,6 @@ import io
 import json
 import re
 import secrets
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from liftoff.chatops.cli import main
 from liftoff.errors import ConfigError
 from liftoff.inventory import HostRef
 from liftoff.remote import Remote, check_host_key_policy
+from tests.unit.http_fakes import LocalServer
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCTION_CODE = ("include", "plugins", "dags")
@@ -151,14 +151,11 @@ class HostileApi(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = LocalServer(HostileApi)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server.url
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def cli(*argv: str, **env: str) -> tuple[int, str]:
