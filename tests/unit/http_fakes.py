@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that logs nothing and answers with :meth:`reply`."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def reply(self, status: int, body: object = b"", content_type: str = "application/json") -> None:
+        """Answer ``status`` with ``body``: bytes as they are, anything else as JSON."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        if data:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class LocalServer:
@@ -29,27 +47,17 @@ class FakeGateway:
         self.status = 200
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _record(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length).decode() if length else ""
                 fake.pushes.append((self.command, self.path, body, self.headers.get("Authorization")))
-                self.send_response(fake.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.reply(fake.status)
 
             do_PUT = do_POST = do_DELETE = _record  # noqa: N815
 
             def do_GET(self):  # noqa: N802
-                data = fake.exposition.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
+                self.reply(200, fake.exposition.encode(), "text/plain; version=0.0.4")
 
         self._http = LocalServer(Handler)
         self.url = self._http.url

@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -23,7 +22,7 @@ from liftoff.alerts import (
     run_quiet_period,
 )
 from liftoff.errors import AlertsUnavailable, InvalidInput
-from tests.unit.http_fakes import LocalServer
+from tests.unit.http_fakes import LocalServer, QuietHandler
 
 
 def am_alert(name, severity="critical", env="gstg", state="active", silenced=(), **labels):
@@ -45,19 +44,11 @@ class FakeAM:
         self.queries: list[dict] = []
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):  # noqa: N802
                 parts = urlsplit(self.path)
                 fake.queries.append({"path": parts.path, **parse_qs(parts.query)})
-                data = fake.raw if fake.raw is not None else json.dumps(fake.body).encode()
-                self.send_response(fake.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
+                self.reply(fake.status, fake.raw if fake.raw is not None else fake.body)
 
         self._http = LocalServer(Handler)
         self.url = self._http.url

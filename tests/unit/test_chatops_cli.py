@@ -7,7 +7,6 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -17,7 +16,7 @@ from liftoff.chatops import cli
 from liftoff.chatops.api import AirflowClient, BadInput, Credentials, decode_xcom, normalize_url
 from liftoff.errors import InvalidInput
 from tests.airflow_stack import free_port
-from tests.unit.http_fakes import LocalServer
+from tests.unit.http_fakes import LocalServer, QuietHandler
 
 USER, PASSWORD, TOKEN = "admin", "s3cret-pass-word", "eyJhbGciOi.fake-token-value.sig"
 GOOD = "17.6.0+rnightly.101.abcdef2-0"
@@ -49,17 +48,9 @@ class FakeAirflow:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def _answer(self, status: int, body: object) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(status, body)
 
             def _do(self, method: str) -> None:
                 parts = urlsplit(self.path)

@@ -3,14 +3,13 @@
 import json
 import logging
 import re
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from liftoff.errors import InvalidInput, InvalidVersion, QAError
 from liftoff.qa import QAClient, qa_variables
-from tests.unit.http_fakes import LocalServer
+from tests.unit.http_fakes import LocalServer, QuietHandler
 
 PROJECT = "gitlab-org/quality/gitlab-qa-runner"
 TOKEN = "glpat-private-secret"
@@ -29,14 +28,9 @@ class FakeGitLab:
         self.next_id = 100
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _send(self, code, body):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(code, body)
 
             def _route(self, method):
                 path = urlsplit(self.path).path
@@ -77,9 +71,6 @@ class FakeGitLab:
 
             def do_POST(self):  # noqa: N802
                 self._route("POST")
-
-            def log_message(self, *args):
-                pass
 
         self._http = LocalServer(Handler)
         self.url = self._http.url

@@ -11,7 +11,6 @@ host keys against the lab's sshd in tests/integration/test_fleet_lab.py.
 from __future__ import annotations
 
 import asyncio
-import http.server
 import io
 import json
 import re
@@ -26,7 +25,7 @@ from liftoff.chatops.cli import main
 from liftoff.errors import ConfigError
 from liftoff.inventory import HostRef
 from liftoff.remote import Remote, check_host_key_policy
-from tests.unit.http_fakes import LocalServer
+from tests.unit.http_fakes import LocalServer, QuietHandler
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCTION_CODE = ("include", "plugins", "dags")
@@ -114,21 +113,13 @@ TOKEN = "eyJhbGciOiJIUzI1NiJ9." + secrets.token_urlsafe(24) + "." + secrets.toke
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
 
 
-class HostileApi(http.server.BaseHTTPRequestHandler):
+class HostileApi(QuietHandler):
     """An Airflow API that hands out a token, then answers every call with an error quoting the
     caller's Authorization header, the password and the token back (the worst case for a CLI
     that prints error details)."""
 
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
     def _answer(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.reply(status, body)
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
