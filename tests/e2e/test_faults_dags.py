@@ -194,6 +194,17 @@ def connection_to(name: str, url: str, base: str) -> Iterator[None]:
         assert os.environ[name] == base
 
 
+@contextlib.contextmanager
+def flaky_connection(name: str, allow: int) -> Iterator[FlakyProxy]:
+    """Route connection ``name`` through a FlakyProxy that serves ``allow`` requests, then is gone."""
+    proxy = FlakyProxy(json.loads(os.environ[name])["host"], allow=allow)
+    try:
+        with connection_to(name, proxy.url, os.environ[name]):
+            yield proxy
+    finally:
+        proxy.close()
+
+
 def closed_port() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
@@ -234,14 +245,9 @@ def test_alertmanager_down_fails_the_first_precheck_closed(dags, lab: Lab, store
 
 def test_alertmanager_gone_after_the_precheck_fails_the_quiet_period_closed(dags, lab: Lab, store, capfd):
     FIGURES["faults tried"] += 1
-    name = "AIRFLOW_CONN_LIFTOFF_ALERTMANAGER"
-    real = json.loads(os.environ[name])["host"]
-    proxy = FlakyProxy(real, allow=1)  # the precheck's one look, then Alertmanager is gone
-    try:
-        with connection_to(name, proxy.url, os.environ[name]):
-            state, tasks, out = run(dags["deploy_canary"], capfd)
-    finally:
-        proxy.close()
+    # the precheck's one look, then Alertmanager is gone
+    with flaky_connection("AIRFLOW_CONN_LIFTOFF_ALERTMANAGER", allow=1):
+        state, tasks, out = run(dags["deploy_canary"], capfd)
     assert state == "failed"
     assert tasks["stage_1_staging_migrations.precheck"] == "success"
     assert tasks["stage_1_staging_migrations.regular_migrations"] == "success"
@@ -256,14 +262,9 @@ def test_alertmanager_gone_after_the_precheck_fails_the_quiet_period_closed(dags
 
 def test_gitlab_gone_after_qa_was_triggered_fails_the_qa_gate_closed(dags, lab: Lab, store, capfd):
     FIGURES["faults tried"] += 1
-    name = "AIRFLOW_CONN_LIFTOFF_OPS_GITLAB"
-    real = json.loads(os.environ[name])["host"]
-    proxy = FlakyProxy(real, allow=1)  # QA is triggered, then the ops GitLab is gone
-    try:
-        with connection_to(name, proxy.url, os.environ[name]):
-            state, tasks, out = run(dags["deploy_canary"], capfd)
-    finally:
-        proxy.close()
+    # QA is triggered, then the ops GitLab is gone
+    with flaky_connection("AIRFLOW_CONN_LIFTOFF_OPS_GITLAB", allow=1) as proxy:
+        state, tasks, out = run(dags["deploy_canary"], capfd)
     assert state == "failed"
     assert tasks["stage_1_staging_migrations.quiet_period"] == "success"
     assert tasks["stage_2_staging_gitaly.deploy"] == "success"
