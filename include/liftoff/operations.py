@@ -291,11 +291,7 @@ def begin_rollback(run: Run, env_name: str, target: str, mode: str, reason: str 
         why += f": {validate_reason(reason)}"
     if override_reason:
         why += f", safety check overridden: {validate_reason(override_reason, field_name='override_reason')}"
-    try:
-        run.store.acquire(env.name, run.run_id, run.who, why[:500])
-    except LockHeld as held:
-        if held.lock.run_id != run.run_id:
-            raise
+    run.store.acquire(env.name, run.run_id, run.who, why[:500])  # re-entrant for this run
     for name in sharing_database(run.inventory, env.name):  # started since the safety check?
         lock = run.store.get_lock(name)
         if lock is not None and lock.run_id != run.run_id:
@@ -304,15 +300,8 @@ def begin_rollback(run: Run, env_name: str, target: str, mode: str, reason: str 
                                  f"{lock.who} (run {lock.run_id})")
     run.store.record_deployment(env.name, target, run.run_id, kind="rollback", status="running")
     run.metrics().rollback(env.name)
-
-    async def go():
-        async with run.remote(env.name) as remote:
-            report = await chef.prepare(remote, env, target, run.run_id)
-            await migrations.ensure_package(remote, env, target, run.run_id)
-            return report
-
-    report = _run(go())
-    return {"env": env.name, "version": target, "mode": mode, "lock_reason": why, "chef": report.to_dict()}
+    return {"env": env.name, "version": target, "mode": mode, "lock_reason": why,
+            "chef": pipeline.prepare_env(run, env, target)}
 
 
 def fast_environment(env: Environment) -> Environment:
@@ -382,13 +371,7 @@ def rollback_done(run: Run, env_name: str, target: str) -> dict:
 
 def mark_unfinished(run: Run, envs: Iterable[str], status: str = "failed") -> list[str]:
     """Give this run's still-running records (deploys and rollbacks) a final status."""
-    marked = []
-    for name in envs:
-        for d in run.store.deployments(name):
-            if d.run_id == run.run_id and d.status == "running":
-                run.store.record_deployment(name, d.version, run.run_id, kind=d.kind, status=status)
-                marked.append(f"{name}:{d.kind}")
-    return marked
+    return [f"{name}:{kind}" for name, kind in pipeline.close_records(run, envs, status)]
 
 
 # -- fast deploy ----------------------------------------------------------------------------------

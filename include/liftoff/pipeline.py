@@ -12,19 +12,20 @@ import json
 import logging
 import urllib.request
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from liftoff import chef, fleet, migrations
 from liftoff.alerts import AlertClient
-from liftoff.errors import LiftoffError, LockHeld
+from liftoff.errors import LiftoffError
 from liftoff.haproxy import HAProxy, out_of_service
 from liftoff.inventory import Environment, Inventory, load_inventory
 from liftoff.metrics import PipelineMetrics
 from liftoff.remote import Remote
 from liftoff.settings import connection_for
-from liftoff.store import Store
+from liftoff.store import DEPLOYMENT_KINDS, Store
 from liftoff.versions import installed_version_command, parse_version, validate_name, validate_reason
 
 log = logging.getLogger(__name__)
@@ -278,15 +279,16 @@ def begin_env(run: Run, env_name: str, version: str, previous: str | None = None
     version role and install the package on the deploy node."""
     env = run.env(env_name)
     version = str(parse_version(version))
-    try:
-        run.store.acquire(env.name, run.run_id, run.who, f"{run.pipeline} {version}")
-    except LockHeld as held:
-        if held.lock.run_id != run.run_id:
-            raise
+    run.store.acquire(env.name, run.run_id, run.who, f"{run.pipeline} {version}")  # re-entrant for this run
     if previous and previous != version and run.store.current_version(env.name) is None:
         # First deploy liftoff sees here: remember what ran before, for rollbacks.
         run.store.record_deployment(env.name, previous, "baseline", status="success")
     run.store.record_deployment(env.name, version, run.run_id, status="running")
+    return {"env": env.name, "version": version, "chef": prepare_env(run, env, version)}
+
+
+def prepare_env(run: Run, env: Environment, version: str) -> dict:
+    """Stop chef, write the version role and install ``version`` on the deploy node; chef's report."""
 
     async def go():
         async with run.remote(env.name) as remote:
@@ -294,8 +296,7 @@ def begin_env(run: Run, env_name: str, version: str, previous: str | None = None
             await migrations.ensure_package(remote, env, version, run.run_id)
             return report
 
-    report = _run(go())
-    return {"env": env.name, "version": version, "chef": report.to_dict()}
+    return _run(go()).to_dict()
 
 
 def migrate(run: Run, env_name: str, version: str, *, post: bool) -> dict:
@@ -408,11 +409,7 @@ def rollback_env(run: Run, env_name: str, to_version: str, *, fast: bool = False
     (fast: big batches, short waits), then chef and the role follow the old version."""
     env = run.env(env_name)
     to_version = str(parse_version(to_version))
-    try:
-        run.store.acquire(env.name, run.run_id, run.who, f"rollback to {to_version}")
-    except LockHeld as held:
-        if held.lock.run_id != run.run_id:
-            raise
+    run.store.acquire(env.name, run.run_id, run.who, f"rollback to {to_version}")  # re-entrant for this run
     run.store.record_deployment(env.name, to_version, run.run_id, kind="rollback", status="running")
     run.metrics().rollback(env.name)
     gitaly = [r.name for r in env.roles_in_stage("gitaly")]
@@ -444,12 +441,20 @@ def release_locks(run: Run, envs: list[str]) -> list[str]:
     return released
 
 
-def mark_failed(run: Run, envs: list[str], status: str) -> list[str]:
-    """Record this run's unfinished deployments as failed/halted/rolled back."""
-    marked = []
+def close_records(run: Run, envs: Iterable[str], status: str,
+                  kinds: Iterable[str] = DEPLOYMENT_KINDS) -> list[tuple[str, str]]:
+    """Give this run's still-running deployment records of ``kinds`` a final status;
+    ``(env, kind)`` of each one closed."""
+    kinds = tuple(kinds)
+    closed = []
     for name in envs:
         for d in run.store.deployments(name):
-            if d.run_id == run.run_id and d.kind == "deploy" and d.status == "running":
-                run.store.record_deployment(name, d.version, run.run_id, status=status)
-                marked.append(name)
-    return marked
+            if d.run_id == run.run_id and d.kind in kinds and d.status == "running":
+                run.store.record_deployment(name, d.version, run.run_id, kind=d.kind, status=status)
+                closed.append((name, d.kind))
+    return closed
+
+
+def mark_failed(run: Run, envs: list[str], status: str) -> list[str]:
+    """Record this run's unfinished deployments as failed/halted/rolled back."""
+    return [name for name, _ in close_records(run, envs, status, kinds=("deploy",))]
