@@ -336,9 +336,9 @@ def plan(env: Environment, roles: Iterable[str] | None, version: str, *, run_id:
         batches = make_batches(order_hosts(role, out), role.batch_size())
         check_capacity(env, role, batches, out)
         port = app_port_for(env, role, options.app_port)
+        drained_steps = host_steps(reason, version, role, patches)  # the same for every host of the role
         for i, batch in enumerate(batches):
             for h in batch:
-                after = host_steps(reason, version, role, patches)
                 steps = [
                     f"check: {installed_version_command()} && {gitlab_ctl_command('status')} (one session; "
                     f"skip if {version} and in service)",
@@ -346,8 +346,8 @@ def plan(env: Environment, roles: Iterable[str] | None, version: str, *, run_id:
                     f"haproxy: drain {h.name} in every backend on every LB ({lbs})",
                     f"haproxy: wait until its sessions end (at most {options.drain_timeout:.0f}s)",
                     *(f"run: {cmd}" + (ONE_SESSION if i == 0 else "")
-                      for i, (_, cmd) in enumerate(after[:-1])),
-                    f"run: {after[-1][1]} (PIDs of "
+                      for i, (_, cmd) in enumerate(drained_steps[:-1])),
+                    f"run: {drained_steps[-1][1]} (PIDs of "
                     f"{', '.join(role.hup + role.restart) or '-'} changed, every service running)",
                 ]
                 if port:
