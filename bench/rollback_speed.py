@@ -34,22 +34,23 @@ BASE = "17.5.0-ee.0"
 
 def put_build(run_id: str, version: str) -> None:
     """Set-up: ``version`` on every gprd host, fast (not timed)."""
-    from liftoff import operations as ops
-    from liftoff.pipeline import Run, migrate
+    from liftoff import deploy
+    from liftoff.runs import Run
 
     run = Run(run_id=run_id, pipeline="bench")
     previous = run.store.current_version(ENV) or BASE
-    ops.begin_fast_deploy(run, ENV, version, "bench set-up", False, previous)
-    migrate(run, ENV, version, post=False)
+    deploy.begin_fast_deploy(run, ENV, version, "bench set-up", False, previous)
+    deploy.migrate(run, ENV, version, post=False)
     for stage in ("gitaly", "fleet"):
-        ops.roll(run, ENV, version, stage, "fast")
-    ops.finish_fast_deploy(run, ENV, version, "bench set-up", False)
+        deploy.roll_stage(run, ENV, version, stage, "fast")
+    deploy.finish_fast_deploy(run, ENV, version, "bench set-up", False)
 
 
 def rollback(run_id: str, mode: str) -> dict:
     """The rollback DAG's steps, timed one by one (QA and the quiet period left out)."""
-    from liftoff import operations as ops
-    from liftoff.pipeline import Run
+    from liftoff import canary, deploy
+    from liftoff import rollback as rb
+    from liftoff.runs import Run
 
     run = Run(run_id=run_id, pipeline="rollback")
     steps: dict[str, float] = {}
@@ -62,16 +63,16 @@ def rollback(run_id: str, mode: str) -> dict:
         steps[name] = round(time.perf_counter() - start, 2)
         return out
 
-    check = timed("safety_check", ops.safety_check, run, ENV)
-    ops.require_safe(check)
+    check = timed("safety_check", rb.safety_check, run, ENV)
+    rb.require_safe(check)
     target = check["target"]
-    timed("shield_traffic", ops.shield_traffic, run, ENV)
-    timed("begin_rollback", ops.begin_rollback, run, ENV, target, mode, f"bench {mode}")
+    timed("shield_traffic", canary.shield_for_rollback, run, ENV)
+    timed("begin_rollback", rb.begin_rollback, run, ENV, target, mode, f"bench {mode}")
     for stage in ("fleet", "gitaly"):
-        report = timed(f"rollback_{stage}", ops.roll, run, ENV, target, stage, mode)
+        report = timed(f"rollback_{stage}", rb.roll, run, ENV, target, stage, mode)
         batches.update({r: len(v["batches"]) for r, v in report.get("roles", {}).items()})
-    timed("restart_chef", ops.restart_chef, run, ENV, target)
-    timed("rollback_done", ops.rollback_done, run, ENV, target)
+    timed("restart_chef", deploy.restart_chef, run, ENV, target)
+    timed("rollback_done", rb.rollback_done, run, ENV, target)
     return {"mode": mode, "target": target, "total_s": round(time.perf_counter() - t0, 2), "steps": steps,
             "batches": batches}
 
@@ -100,8 +101,9 @@ def main() -> int:
     os.environ.update(exports(config))
     os.environ.pop("LIFTOFF_STATE_URL", None)
     try:
+        from liftoff.canary import apply_weight
         from liftoff.inventory import load_inventory
-        from liftoff.pipeline import Run, canary_weight
+        from liftoff.runs import Run
 
         env = load_inventory().env(ENV)
         stamp = int(time.time())
@@ -111,7 +113,7 @@ def main() -> int:
             lab_cli(args.lab_dir, "build", "add", version)
             put_build(f"bench-deploy-{mode}-{stamp}", version)
             results.append(rollback(f"bench-rollback-{mode}-{stamp}", mode))
-            canary_weight(Run(run_id=f"bench-canary-{stamp}"), "ready", canary_env="gprd-cny", force=True)
+            apply_weight(Run(run_id=f"bench-canary-{stamp}"), "ready", canary_env="gprd-cny", force=True)
         normal, fast = results
         print(json.dumps({"hosts": {r.name: len(r.hosts) for r in env.roles},
                           "install_seconds": config.install_seconds, "normal": normal, "fast": fast,

@@ -17,7 +17,7 @@ PIPELINE = "canary_weight"
 
 @task
 def set_weight() -> dict:
-    from liftoff.operations import set_canary_weight
+    from liftoff.canary import set_canary_weight
 
     dagkit.refuse_unknown_conf()
     p = dagkit.params()

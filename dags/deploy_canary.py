@@ -8,14 +8,22 @@ A verified canary emits the ``liftoff://canary-verified`` Asset event with the v
 
 from __future__ import annotations
 
-from airflow.sdk import Asset, Metadata, TaskGroup, dag, get_current_context, task
+from airflow.sdk import Metadata, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from liftoff_airflow import dagkit
-from liftoff_airflow.dagkit import begin_env, deploy, finish_env, gate, migrate, precheck, stage_done
+from liftoff_airflow.dagkit import (
+    CANARY_VERIFIED,
+    begin_env,
+    deploy,
+    finish_env,
+    gate,
+    migrate,
+    precheck,
+    stage_done,
+)
 
 PIPELINE = "deploy_canary"
-CANARY_VERIFIED = Asset("liftoff://canary-verified")
 VERSION = "{{ ti.xcom_pull(task_ids='resolve_version') }}"
 ENVS = ["gstg", "gprd-cny"]
 
@@ -24,8 +32,8 @@ ENVS = ["gstg", "gprd-cny"]
 def resolve_version() -> str:
     """The version to deploy (newest nightly on a scheduled run); refused while a
     post-deployment patch halts canary deploys."""
-    from liftoff.pipeline import check_halt
-    from liftoff.pipeline import resolve_version as resolve
+    from liftoff.builds import resolve_version as resolve
+    from liftoff.patches import check_halt
 
     ctx = get_current_context()
     run = dagkit.run_handle(PIPELINE)
@@ -37,18 +45,18 @@ def resolve_version() -> str:
 @task
 def canary_weight_zero() -> dict:
     """No production traffic on canary while it is deployed."""
-    from liftoff.pipeline import canary_weight
+    from liftoff.canary import apply_weight
 
     if dagkit.params()["dry_run"]:
         return {"dry_run": True, "weight": 0}
-    return canary_weight(dagkit.run_handle(PIPELINE), 0)
+    return apply_weight(dagkit.run_handle(PIPELINE), 0)
 
 
 @task(outlets=[CANARY_VERIFIED])
 def canary_verified(version: str):
     """Lift the halts of patches this build includes, and emit the Asset event that may start
     deploy_production (never for a dry run)."""
-    from liftoff.pipeline import lift_halts_included
+    from liftoff.patches import lift_halts_included
 
     if dagkit.params()["dry_run"]:
         raise AirflowSkipException("dry run: nothing was verified")

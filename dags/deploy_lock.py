@@ -16,7 +16,7 @@ PIPELINE = "deploy_lock"
 
 @task
 def change_lock() -> dict:
-    from liftoff.operations import lock_env, unlock_env
+    from liftoff.locks import lock_env, unlock_env
 
     dagkit.refuse_unknown_conf()
     p = dagkit.params()

@@ -13,13 +13,21 @@ from datetime import timedelta
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import Asset, Param, TaskGroup, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Param, TaskGroup, TriggerRule, dag, get_current_context, task
 
 from liftoff_airflow import dagkit
-from liftoff_airflow.dagkit import begin_env, deploy, finish_env, gate, migrate, precheck, stage_done
+from liftoff_airflow.dagkit import (
+    CANARY_VERIFIED,
+    begin_env,
+    deploy,
+    finish_env,
+    gate,
+    migrate,
+    precheck,
+    stage_done,
+)
 
 PIPELINE = "deploy_production"
-CANARY_VERIFIED = Asset("liftoff://canary-verified")
 VERSION = "{{ ti.xcom_pull(task_ids='resolve_version') }}"
 ENVS = ["gprd"]
 AUTO_PROMOTE = os.environ.get("LIFTOFF_AUTO_PROMOTE", "").lower() in ("1", "true", "yes")
@@ -29,7 +37,7 @@ AUTO_PROMOTE = os.environ.get("LIFTOFF_AUTO_PROMOTE", "").lower() in ("1", "true
 def resolve_version() -> str:
     """The version to promote: the param, or the canary's Asset event; it must be the version
     verified on canary unless overridden with a reason."""
-    from liftoff.pipeline import verified_on_canary
+    from liftoff.canary import verified_on_canary
 
     ctx = get_current_context()
     requested = ctx["params"].get("version")
@@ -46,7 +54,7 @@ def resolve_version() -> str:
 @task
 def production_checks(version: str) -> dict:
     """No critical alerts, no lock held by another run, canary up in HAProxy and on the version."""
-    from liftoff.pipeline import production_checks as checks
+    from liftoff.checks import production_checks as checks
 
     return checks(dagkit.run_handle(PIPELINE), version,
                   override_reason=dagkit.params().get("allow_precheck_failure"))
@@ -60,12 +68,12 @@ def needs_approval() -> str:
 @task
 def canary_weight_up() -> dict:
     """Divert some production traffic to canary before production changes."""
-    from liftoff.pipeline import canary_weight
+    from liftoff.canary import apply_weight
 
     p = dagkit.params()
     if p["dry_run"]:
         return {"dry_run": True, "weight": p["canary_weight"]}
-    return canary_weight(dagkit.run_handle(PIPELINE), int(p["canary_weight"]))
+    return apply_weight(dagkit.run_handle(PIPELINE), int(p["canary_weight"]))
 
 
 @dag(

@@ -25,7 +25,7 @@ def _conf() -> tuple[str, str, str, bool]:
 
 @task
 def precheck() -> dict:
-    from liftoff.operations import fast_precheck
+    from liftoff.checks import fast_precheck
 
     dagkit.refuse_unknown_conf()
     env, version, reason, _ = _conf()
@@ -34,7 +34,7 @@ def precheck() -> dict:
 
 @task
 def begin_env(check: dict) -> dict:
-    from liftoff.operations import begin_fast_deploy
+    from liftoff.deploy import begin_fast_deploy
 
     env, version, reason, internal = _conf()
     return begin_fast_deploy(dagkit.run_handle(PIPELINE), env, version, reason, internal,
@@ -43,7 +43,7 @@ def begin_env(check: dict) -> dict:
 
 @task
 def regular_migrations() -> dict:
-    from liftoff.pipeline import migrate
+    from liftoff.deploy import migrate
 
     env, version, _, _ = _conf()
     return migrate(dagkit.run_handle(PIPELINE), env, version, post=False)
@@ -51,15 +51,15 @@ def regular_migrations() -> dict:
 
 @task
 def deploy(stage: str) -> dict:
-    from liftoff.operations import roll
+    from liftoff.deploy import roll_stage
 
     env, version, _, _ = _conf()
-    return roll(dagkit.run_handle(PIPELINE), env, version, stage, "fast")
+    return roll_stage(dagkit.run_handle(PIPELINE), env, version, stage, "fast")
 
 
 @task
 def finish_env() -> dict:
-    from liftoff.operations import finish_fast_deploy
+    from liftoff.deploy import finish_fast_deploy
 
     env, version, reason, internal = _conf()
     return finish_fast_deploy(dagkit.run_handle(PIPELINE), env, version, reason, internal)

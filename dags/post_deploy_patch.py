@@ -29,7 +29,7 @@ def choose() -> str:
 @task
 def apply_patch() -> dict:
     """Record, halt canary deploys, patch the hosts, record the outcome."""
-    from liftoff.operations import apply_patch as apply
+    from liftoff.patches import apply_patch as apply
 
     p = dagkit.params()
     return apply(dagkit.run_handle(PIPELINE), p["environment"], p["patch_id"], p["patch"] or "",
@@ -38,7 +38,7 @@ def apply_patch() -> dict:
 
 @task
 def lift_halt_on_purpose() -> dict:
-    from liftoff.operations import lift_halt
+    from liftoff.patches import lift_halt
 
     p = dagkit.params()
     return lift_halt(dagkit.run_handle(PIPELINE), p["reason"], p.get("patch_id"))

@@ -28,6 +28,11 @@ def _conf() -> tuple:
     return p["environment"], p["mode"], p.get("reason"), p.get("override_reason")
 
 
+def _run():
+    """The run handle, carrying the safety override reason the guard checks on every step."""
+    return dagkit.run_handle(PIPELINE, override_reason=dagkit.params().get("override_reason"))
+
+
 def _target() -> str:
     return get_current_context()["ti"].xcom_pull(task_ids="safety_check")["target"]
 
@@ -35,12 +40,12 @@ def _target() -> str:
 @task
 def safety_check() -> dict:
     """``rollback check``; unless ``check_only``, an unsafe answer fails the run here."""
-    from liftoff.operations import require_safe
-    from liftoff.operations import safety_check as check
+    from liftoff.rollback import require_safe
+    from liftoff.rollback import safety_check as check
 
     dagkit.refuse_unknown_conf()
     p = dagkit.params()
-    result = check(dagkit.run_handle(PIPELINE), p["environment"], p.get("target_version"))
+    result = check(_run(), p["environment"], p.get("target_version"))
     if p["check_only"]:
         return result
     return require_safe(result, p.get("override_reason"))
@@ -54,32 +59,32 @@ def proceed() -> bool:
 
 @task
 def shield_traffic() -> dict:
-    from liftoff.operations import shield_traffic as shield
+    from liftoff.canary import shield_for_rollback
 
-    return shield(dagkit.run_handle(PIPELINE), dagkit.params()["environment"])
+    return shield_for_rollback(_run(), dagkit.params()["environment"])
 
 
 @task
 def begin_rollback() -> dict:
-    from liftoff.operations import begin_rollback as begin
+    from liftoff.rollback import begin_rollback as begin
 
     env, mode, reason, override = _conf()
-    return begin(dagkit.run_handle(PIPELINE), env, _target(), mode, reason, override)
+    return begin(_run(), env, _target(), mode, reason, override)
 
 
 @task
 def roll(stage: str) -> dict:
-    from liftoff.operations import roll as roll_stage
+    from liftoff.rollback import roll as roll_stage
 
     env, mode, _, _ = _conf()
-    return roll_stage(dagkit.run_handle(PIPELINE), env, _target(), stage, mode)
+    return roll_stage(_run(), env, _target(), stage, mode)
 
 
 @task
 def restart_chef() -> dict:
-    from liftoff.operations import restart_chef as restart
+    from liftoff.deploy import restart_chef as restart
 
-    return restart(dagkit.run_handle(PIPELINE), dagkit.params()["environment"], _target())
+    return restart(_run(), dagkit.params()["environment"], _target())
 
 
 @task.short_circuit(ignore_downstream_trigger_rules=False)
@@ -90,9 +95,9 @@ def normal_mode() -> bool:
 
 @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
 def rollback_done() -> dict:
-    from liftoff.operations import rollback_done as done
+    from liftoff.rollback import rollback_done as done
 
-    return done(dagkit.run_handle(PIPELINE), dagkit.params()["environment"], _target())
+    return done(_run(), dagkit.params()["environment"], _target())
 
 
 @dag(

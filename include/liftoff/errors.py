@@ -61,6 +61,10 @@ class GateFailed(LiftoffError):
         self.details = details
 
 
+class PrecheckFailed(GateFailed):
+    """A stage's precheck (or the production checks) found the environment unfit to change."""
+
+
 class AlertsUnavailable(LiftoffError):
     """Alertmanager was unreachable or answered something unusable (counts as not quiet)."""
 

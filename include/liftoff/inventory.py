@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from liftoff.errors import InvalidInput, InventoryError
+from liftoff.errors import InvalidInput, InventoryError, LiftoffError
 from liftoff.versions import validate_name
 
 DEFAULT_CONNECTIONS: dict[str, str] = {
@@ -229,6 +229,21 @@ def load_inventory(path: str | os.PathLike[str] | None = None) -> Inventory:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise InventoryError(f"inventory {p} is not valid YAML{where}") from None
     return parse_inventory(data, source=str(p))
+
+
+
+DEFAULT_ENVIRONMENTS = ("gstg", "gprd-cny", "gprd")
+
+
+def environment_names(inventory: Inventory | None = None) -> list[str]:
+    """The inventory's environments (GitLab.com's three when no inventory can be read), e.g. for
+    a Param's enum at DAG parse time."""
+    if inventory is None:
+        try:
+            inventory = load_inventory()
+        except LiftoffError:
+            return list(DEFAULT_ENVIRONMENTS)
+    return list(inventory.environments)
 
 
 def parse_inventory(data: Any, source: str = "<data>") -> Inventory:

@@ -121,6 +121,12 @@ class PipelineMetrics:
         """Count one rollback of ``env``."""
         return self._guard("rollback", self._rollback, env)
 
+    def fast_deploy(self, env: str, version: str, reason: str) -> bool:
+        """Group ``{pipeline="fast_deploy", env}``: ``liftoff_fast_deploys_total``,
+        ``liftoff_fast_deploy_info{version, reason}`` (the last one; pass version ``internal``
+        when undisclosed), ``liftoff_fast_deploy_timestamp_seconds``."""
+        return self._guard("fast_deploy", self._fast_deploy, env, version, reason)
+
     def _guard(self, what: str, fn, *args: Any) -> bool:
         if not self.enabled:
             log.warning("metrics push (%s) skipped: no Pushgateway configured", what)
@@ -201,6 +207,18 @@ class PipelineMetrics:
         fam = CounterMetricFamily("liftoff_rollbacks", "Rollbacks started.", value=current.get("", 0.0) + 1)
         reg.register(_Families(fam))
         self._push(reg, grouping, replace=False)
+
+    def _fast_deploy(self, env: str, version: str, reason: str) -> None:
+        grouping = {"pipeline": "fast_deploy", "env": env}
+        current = self._read_counter("liftoff_fast_deploys_total", grouping)
+        total = CounterMetricFamily("liftoff_fast_deploys", "Fast deploys.", value=current.get("", 0.0) + 1)
+        reg = CollectorRegistry()
+        reg.register(_Families(total))
+        Gauge("liftoff_fast_deploy_info", "The last fast deploy: version and reason.", ["version", "reason"],
+              registry=reg).labels(version, reason).set(1)
+        Gauge("liftoff_fast_deploy_timestamp_seconds", "When the last fast deploy finished.",
+              registry=reg).set(time.time())
+        self._push(reg, grouping, replace=True)
 
     def _read_counter(self, sample: str, grouping: Mapping[str, str],
                       label: str | None = None) -> dict[str, float]:

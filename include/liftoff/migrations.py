@@ -31,6 +31,7 @@ MIGRATION_TIMEOUT = 4 * 3600.0  # a long migration must not die with the SSH ses
 STATUS_TIMEOUT = 600.0
 INSTALL_TIMEOUT = 1800.0
 _STATUS_LINE = re.compile(r"^\s*(up|down)\s+(\S+)")
+_MIGRATION_VERSION = re.compile(r"^(\d+)_")
 
 
 class MigrationFailed(MigrationError):
@@ -118,6 +119,31 @@ def post_migrations_not_in(applied: Iterable[str], contained: Iterable[str]) -> 
     to that package is unsafe while this list is non-empty."""
     have = set(contained)
     return sorted(m for m in applied if is_post_migration(m) and m not in have)
+
+
+def migration_version(migration_id: str) -> int | None:
+    """The leading number of a migration id: GitLab's timestamp ``20231129120000_...``, the lab's
+    build sequence ``000003_post_...``; None when it has none."""
+    m = _MIGRATION_VERSION.match(migration_id)
+    return int(m.group(1)) if m else None
+
+
+def newer_post_migrations(applied: Iterable[str], build: dict) -> tuple[list[str] | None, str]:
+    """Applied post-deployment migrations the target package does not contain, and how that was
+    decided; None when the build source cannot tell.
+
+    The build source describes the target either by the ``post_migrations`` it ships (exact), or
+    by its schema version (``schema_version``, or the lab's build ``seq``): a package contains
+    every migration whose leading number is at most its schema version. A migration id
+    without a number is counted as not contained (fail closed)."""
+    applied = [m for m in applied if is_post_migration(m)]
+    if isinstance(build.get("post_migrations"), list):
+        return post_migrations_not_in(applied, build["post_migrations"]), "the build's migration list"
+    schema = build.get("schema_version", build.get("seq"))
+    if isinstance(schema, int) and not isinstance(schema, bool):
+        newer = sorted(m for m in applied if (v := migration_version(m)) is None or v > schema)
+        return newer, f"schema version {schema}"
+    return None, ""
 
 
 async def _migrate(remote: Remote, env: Environment, *, post: bool, version: str | None, run_id: str,

@@ -150,7 +150,7 @@ class Lock:
 @dataclass(frozen=True)
 class LockEvent:
     env: str
-    action: str  # acquire | release | force_release
+    action: str  # acquire | release | force_release | override | rollback_refused
     run_id: str
     who: str
     reason: str
@@ -376,6 +376,12 @@ class Store:
         with self._tx() as conn:
             rows = conn.execute(q).all()
         return [LockEvent(r.env, r.action, r.run_id, r.who, r.reason, _dt(r.at)) for r in rows]
+
+    def record_event(self, env: str, action: str, run_id: str, who: str, reason: str) -> None:
+        """Add an entry to the environment's lock history (e.g. ``override``: a safety check
+        passed with a reason; ``rollback_refused``: an automatic rollback the guard refused)."""
+        with self._tx() as conn:
+            self._event(conn, env, action[:32], run_id, who, reason[:4000], time.time())
 
     @staticmethod
     def _event(conn: Connection, env: str, action: str, run_id: str, who: str, reason: str,

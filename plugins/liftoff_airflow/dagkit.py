@@ -1,6 +1,9 @@
 """Building blocks the DAG files wire together: params, stage tasks, failure handling.
 
-Every task is a thin call into ``liftoff.pipeline``; what a task returns is its XCom.
+Every task is a one-line call into the engine's domain modules (``liftoff.deploy``,
+``liftoff.rollback``, ``liftoff.canary``, ``liftoff.checks`` ...); what a task returns is its
+XCom. Every change those make passes the engine's door (``liftoff.guard``), whichever way the
+task runs: first run, cleared retry or automatic rollback.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Param, TriggerRule, get_current_context, task
+from airflow.sdk import Asset, Param, TriggerRule, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from liftoff.versions import _PATTERNS
 from liftoff_airflow.operators import QAGateOperator, QuietPeriodSensor
+from liftoff_airflow.params import REASON_PATTERN, VERSION_PATTERN
 
-VERSION_PATTERN = "^(?:" + "|".join(p.pattern.strip("^$") for p in _PATTERNS.values()) + ")$"
-REASON_PATTERN = r"^[A-Za-z0-9 .,:_/@+=%-]+$"
+# deploy_canary's outlet once canary verified a build; deploy_production's schedule with auto-promotion.
+CANARY_VERIFIED = Asset("liftoff://canary-verified")
 
 DEFAULT_ARGS = {
     "owner": "release-managers",
@@ -74,22 +77,23 @@ def refuse_unknown_conf() -> None:
 
 def environment_names() -> list[str]:
     """The inventory's environments, for a Param's enum (GitLab.com's three without one)."""
-    from liftoff.operations import environment_names as names
+    from liftoff.inventory import environment_names as names
 
     return names()
 
 
-def run_handle(pipeline: str):
-    """The pipeline.Run for the current task (run id and who from the DAG run); refuses
-    unknown conf keys first."""
-    from liftoff.pipeline import Run
+def run_handle(pipeline: str, override_reason: str | None = None):
+    """The engine's Run for the current task (run id and who from the DAG run, and the safety
+    override reason the run carries, if any); refuses unknown conf keys first."""
+    from liftoff.runs import Run
 
     refuse_unknown_conf()
     ctx = get_current_context()
     dag_run = ctx["dag_run"]
     who = (dag_run.conf or {}).get("requested_by") or ("scheduler" if dag_run.run_type == "scheduled"
                                                          else "airflow-user")
-    return Run(run_id=safe_run_id(dag_run.run_id), who=safe_run_id(str(who)), pipeline=pipeline)
+    return Run(run_id=safe_run_id(dag_run.run_id), who=safe_run_id(str(who)), pipeline=pipeline,
+               override_reason=override_reason)
 
 
 def safe_run_id(run_id: str) -> str:
@@ -103,7 +107,7 @@ def params() -> dict[str, Any]:
 
 @task
 def precheck(pipeline: str, env: str, version: str) -> dict:
-    from liftoff.pipeline import precheck as check
+    from liftoff.checks import precheck as check
 
     started = time.time()
     p = params()
@@ -148,7 +152,7 @@ def failed_tasks() -> list[str]:
 def finalize_run(pipeline: str, envs: list[str]) -> dict:
     """Always runs last: release this run's locks, push the pipeline's result, fail the run
     when anything failed."""
-    from liftoff.pipeline import release_locks
+    from liftoff.locks import release_locks
 
     run = run_handle(pipeline)
     released = release_locks(run, envs)
@@ -166,7 +170,7 @@ def finalize_run(pipeline: str, envs: list[str]) -> dict:
 @task
 def begin_env(pipeline: str, env: str, version: str, check: dict) -> dict:
     """Lock the environment, stop chef, write the version role, install on the deploy node."""
-    from liftoff.pipeline import begin_env as begin
+    from liftoff.deploy import begin_env as begin
 
     if params()["dry_run"]:
         return {"dry_run": True, "env": env}
@@ -175,7 +179,7 @@ def begin_env(pipeline: str, env: str, version: str, check: dict) -> dict:
 
 @task
 def migrate(pipeline: str, env: str, version: str, post: bool) -> dict:
-    from liftoff.pipeline import migrate as run_migrations
+    from liftoff.deploy import migrate as run_migrations
 
     if params()["dry_run"]:
         return {"dry_run": True, "env": env, "post": post}
@@ -185,14 +189,14 @@ def migrate(pipeline: str, env: str, version: str, post: bool) -> dict:
 @task
 def deploy(pipeline: str, env: str, version: str, stage: str | None) -> dict:
     """Roll a stage's roles (gitaly, fleet, or all) in drained batches; a dry run plans."""
-    from liftoff.pipeline import deploy_roles
+    from liftoff.deploy import roll_stage
 
-    return deploy_roles(run_handle(pipeline), env, version, stage=stage, dry_run=params()["dry_run"])
+    return roll_stage(run_handle(pipeline), env, version, stage, dry_run=params()["dry_run"])
 
 
 @task
 def finish_env(pipeline: str, env: str, version: str) -> dict:
-    from liftoff.pipeline import finish_env as finish
+    from liftoff.deploy import finish_env as finish
 
     if params()["dry_run"]:
         return {"dry_run": True, "env": env}
@@ -213,32 +217,21 @@ def gate(env: str, version: str, qa: bool, expect_version: bool = True):
 
 @task
 def rollback(pipeline: str, envs: list[str]) -> dict:
-    """Return the environment that failed to its last good version; canary traffic goes to
-    zero first when canary failed, canary is drained first for production."""
-    from liftoff.pipeline import canary_weight, failed_environment, mark_failed, rollback_env
+    """Return the environment that failed to its last good version through the rollback flow
+    (safety check first: refused past post-deployment migrations, the run then halts)."""
+    from liftoff.errors import RollbackRefused
+    from liftoff.rollback import automatic
 
-    run = run_handle(pipeline)
-    env = failed_environment(run, envs)
-    if env is None:
-        mark_failed(run, envs, "failed")
-        return {"rolled_back": None, "reason": "no environment was changed"}
-    if run.env(env).is_canary:
-        canary_weight(run, 0, canary_env=env, force=True)
-    elif any(run.env(e).canary_of == env for e in run.inventory.environments):
-        canary = next(e for e in run.inventory.environments if run.env(e).canary_of == env)
-        canary_weight(run, "drain", canary_env=canary, force=True)
-    target = run.store.current_version(env)
-    if target is None:
-        raise AirflowFailException(f"no previous version recorded for {env}: roll back by hand")
-    result = rollback_env(run, env, target)
-    mark_failed(run, [env], "rolled_back")
-    return result
+    try:
+        return automatic(run_handle(pipeline), envs)
+    except RollbackRefused as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 @task
 def halt(pipeline: str, envs: list[str]) -> dict:
     """Stop here, leaving hosts as they are; failed hosts stay drained and recorded."""
-    from liftoff.pipeline import mark_failed
+    from liftoff.deploy import mark_failed
 
     run = run_handle(pipeline)
     return {"halted": mark_failed(run, envs, "halted"), "drained": [d.host for d in run.store.drained()]}
@@ -253,7 +246,7 @@ def finalize(pipeline: str, envs: list[str]) -> dict:
 def finalize_env(pipeline: str) -> dict:
     """Always last in a one-environment DAG: this run's unfinished records are marked failed,
     then its lock is released and its result pushed (finalize_run)."""
-    from liftoff.operations import mark_unfinished
+    from liftoff.deploy import mark_unfinished
 
     env = params()["environment"]
     mark_unfinished(run_handle(pipeline), [env], "failed")

@@ -94,7 +94,8 @@ def store():
 
 def deploy(version: str, env: str, *, post: bool = False) -> None:
     """Set-up: the canary pipeline's steps for one environment (no gates)."""
-    from liftoff.pipeline import Run, begin_env, deploy_roles, finish_env, migrate
+    from liftoff.deploy import begin_env, deploy_roles, finish_env, migrate
+    from liftoff.runs import Run
 
     run = Run(run_id=f"setup-{env}-{version}", pipeline="deploy_canary")
     begin_env(run, env, version, run.store.current_version(env) or BASE)
@@ -181,7 +182,8 @@ def test_rollback_after_a_bad_canary_restores_every_host_fleet_before_gitaly(lab
 
 
 def test_rollback_check_is_safe_before_post_migrations_and_unsafe_after(lab, dagbag):
-    from liftoff.pipeline import Run, migrate
+    from liftoff.deploy import migrate
+    from liftoff.runs import Run
 
     lab.build_add(POST_MIGRATED)
     deploy(POST_MIGRATED, "gprd-cny")
@@ -351,7 +353,9 @@ def test_fast_deploy_records_its_reason_and_hides_an_internal_version(lab, dagba
 # -- locks by hand ------------------------------------------------------------------------------------
 
 def test_deploy_lock_by_hand_stops_deploys_until_unlocked(lab, dagbag):
-    from liftoff.pipeline import PrecheckFailed, Run, precheck
+    from liftoff.checks import precheck
+    from liftoff.errors import PrecheckFailed
+    from liftoff.runs import Run
 
     locked = run_dag(dagbag, "deploy_lock", {"environment": "gstg", "action": "lock",
                                              "reason": "change freeze for the incident"})

@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 
 from lab import processes
-from liftoff import fleet, operations, pipeline
+from liftoff import canary, checks, deploy, fleet, locks, patches, runs
 from liftoff.alerts import AlertClient, QuietPeriod
 from liftoff.errors import HAProxyError, LiftoffError, LockHeld, QAError
 from liftoff.haproxy import HAProxy
@@ -55,6 +55,7 @@ from liftoff.inventory import load_inventory
 from liftoff.metrics import PipelineMetrics
 from liftoff.qa import QAClient
 from liftoff.remote import Remote
+from liftoff.rollback import begin_rollback
 from liftoff.store import Store
 from liftoff.versions import chain_steps, split_step_output
 from tests.labkit import Lab, running_lab
@@ -95,8 +96,8 @@ def report_figures(request: pytest.FixtureRequest, title: str, figures: Counter)
 
 
 @pytest.fixture
-def run(lab: Lab) -> Iterator[pipeline.Run]:
-    r = pipeline.Run(run_id=f"faults-{time.monotonic_ns()}", who="faults", pipeline="faults")
+def run(lab: Lab) -> Iterator[runs.Run]:
+    r = runs.Run(run_id=f"faults-{time.monotonic_ns()}", who="faults", pipeline="faults")
     yield r
     r.store.close()
 
@@ -315,13 +316,13 @@ def test_one_production_lb_down_fails_closed_naming_it(lab: Lab, run):
     with lb_stopped(lab) as down:
         named = f"load balancer {down} .* is unreachable"
         with pytest.raises(HAProxyError, match=named):
-            pipeline.canary_weight(run, 0)
+            canary.apply_weight(run, 0)
         with pytest.raises(HAProxyError, match=named):
-            operations.set_canary_weight(run, "drain")
+            canary.set_canary_weight(run, "drain")
         with pytest.raises(HAProxyError, match=named):
-            pipeline.deploy_roles(run, "gprd", V2, roles=["api"], options=OPTIONS)
+            deploy.deploy_roles(run, "gprd", V2, roles=["api"], options=OPTIONS)
         with pytest.raises(pipeline.PrecheckFailed, match=f"haproxy: {named}"):
-            pipeline.precheck(run, "gprd", V2)
+            checks.precheck(run, "gprd", V2)
         with pytest.raises(HAProxyError, match=named):
             HAProxy.for_env(run.env("gprd")).drain(["web-01-sv-gprd"])
         assert lb_view(lab, "fe-01-lb-gprd") == fe01, "the LB that answered was changed"
@@ -393,7 +394,7 @@ def test_alertmanager_down_gates_fail_closed(lab: Lab, run, monkeypatch):
     assert not gate.ok and "fail closed" in gate.reason
     assert "unreachable" in gate.reason and url in gate.reason
     with pytest.raises(pipeline.PrecheckFailed, match="alerts: .*unknown \\(fail closed\\)"):
-        pipeline.precheck(run, "gstg", V2)
+        checks.precheck(run, "gstg", V2)
     period = QuietPeriod(window_s=5, interval_s=1, fail_on_alert=True)
     trigger = QuietPeriodTrigger(url, {"env": "gstg"}, period.to_dict(), ["critical"], env="gstg")
 
@@ -478,10 +479,10 @@ def test_pushgateway_down_is_logged_and_never_fails_a_deploy(lab: Lab, run, monk
         assert PipelineMetrics(hung, "faults", timeout=1).rollback("gstg") is False
 
     before = mark(lab, run.store)
-    begun = pipeline.begin_env(run, "gstg", V2)
-    rolled = pipeline.deploy_roles(run, "gstg", V2, roles=["web"], options=fleet.RolloutOptions(
+    begun = deploy.begin_env(run, "gstg", V2)
+    rolled = deploy.deploy_roles(run, "gstg", V2, roles=["web"], options=fleet.RolloutOptions(
         chef_start="cleanup", drain_timeout=1, up_timeout=60, health_timeout=30))
-    finished = pipeline.finish_env(run, "gstg", V2)  # pushes the deployed version: fails, logged
+    finished = deploy.finish_env(run, "gstg", V2)  # pushes the deployed version: fails, logged
     assert begun["version"] == rolled["version"] == finished["version"] == V2
     assert rolled["status"] == "success"
     assert run.store.deployments("gstg")[0].status == "success" and run.store.get_lock("gstg") is None
@@ -495,17 +496,17 @@ def test_pushgateway_down_is_logged_and_never_fails_a_deploy(lab: Lab, run, monk
 def test_two_deploys_at_once_one_runs_the_other_fails_naming_the_holder(lab: Lab):
     FIGURES["faults tried"] += 1
     suffix = time.monotonic_ns()
-    runs = [pipeline.Run(run_id=f"race-{who}-{suffix}", who=who, pipeline="deploy_canary")
+    runs = [runs.Run(run_id=f"race-{who}-{suffix}", who=who, pipeline="deploy_canary")
             for who in ("alice", "bob")]
     store = runs[0].store
     before = mark(lab, store)
     barrier = threading.Barrier(len(runs))
     outcome: dict[str, object] = {}
 
-    def deploy(r: pipeline.Run) -> None:
+    def deploy(r: runs.Run) -> None:
         barrier.wait(10)
         try:
-            outcome[r.run_id] = pipeline.begin_env(r, "gstg", V3)
+            outcome[r.run_id] = deploy.begin_env(r, "gstg", V3)
         except Exception as exc:  # noqa: BLE001 - the loser's error is the point
             outcome[r.run_id] = exc
 
@@ -528,8 +529,8 @@ def test_two_deploys_at_once_one_runs_the_other_fails_naming_the_holder(lab: Lab
     assert_nothing_lost(lab, store, before, locks=("gstg",))
 
     # the winner's run then fails: its lock is released and the record says so
-    assert pipeline.mark_failed(winner, ["gstg"], "failed") == ["gstg"]
-    assert pipeline.release_locks(winner, ["gstg"]) == ["gstg"]
+    assert deploy.mark_failed(winner, ["gstg"], "failed") == ["gstg"]
+    assert locks.release_locks(winner, ["gstg"]) == ["gstg"]
     assert store.get_lock("gstg") is None
     record = next(d for d in store.deployments("gstg") if d.run_id == winner.run_id)
     assert (record.version, record.status) == (V3, "failed")
@@ -548,23 +549,23 @@ HOSTILE = ["; rm -rf /", "$(touch /tmp/liftoff-pwned)", "`id`", "../../etc/passw
            "", "g\u0455tg", "gstg\x00"]
 
 
-def entry_points(run: pipeline.Run) -> list[tuple[str, Callable[[str], object]]]:
+def entry_points(run: runs.Run) -> list[tuple[str, Callable[[str], object]]]:
     return [
-        ("begin_env version", lambda v: pipeline.begin_env(run, "gstg", v)),
-        ("begin_env env", lambda v: pipeline.begin_env(run, v, V1)),
-        ("deploy_roles version", lambda v: pipeline.deploy_roles(run, "gstg", v, roles=["web"])),
-        ("deploy_roles role", lambda v: pipeline.deploy_roles(run, "gstg", V1, roles=[v])),
+        ("begin_env version", lambda v: deploy.begin_env(run, "gstg", v)),
+        ("begin_env env", lambda v: deploy.begin_env(run, v, V1)),
+        ("deploy_roles version", lambda v: deploy.deploy_roles(run, "gstg", v, roles=["web"])),
+        ("deploy_roles role", lambda v: deploy.deploy_roles(run, "gstg", V1, roles=[v])),
         ("rollout version", lambda v: fleet.run_rollout(run.env("gstg"), v, run_id=run.run_id,
                                                         store=run.store, roles=["web"])),
-        ("precheck env", lambda v: pipeline.precheck(run, v, V1)),
-        ("rollback version", lambda v: pipeline.rollback_env(run, "gstg", v)),
-        ("patch id", lambda v: operations.apply_patch(run, "gstg", v, "diff", ["web"], "security fix")),
-        ("patch role", lambda v: operations.apply_patch(run, "gstg", "sec-1", "diff", [v], "security fix")),
-        ("patch reason", lambda v: operations.apply_patch(run, "gstg", "sec-1", "diff", ["web"], v)),
-        ("lock reason", lambda v: operations.lock_env(run, "gstg", v)),
-        ("canary weight", lambda v: operations.set_canary_weight(run, v)),
-        ("fast deploy reason", lambda v: operations.fast_precheck(run, "gstg", V1, v)),
-        ("run id", lambda v: pipeline.Run(run_id=v, inventory=run.inventory)),
+        ("precheck env", lambda v: checks.precheck(run, v, V1)),
+        ("rollback version", lambda v: begin_rollback(run, "gstg", v, "normal")),
+        ("patch id", lambda v: patches.apply_patch(run, "gstg", v, "diff", ["web"], "security fix")),
+        ("patch role", lambda v: patches.apply_patch(run, "gstg", "sec-1", "diff", [v], "security fix")),
+        ("patch reason", lambda v: patches.apply_patch(run, "gstg", "sec-1", "diff", ["web"], v)),
+        ("lock reason", lambda v: locks.lock_env(run, "gstg", v)),
+        ("canary weight", lambda v: canary.set_canary_weight(run, v)),
+        ("fast deploy reason", lambda v: checks.fast_precheck(run, "gstg", V1, v)),
+        ("run id", lambda v: runs.Run(run_id=v, inventory=run.inventory)),
     ]
 
 

@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from liftoff.checks import precheck
+from liftoff.errors import PrecheckFailed
 from liftoff.inventory import load_inventory
-from liftoff.pipeline import PrecheckFailed, Run, precheck
+from liftoff.runs import Run
 
 pytestmark = pytest.mark.lab
 SUNDAY = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)

@@ -17,8 +17,8 @@ Field: what refuses it (hostile values thrown at it):
 * patch id: ``validate_name("patch")``, Param ``pattern``.
 * reason: ``validate_reason``, Param ``pattern``/``minLength``/``maxLength`` (SHELL, CONTROL,
   SIZE, LOOKALIKES, empty and blank).
-* run id, who: ``validate_name("run_id"/"who")``, ``pipeline.Run``.
-* canary weight: ``operations.parse_weight``, Param ``anyOf`` (SHELL, negative, > 100, bool).
+* run id, who: ``validate_name("run_id"/"who")``, ``runs.Run``.
+* canary weight: ``canary.parse_weight``, Param ``anyOf`` (SHELL, negative, > 100, bool).
 * conf keys: ``liftoff_airflow.conf_guard.refuse_unknown_conf`` (Airflow itself accepts them):
   misspelt, injected, NUL, 10k, non-text.
 
@@ -41,11 +41,11 @@ import pytest
 
 from lab.config import LabConfig
 from lab.liftoff_env import inventory as lab_inventory
+from liftoff.canary import parse_weight
 from liftoff.errors import InvalidInput, InventoryError, LiftoffError
 from liftoff.fleet import select_roles
 from liftoff.inventory import parse_inventory
-from liftoff.operations import parse_weight
-from liftoff.pipeline import Run
+from liftoff.runs import Run
 from liftoff.versions import (
     apt_install_command,
     chef_disable_command,

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from liftoff import operations as ops
-from liftoff import traffic
+from liftoff import canary, deploy, inventory, locks, metrics, migrations, patches, runs, traffic
+from liftoff import rollback as rb
 from liftoff.errors import InvalidInput, InventoryError, LiftoffError, LockHeld, RollbackRefused
 from liftoff.haproxy import ServerState
 from liftoff.inventory import parse_inventory
-from liftoff.pipeline import Run
+from liftoff.runs import Run
 from liftoff.store import Store
 from tests.unit.http_fakes import FakeGateway
 
@@ -78,51 +78,52 @@ def run(store):
 # -- rollback safety ---------------------------------------------------------------------------------
 
 def test_migration_version():
-    assert ops.migration_version("000003_post_17_6_0_ee_0") == 3
-    assert ops.migration_version("20231129120000_drop_old_column") == 20231129120000
-    assert ops.migration_version("post_without_number") is None
+    assert migrations.migration_version("000003_post_17_6_0_ee_0") == 3
+    assert migrations.migration_version("20231129120000_drop_old_column") == 20231129120000
+    assert migrations.migration_version("post_without_number") is None
 
 
 def test_newer_post_migrations_from_the_schema_version():
     applied = ["000001_post_a", "000002_regular_b", "000002_post_b", "000003_post_c"]
-    newer, how = ops.newer_post_migrations(applied, {"version": V2, "seq": 2})
+    newer, how = migrations.newer_post_migrations(applied, {"version": V2, "seq": 2})
     assert newer == ["000003_post_c"] and "schema version 2" in how
-    assert ops.newer_post_migrations(applied, {"seq": 3})[0] == []
+    assert migrations.newer_post_migrations(applied, {"seq": 3})[0] == []
     # an explicit schema version wins over the lab's seq; the regular migration never counts
-    assert ops.newer_post_migrations(applied, {"seq": 9, "schema_version": 1})[0] == ["000002_post_b",
+    assert migrations.newer_post_migrations(applied, {"seq": 9, "schema_version": 1})[0] == ["000002_post_b",
                                                                                       "000003_post_c"]
     # a post migration without a number cannot be ordered: counted as not contained
-    assert ops.newer_post_migrations(["x_post_y"], {"seq": 5})[0] == ["x_post_y"]
+    assert migrations.newer_post_migrations(["x_post_y"], {"seq": 5})[0] == ["x_post_y"]
 
 
 def test_newer_post_migrations_from_a_list_or_unknown():
     applied = ["000001_post_a", "000002_post_b"]
-    assert ops.newer_post_migrations(applied, {"post_migrations": ["000001_post_a"]})[0] == ["000002_post_b"]
-    assert ops.newer_post_migrations(applied, {"version": V1}) == (None, "")
-    assert ops.newer_post_migrations(applied, {"seq": True}) == (None, "")
+    newer = migrations.newer_post_migrations(applied, {"post_migrations": ["000001_post_a"]})[0]
+    assert newer == ["000002_post_b"]
+    assert migrations.newer_post_migrations(applied, {"version": V1}) == (None, "")
+    assert migrations.newer_post_migrations(applied, {"seq": True}) == (None, "")
 
 
 def test_rollback_target_follows_the_records(store):
-    assert ops.rollback_target(store.deployments("gprd")) == (None, None)
+    assert rb.rollback_target(store.deployments("gprd")) == (None, None)
     store.record_deployment("gprd", V1, "baseline", status="success")
     store.record_deployment("gprd", V2, "run-2", status="running")
     # a deploy that did not finish (hosts half on it) is current; the last good one is the target
-    assert ops.rollback_target(store.deployments("gprd")) == (V2, V1)
+    assert rb.rollback_target(store.deployments("gprd")) == (V2, V1)
     store.record_deployment("gprd", V2, "run-2", status="success")
-    assert ops.rollback_target(store.deployments("gprd")) == (V2, V1)
+    assert rb.rollback_target(store.deployments("gprd")) == (V2, V1)
     store.record_deployment("gprd", V1, "rb-1", kind="rollback", status="success")
     # after the rollback, never "back" to what was rolled back from
-    assert ops.rollback_target(store.deployments("gprd")) == (V1, None)
+    assert rb.rollback_target(store.deployments("gprd")) == (V1, None)
     store.record_deployment("gprd", V3, "run-3", status="success")
-    assert ops.rollback_target(store.deployments("gprd")) == (V3, V1)
+    assert rb.rollback_target(store.deployments("gprd")) == (V3, V1)
     # a rollback that failed half way: running it again aims at the same target
     store.record_deployment("gprd", V1, "rb-2", kind="rollback", status="failed")
-    assert ops.rollback_target(store.deployments("gprd")) == (V3, V1)
+    assert rb.rollback_target(store.deployments("gprd")) == (V3, V1)
     # deploy_canary's own rollback marks its deploy rolled_back and records the rollback
     store.record_deployment("gprd", "17.8.0-ee.0", "run-4", status="running")
     store.record_deployment("gprd", V3, "run-4", kind="rollback", status="success")
     store.record_deployment("gprd", "17.8.0-ee.0", "run-4", status="rolled_back")
-    assert ops.rollback_target(store.deployments("gprd")) == (V3, V1)
+    assert rb.rollback_target(store.deployments("gprd")) == (V3, V1)
 
 
 def check(safe=False, overridable=True, reasons=("1 post-deployment migration(s) newer",)):
@@ -131,27 +132,27 @@ def check(safe=False, overridable=True, reasons=("1 post-deployment migration(s)
 
 
 def test_require_safe():
-    assert ops.require_safe(check(safe=True))["overridden"] is False
+    assert rb.require_safe(check(safe=True))["overridden"] is False
     with pytest.raises(RollbackRefused, match="unsafe.*override_reason"):
-        ops.require_safe(check())
-    out = ops.require_safe(check(), "incident 1234, data fixed by hand")
+        rb.require_safe(check())
+    out = rb.require_safe(check(), "incident 1234, data fixed by hand")
     assert out["overridden"] and out["override_reason"] == "incident 1234, data fixed by hand"
     with pytest.raises(RollbackRefused, match="refused: a deploy is running"):
-        ops.require_safe(check(overridable=False, reasons=["a deploy is running: ..."]), "a good reason")
+        rb.require_safe(check(overridable=False, reasons=["a deploy is running: ..."]), "a good reason")
     with pytest.raises(InvalidInput):
-        ops.require_safe(check(), "rm -rf /; echo")
+        rb.require_safe(check(), "rm -rf /; echo")
 
 
 def test_rollback_command():
-    assert ops.rollback_command("gprd", V1) == f"liftoff rollback gprd --to {V1}"
-    assert ops.rollback_command("gprd", None) == "liftoff rollback gprd --to VERSION"
+    assert rb.rollback_command("gprd", V1) == f"liftoff rollback gprd --to {V1}"
+    assert rb.rollback_command("gprd", None) == "liftoff rollback gprd --to VERSION"
 
 
 # -- fast mode ---------------------------------------------------------------------------------------
 
 def test_fast_environment_takes_big_batches_without_floor(run):
     env = run.env("gprd")
-    fast = ops.fast_environment(env)
+    fast = deploy.fast_environment(env)
     sizes = {r.name: (r.batch_size(), r.min_in_service()) for r in fast.roles}
     assert sizes == {"gitaly": (1, 0), "web": (5, 0), "sidekiq": (3, 0)}  # sidekiq keeps its 100%
     assert {r.name: r.batch_size() for r in env.roles} == {"gitaly": 1, "web": 1, "sidekiq": 3}  # untouched
@@ -159,47 +160,47 @@ def test_fast_environment_takes_big_batches_without_floor(run):
 
 
 def test_rollout_options_and_stages(run):
-    assert ops.rollout_options("fast").drain_timeout == ops.FAST_DRAIN_TIMEOUT
-    assert ops.rollout_options("normal").drain_timeout == ops.NORMAL_DRAIN_TIMEOUT
-    assert ops.rollout_options("normal").chef_start == "cleanup"
+    assert deploy.rollout_options("fast").drain_timeout == deploy.FAST_DRAIN_TIMEOUT
+    assert deploy.rollout_options("normal").drain_timeout == deploy.NORMAL_DRAIN_TIMEOUT
+    assert deploy.rollout_options("normal").chef_start == "cleanup"
     with pytest.raises(InvalidInput):
-        ops.rollout_options("reckless")
+        deploy.rollout_options("reckless")
     env = run.env("gprd")
-    assert ops.stage_roles(env, "fleet") == ["web", "sidekiq"]
-    assert ops.stage_roles(env, "gitaly") == ["gitaly"]
+    assert deploy.stage_roles(env, "fleet") == ["web", "sidekiq"]
+    assert deploy.stage_roles(env, "gitaly") == ["gitaly"]
     with pytest.raises(InvalidInput):
-        ops.stage_roles(env, "web")
+        deploy.stage_roles(env, "web")
 
 
 def test_canary_and_database_relations(run):
     inv = run.inventory
-    assert ops.canary_env_of(inv, "gprd") == "gprd-cny"
-    assert ops.canary_env_of(inv, "gprd-cny") is None
-    assert ops.canary_env_name(inv) == "gprd-cny"
-    assert ops.sharing_database(inv, "gprd-cny") == ["gprd", "gprd-cny"]
-    assert ops.environment_names(inv) == ["gprd", "gprd-cny"]
+    assert canary.canary_env_of(inv, "gprd") == "gprd-cny"
+    assert canary.canary_env_of(inv, "gprd-cny") is None
+    assert canary.canary_env_name(inv) == "gprd-cny"
+    assert rb.sharing_database(inv, "gprd-cny") == ["gprd", "gprd-cny"]
+    assert inventory.environment_names(inv) == ["gprd", "gprd-cny"]
 
 
 def test_internal_builds_are_redacted(run):
-    assert ops.public_version(V2, internal=True) == "internal"
-    assert ops.public_version(V2, internal=False) == V2
-    assert ops.redact(f"fix in {V2} for CVE-1", V2, True) == "fix in internal for CVE-1"
-    internal = ops.for_build(run, True)
+    assert deploy.public_version(V2, internal=True) == "internal"
+    assert deploy.public_version(V2, internal=False) == V2
+    assert deploy.redact(f"fix in {V2} for CVE-1", V2, True) == "fix in internal for CVE-1"
+    internal = runs.for_build(run, True)
     assert internal.metrics().redact_version is True
     assert internal.run_id == run.run_id and internal.store is run.store
-    assert ops.for_build(run, False) is run
+    assert runs.for_build(run, False) is run
     assert run.metrics().redact_version is False
 
 
 # -- patches, halts, locks -----------------------------------------------------------------------------
 
 def test_patch_detail_keeps_the_text_and_its_hash():
-    small = json.loads(ops.patch_detail("--- a\n+++ b\n", "security fix", ["web"]))
+    small = json.loads(patches.patch_detail("--- a\n+++ b\n", "security fix", ["web"]))
     assert small["patch"] == "--- a\n+++ b\n" and small["truncated"] is False and small["roles"] == ["web"]
     big_text = "+ line with \"quotes\" and \\ backslash\n" * 500
-    detail = ops.patch_detail(big_text, "security fix", ["web", "api"])
+    detail = patches.patch_detail(big_text, "security fix", ["web", "api"])
     data = json.loads(detail)
-    assert len(detail) <= ops.PATCH_DETAIL_CHARS
+    assert len(detail) <= patches.PATCH_DETAIL_CHARS
     assert data["truncated"] is True and big_text.startswith(data["patch"]) and len(data["patch"]) > 1000
     assert data["bytes"] == len(big_text.encode())
     assert data["sha256"] == hashlib.sha256(big_text.encode()).hexdigest()
@@ -207,13 +208,13 @@ def test_patch_detail_keeps_the_text_and_its_hash():
 
 def test_apply_patch_refuses_bad_input_before_touching_anything(run):
     with pytest.raises(InvalidInput):
-        ops.apply_patch(run, "gprd", "sec-1", "diff", [], "security fix")
+        patches.apply_patch(run, "gprd", "sec-1", "diff", [], "security fix")
     with pytest.raises(InventoryError):
-        ops.apply_patch(run, "gprd", "sec-1", "diff", ["frontend"], "security fix")
+        patches.apply_patch(run, "gprd", "sec-1", "diff", ["frontend"], "security fix")
     with pytest.raises(InvalidInput):
-        ops.apply_patch(run, "gprd", "../etc", "diff", ["web"], "security fix")
+        patches.apply_patch(run, "gprd", "../etc", "diff", ["web"], "security fix")
     with pytest.raises(InvalidInput):
-        ops.apply_patch(run, "gprd", "sec-1", "  ", ["web"], "security fix")
+        patches.apply_patch(run, "gprd", "sec-1", "  ", ["web"], "security fix")
     assert run.store.get_lock("gprd") is None and run.store.patches() == []
     assert run.store.active_halt() is None
 
@@ -221,37 +222,37 @@ def test_apply_patch_refuses_bad_input_before_touching_anything(run):
 def test_lift_halt_on_purpose(run):
     run.store.set_halt("post-deploy patch a", "patch-a", "bob")
     run.store.set_halt("post-deploy patch b", "patch-b", "bob")
-    out = ops.lift_halt(run, "patch a shipped by hand", "patch-a")
+    out = patches.lift_halt(run, "patch a shipped by hand", "patch-a")
     assert out["lifted"] == ["patch-a"] and out["still_active"] == ["patch-b"]
     with pytest.raises(LiftoffError, match="no active halt for patch patch-a"):
-        ops.lift_halt(run, "again", "patch-a")
-    assert ops.lift_halt(run, "all clear now")["lifted"] == ["patch-b"]
+        patches.lift_halt(run, "again", "patch-a")
+    assert patches.lift_halt(run, "all clear now")["lifted"] == ["patch-b"]
     lifted = run.store.halts()
     assert {h.lifted_by for h in lifted} == {"alice"}
     assert {h.lifted_reason for h in lifted} == {"patch a shipped by hand", "all clear now"}
 
 
 def test_lock_and_unlock_by_hand(run):
-    out = ops.lock_env(run, "gprd", "change freeze for the incident")
+    out = locks.lock_env(run, "gprd", "change freeze for the incident")
     assert out["run_id"] == "manual-alice" and "change freeze" in out["reason"]
-    assert ops.lock_env(run, "gprd", "again")["run_id"] == "manual-alice"  # the same person: no-op
+    assert locks.lock_env(run, "gprd", "again")["run_id"] == "manual-alice"  # the same person: no-op
     other = Run(run_id="unit-run-2", who="bob", inventory=run.inventory, _store=run.store)
     with pytest.raises(LockHeld, match="alice"):
-        ops.lock_env(other, "gprd", "mine now")
-    out = ops.unlock_env(other, "gprd", "incident over")
+        locks.lock_env(other, "gprd", "mine now")
+    out = locks.unlock_env(other, "gprd", "incident over")
     assert out["removed"]["who"] == "alice" and out["removed"]["by_hand"] is True
     assert run.store.get_lock("gprd") is None
     events = run.store.lock_events("gprd")
     assert (events[0].action, events[0].who, events[0].reason) == ("force_release", "bob", "incident over")
-    assert ops.unlock_env(other, "gprd", "nothing held")["removed"] is None
+    assert locks.unlock_env(other, "gprd", "nothing held")["removed"] is None
     with pytest.raises(InvalidInput):
-        ops.lock_env(run, "gprd", "")
+        locks.lock_env(run, "gprd", "")
 
 
 def test_mark_unfinished(run):
     run.store.record_deployment("gprd", V1, run.run_id, kind="rollback", status="running")
     run.store.record_deployment("gprd", V2, "someone-else", status="running")
-    assert ops.mark_unfinished(run, ["gprd"]) == ["gprd:rollback"]
+    assert deploy.mark_unfinished(run, ["gprd"]) == ["gprd:rollback"]
     statuses = {(d.run_id, d.kind): d.status for d in run.store.deployments("gprd")}
     assert statuses == {(run.run_id, "rollback"): "failed", ("someone-else", "deploy"): "running"}
 
@@ -272,23 +273,24 @@ def servers(lb, weight=5, admin="ready", drop=()):
 def test_canary_divergence():
     hosts = ["web-cny-01-sv-gprd", "web-cny-02-sv-gprd", "gitaly-cny-01-stor-gprd"]  # gitaly: on no LB
     snap = {"fe-01": servers("fe-01", 20), "fe-02": servers("fe-02", 20)}
-    assert ops.canary_divergence(snap, hosts, ["web"], 20) == {}
+    assert canary.canary_divergence(snap, hosts, ["web"], 20) == {}
     snap["fe-02"] = servers("fe-02", 5)
-    assert ops.canary_divergence(snap, hosts, ["web"], 20) == {
+    assert canary.canary_divergence(snap, hosts, ["web"], 20) == {
         "fe-02": ["web/web-cny-01-sv-gprd weight 5", "web/web-cny-02-sv-gprd weight 5"]}
     snap["fe-02"] = servers("fe-02", 20, drop=("web-cny-02-sv-gprd",))
-    assert ops.canary_divergence(snap, hosts, ["web"], 20) == {"fe-02": ["web-cny-02-sv-gprd missing"]}
+    assert canary.canary_divergence(snap, hosts, ["web"], 20) == {"fe-02": ["web-cny-02-sv-gprd missing"]}
     snap = {"fe-01": servers("fe-01", admin="drain"), "fe-02": servers("fe-02", admin="drain")}
-    assert ops.canary_divergence(snap, hosts, ["web"], "drain") == {}
-    assert len(ops.canary_divergence(snap, hosts, ["web"], "ready")["fe-01"]) == 4  # both backends
+    assert canary.canary_divergence(snap, hosts, ["web"], "drain") == {}
+    assert len(canary.canary_divergence(snap, hosts, ["web"], "ready")["fe-01"]) == 4  # both backends
 
 
 def test_parse_weight():
-    assert ops.parse_weight(0) == 0 and ops.parse_weight("25") == 25 and ops.parse_weight("drain") == "drain"
-    assert ops.parse_weight(" 7\n") == 7
+    assert canary.parse_weight(0) == 0 and canary.parse_weight("25") == 25
+    assert canary.parse_weight("drain") == "drain"
+    assert canary.parse_weight(" 7\n") == 7
     for bad in (101, -1, True, "half", "10%", "\uff15\uff10", "1000", None, 2.5, "x" * 10_000):
         with pytest.raises(InvalidInput) as err:
-            ops.parse_weight(bad)
+            canary.parse_weight(bad)
         assert len(str(err.value)) < 200
 
 
@@ -308,14 +310,14 @@ def samples(body: str) -> dict[tuple[str, tuple], float]:
 
 def test_fast_deploy_metric_counts_and_carries_the_reason(gateway):
     gateway.exposition = ('liftoff_fast_deploys_total{job="liftoff",pipeline="fast_deploy",env="gstg"} 2\n')
-    m = ops.OperationMetrics(gateway.url, "fast_deploy")
+    m = metrics.PipelineMetrics(gateway.url, "fast_deploy")
     assert m.fast_deploy("gstg", "internal", "CVE-2026-1 fix") is True
     method, path, body, _ = gateway.pushes[-1]
     assert method == "PUT" and path == "/metrics/job/liftoff/env/gstg/pipeline/fast_deploy"
     got = samples(body)
     assert got[("liftoff_fast_deploys_total", ())] == 3
     assert got[("liftoff_fast_deploy_info", (("reason", "CVE-2026-1 fix"), ("version", "internal")))] == 1
-    assert ops.OperationMetrics(None, "fast_deploy").fast_deploy("gstg", "x", "y") is False
+    assert metrics.PipelineMetrics(None, "fast_deploy").fast_deploy("gstg", "x", "y") is False
 
 
 # -- traffic ------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from liftoff.pipeline import in_weekly_change_lock
+from liftoff.checks import in_weekly_change_lock
 
 
 @pytest.mark.parametrize(("when", "locked"), [

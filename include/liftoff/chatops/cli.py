@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from liftoff.canary import CANARY_STATES, parse_weight
 from liftoff.chatops.api import (
     TERMINAL_STATES,
     AirflowClient,
@@ -50,7 +51,6 @@ DAG_PATCH = "post_deploy_patch"
 DAG_LOCK = "deploy_lock"
 STATUS_DAGS = (DAG_CANARY, DAG_PRODUCTION)
 SAFETY_TASK = "safety_check"
-CANARY_STATES = ("drain", "ready", "maint")
 MAX_PATCH_BYTES = 256 * 1024
 ACTIVE_STATES = {"running", "queued", "scheduled", "up_for_retry", "up_for_reschedule", "restarting",
                  "deferred"}
@@ -112,11 +112,7 @@ def rollback_conf(env: str, *, to: str | None = None, fast: bool = False, reason
 
 
 def canary_weight_conf(weight: int | str, *, force: bool = False) -> dict:
-    if isinstance(weight, str) and weight in CANARY_STATES:
-        value: int | str = weight
-    else:
-        value = _int_range(weight, 0, 100, "canary weight")
-    return {"weight": value, "force": bool(force)}
+    return {"weight": parse_weight(weight), "force": bool(force)}
 
 
 def patch_conf(env: str, file: str | Path, *, roles: str | Sequence[str], reason: str) -> dict:
