@@ -14,18 +14,17 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from liftoff.errors import RemoteError
-from liftoff.inventory import Environment, HostRef
-from liftoff.remote import CommandFailed, Remote
-from liftoff.versions import (
+from liftoff.commands import (
     chef_disable_command,
     chef_enable_command,
     chef_role_set_version_command,
     chef_role_show_command,
     installed_version_command,
-    parse_version,
-    validate_name,
 )
+from liftoff.errors import RemoteError
+from liftoff.inventory import Environment, HostRef
+from liftoff.remote import CommandFailed, Remote
+from liftoff.versions import parse_version, validate_name
 
 ROLE_TIMEOUT = 120.0
 CHEF_TIMEOUT = 120.0

@@ -1,11 +1,14 @@
 """Rolling a role: the per-host deploy flow, in batches, behind every load balancer.
 
-Per batch, per host, concurrently within the batch (ARCHITECTURE.md section 4):
-skip if already at the target and in service -> record the drain (write-ahead) -> drain on
-every LB -> wait for sessions to end (bounded) -> stop chef -> install the package ->
-re-apply pending post-deployment patches -> reconfigure -> HUP/restart the role's services
-and check their PIDs changed -> verify the running version -> health check -> ready on
-every LB -> wait until every LB reports it UP -> clear the drain record.
+One flow, :func:`host_flow`, says what happens to a host, in order; the rollout runs it and
+the dry run (:func:`plan`) shows it, so the two cannot drift. Per host (ARCHITECTURE.md
+section 4): inspect (skip if already at the target and in service) -> record the drain
+(write-ahead) -> drain on every LB -> wait for sessions to end (bounded) -> one session: stop
+chef, install the package, re-apply the pending post-deployment patches of the host's role
+(unless the build includes them), reconfigure, HUP/restart the role's services (their PIDs
+must change) -> verify the running version -> health check -> ready on every LB -> wait
+until every LB reports it UP -> clear the drain record -> start chef. A batch runs each of
+these phases across its hosts (the host's own steps concurrently, LB changes batched).
 
 Rules: batches of ``role.batch_size()``; roles of one stage run in parallel; a batch that
 would take a role below its capacity floor is refused before anything is touched (hosts
@@ -25,31 +28,32 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from liftoff import chef as chef_mod
-from liftoff.errors import CapacityError, HAProxyError, InvalidInput, LiftoffError
-from liftoff.haproxy import HAProxy, ServerState, lb_hosts, out_of_service
-from liftoff.inventory import Environment, HostRef, Role
-from liftoff.remote import Remote
-from liftoff.versions import (
+from liftoff.commands import (
     apt_install_command,
     chained_command,
     chef_disable_command,
     chef_enable_command,
     gitlab_ctl_command,
     installed_version_command,
-    parse_version,
     patch_apply_command,
     split_step_output,
-    validate_name,
 )
+from liftoff.errors import CapacityError, HAProxyError, InvalidInput, LiftoffError
+from liftoff.haproxy import HAProxy, ServerState, lb_hosts, out_of_service
+from liftoff.inventory import Environment, HostRef, Role
+from liftoff.remote import Remote
+from liftoff.versions import parse_version, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +88,15 @@ class RolloutOptions:
     chef_start: str = "host"
     prefetch: bool = True  # inspect the next batch while this one runs
     reason: str = ""  # chef-client-disable reason (default: liftoff deploy <run_id>)
+    included_patches: tuple[str, ...] = ()  # patches the build being installed includes: not re-applied
 
     def __post_init__(self) -> None:
         if self.chef_start not in CHEF_START_MODES:
             raise InvalidInput(f"chef_start must be one of {', '.join(CHEF_START_MODES)}, "
                                f"got {self.chef_start!r}")
+        if isinstance(self.included_patches, str):
+            raise InvalidInput("included_patches must be a list of patch ids, not one string")
+        self.included_patches = tuple(validate_name("patch", p) for p in self.included_patches)
         for name in ("drain_timeout", "up_timeout", "install_timeout", "command_timeout", "health_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
@@ -186,6 +194,7 @@ class HostPlan:
     host: str
     address: str
     steps: list[str]
+    commands: list[str] = field(default_factory=list)  # the commands run on the host, one by one, in order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,67 +312,200 @@ def check_capacity(env: Environment, role: Role, batches: Sequence[Sequence[Host
         still_out -= taken
 
 
-def pending_patches(store: Any, env: str) -> list[str]:
-    """Post-deployment patches recorded for ``env`` whose latest record is applied/pending
-    (a new package drops them, so they are applied again), oldest first."""
+# -- post-deployment patches to apply again ------------------------------------------------------------
+
+ALL_ROLES = "*"  # a patch record naming neither roles nor hosts (older records): every role
+
+
+def _record_roles(rec: Any, env: Environment | str) -> tuple[str, ...]:
+    """Where one patch record applies: its detail's ``roles`` (``patches.patch_detail``), else its
+    hosts (mapped to their roles when the Environment is given; :func:`patches_for_role` matches
+    a host name against the role holding it), else every role."""
+    try:
+        detail = json.loads(rec.detail) if rec.detail else {}
+    except ValueError:
+        detail = {}
+    roles = detail.get("roles") if isinstance(detail, dict) else None
+    if isinstance(roles, list) and roles:
+        return tuple(dict.fromkeys(str(r) for r in roles))
+    if rec.hosts:
+        role_of = {} if isinstance(env, str) else {h.name: r.name for r in env.roles for h in r.hosts}
+        return tuple(dict.fromkeys(role_of.get(h, h) for h in rec.hosts))
+    return (ALL_ROLES,)
+
+
+def pending_patches(store: Any, env: Environment | str) -> dict[str, tuple[str, ...]]:
+    """Post-deployment patches recorded for ``env`` whose latest record is applied/pending (a new
+    package drops them, so they are applied again), oldest first: {patch id: its roles}.
+
+    A patch's roles are those of its records back to the last one that is neither applied,
+    pending nor failed (a revert), each attempt (run) counted by its latest record and failed
+    attempts (nothing applied) left out. A record without roles counts its hosts' roles (its
+    host names when only the environment's name is given)."""
     if store is None:
-        return []
-    latest: dict[str, str] = {}
-    order: list[str] = []
-    for rec in store.patches(env):  # newest first
-        if rec.patch_id not in latest:
-            latest[rec.patch_id] = rec.status
-            order.append(rec.patch_id)
-    return [p for p in reversed(order) if latest[p] in PATCH_REAPPLY_STATUSES]
+        return {}
+    history: dict[str, list[Any]] = {}
+    for rec in store.patches(env if isinstance(env, str) else env.name):  # newest first
+        history.setdefault(rec.patch_id, []).append(rec)
+    out: dict[str, tuple[str, ...]] = {}
+    for patch_id in reversed(list(history)):
+        records = history[patch_id]
+        if records[0].status not in PATCH_REAPPLY_STATUSES:
+            continue
+        roles: list[str] = []
+        seen_runs: set[str] = set()
+        for rec in records:
+            if rec.status not in (*PATCH_REAPPLY_STATUSES, "failed"):
+                break
+            if rec.run_id in seen_runs or rec.status == "failed":
+                seen_runs.add(rec.run_id)
+                continue
+            seen_runs.add(rec.run_id)
+            roles[:0] = [r for r in _record_roles(rec, env) if r not in roles]  # oldest attempt first
+        out[patch_id] = tuple(roles)
+    return out
+
+
+def patches_for_role(patches: Mapping[str, Sequence[str]], role: Role | str,
+                     included: Iterable[str] = ()) -> list[str]:
+    """The pending patches (:func:`pending_patches`) to apply again on a host of ``role`` after its
+    install, in order: those applied to the role (named, or one of its hosts named, or every
+    role), unless the build being installed includes them."""
+    names = {role} if isinstance(role, str) else {role.name, *(h.name for h in role.hosts)}
+    skip = set(included)
+    return [p for p, where in patches.items()
+            if p not in skip and (ALL_ROLES in where or not names.isdisjoint(where))]
+
+
+def _patch_roles(patches: Mapping[str, Sequence[str]] | Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """{patch id: roles}; a plain list of patch ids (the older shape) means every role."""
+    if isinstance(patches, Mapping):
+        return {p: (r,) if isinstance(r, str) else tuple(r) for p, r in patches.items()}
+    return {p: (ALL_ROLES,) for p in patches}
+
+
+# -- the flow: one host's steps, run by the rollout and shown by the plan -------------------------------
+
+FLOW_KINDS = ("inspect", "record", "drain", "sessions", "run", "verify", "health", "ready", "up", "clear",
+              "chef")
+HOST_KINDS = frozenset({"run", "verify", "health"})  # each host's own steps (concurrent within a batch)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a host's flow (:func:`host_flow`): the rollout runs it, the plan shows ``text``."""
+
+    kind: str  # one of FLOW_KINDS
+    name: str  # "chef-stop", "install", "patch-<id>", "hup-<service>", ...; else the kind
+    text: str  # the plan's line
+    commands: tuple[tuple[str, str], ...] = ()  # (name, command) run on the host, in one session
+    url: str = ""  # HTTP checks: what to GET
+
+
+def inspect_step(version: str) -> Step:
+    """The read-only first step: installed version and service PIDs, in one session."""
+    return Step("inspect", "inspect",
+                f"check: {installed_version_command()} && {gitlab_ctl_command('status')} "
+                f"(one session; skip if {version} and in service)", INSPECT_STEPS)
+
+
+def host_flow(env: Environment, role: Role, host: HostRef, version: str, *, reason: str,
+              options: RolloutOptions, install: bool = True, patches: Iterable[str] = ()) -> list[Step]:
+    """Every step of ``host``'s deploy, in order: the rollout runs exactly these, the plan shows them.
+
+    ``install`` is False for a host already holding ``version`` (drained, being repaired);
+    ``patches`` are the patches to apply again on it (:func:`patches_for_role`)."""
+    return role_flow(env, role, version, reason=reason, options=options, install=install,
+                     patches=patches)(host)
+
+
+def role_flow(env: Environment, role: Role, version: str, *, reason: str, options: RolloutOptions,
+              install: bool = True, patches: Iterable[str] = ()) -> Callable[[HostRef], list[Step]]:
+    """:func:`host_flow` for the hosts of ``role``: the steps common to them built once."""
+    lbs = ", ".join(lb.name for lb in env.load_balancers) or "no LB"
+    port = app_port_for(env, role, options.app_port)
+    drained = host_steps(reason, version if install else None, role, patches)
+    pids = f" (PIDs of {', '.join(role.hup + role.restart) or '-'} changed, every service running)"
+    last = len(drained) - 1
+    session = [Step("run", name, f"run: {cmd}" + (pids if i == last else ONE_SESSION if i == 0 else ""),
+                    ((name, cmd),)) for i, (name, cmd) in enumerate(drained)]
+    inspect = inspect_step(version)
+    sessions = Step("sessions", "sessions",
+                    f"haproxy: wait until its sessions end (at most {options.drain_timeout:.0f}s)")
+    verify = Step("verify", "verify", f"run: {installed_version_command()} == {version}",
+                  (("version", installed_version_command()),))
+    up = Step("up", "up", f"haproxy: wait until every LB reports it UP (at most {options.up_timeout:.0f}s)")
+    tail = [] if options.chef_start == "cleanup" else [
+        Step("chef", "chef-start", f"run: {chef_enable_command()} ({options.chef_start} end, "
+             f"if the chef role holds {version})", (("chef-start", chef_enable_command()),))]
+
+    def flow(host: HostRef) -> list[Step]:
+        if port:
+            base = f"http://{host.address}:{port}"
+            checks = [Step("verify", "verify", f"http: GET {base}/api/v4/version == {version}",
+                           url=f"{base}/api/v4/version"),
+                      Step("health", "health", f"http: GET {base}/-/readiness == 200",
+                           url=f"{base}/-/readiness")]
+        else:
+            checks = [verify]
+        return [
+            inspect,
+            Step("record", "record", f"store: record {host.name} drained (write-ahead)"),
+            Step("drain", "drain", f"haproxy: drain {host.name} in every backend on every LB ({lbs})"),
+            sessions, *session, *checks,
+            Step("ready", "ready", f"haproxy: ready {host.name} on every LB ({lbs})"),
+            up,
+            Step("clear", "clear", f"store: clear the drain record of {host.name}; status done"),
+            *tail,
+        ]
+
+    return flow
+
+
+def flow_commands(flow: Iterable[Step]) -> list[str]:
+    """The commands a flow runs on its host, one by one (a session's commands each), in order."""
+    return [command for step in flow for _, command in step.commands]
+
+
+def batch_phases(flow: Sequence[Step]) -> list[str]:
+    """The phases a batch runs for a flow, in order: its kinds after the inspection (which decided
+    the batch's work), the host's own steps (HOST_KINDS) together as one ``host`` phase."""
+    phases: list[str] = []
+    for step in flow:
+        kind = "host" if step.kind in HOST_KINDS else step.kind
+        if kind != "inspect" and not (kind == "host" and phases and phases[-1] == "host"):
+            phases.append(kind)
+    return phases
 
 
 # -- plan (dry run) ----------------------------------------------------------------------------------
 
 def plan(env: Environment, roles: Iterable[str] | None, version: str, *, run_id: str = "dry-run",
-         options: RolloutOptions | None = None, patches: Sequence[str] = (),
+         options: RolloutOptions | None = None,
+         patches: Mapping[str, Sequence[str]] | Sequence[str] = (),
          out_of_service: Iterable[str] = ()) -> list[HostPlan]:
-    """Every host's steps in order, batch by batch, touching nothing.
+    """Every host's flow (:func:`host_flow`) in order, batch by batch, touching nothing.
 
-    Raises like the real run would: InvalidVersion, InventoryError for an unknown role,
-    CapacityError for a batch below the floor (hosts in ``out_of_service`` counted)."""
+    ``patches``: the pending patches and their roles (:func:`pending_patches`; a list of patch
+    ids means every role); ``options.included_patches`` are left out. Raises like the real run
+    would: InvalidVersion, InventoryError for an unknown role, CapacityError for a batch below
+    the floor (hosts in ``out_of_service`` counted)."""
     options = options or RolloutOptions()
     version = str(parse_version(version))
     reason = options.reason or chef_mod.deploy_reason(run_id)
-    lbs = ", ".join(lb.name for lb in env.load_balancers) or "no LB"
+    patch_roles = _patch_roles(patches)
     out = set(out_of_service)
     plans: list[HostPlan] = []
     for role in select_roles(env, roles):
         batches = make_batches(order_hosts(role, out), role.batch_size())
         check_capacity(env, role, batches, out)
-        port = app_port_for(env, role, options.app_port)
-        drained_steps = host_steps(reason, version, role, patches)  # the same for every host of the role
+        flow_of = role_flow(env, role, version, reason=reason, options=options,
+                            patches=patches_for_role(patch_roles, role, options.included_patches))
         for i, batch in enumerate(batches):
             for h in batch:
-                steps = [
-                    f"check: {installed_version_command()} && {gitlab_ctl_command('status')} (one session; "
-                    f"skip if {version} and in service)",
-                    f"store: record {h.name} drained (write-ahead)",
-                    f"haproxy: drain {h.name} in every backend on every LB ({lbs})",
-                    f"haproxy: wait until its sessions end (at most {options.drain_timeout:.0f}s)",
-                    *(f"run: {cmd}" + (ONE_SESSION if i == 0 else "")
-                      for i, (_, cmd) in enumerate(drained_steps[:-1])),
-                    f"run: {drained_steps[-1][1]} (PIDs of "
-                    f"{', '.join(role.hup + role.restart) or '-'} changed, every service running)",
-                ]
-                if port:
-                    steps += [f"http: GET http://{h.address}:{port}/api/v4/version == {version}",
-                              f"http: GET http://{h.address}:{port}/-/readiness == 200"]
-                else:
-                    steps += [f"run: {installed_version_command()} == {version}"]
-                steps += [
-                    f"haproxy: ready {h.name} on every LB ({lbs})",
-                    f"haproxy: wait until every LB reports it UP (at most {options.up_timeout:.0f}s)",
-                    f"store: clear the drain record of {h.name}; status done",
-                ]
-                if options.chef_start != "cleanup":
-                    steps.append(f"run: {chef_enable_command()} ({options.chef_start} end, if the chef role "
-                                 f"holds {version})")
-                plans.append(HostPlan(role.name, role.stage, i + 1, h.name, h.address, steps))
+                flow = flow_of(h)
+                plans.append(HostPlan(role.name, role.stage, i + 1, h.name, h.address,
+                                      [s.text for s in flow], flow_commands(flow)))
     return plans
 
 
@@ -374,6 +516,33 @@ class _Inspection:
     installed: str | None = None
     pids: dict[str, int | None] | None = None
     error: str = ""
+
+
+@dataclass
+class _Batch:
+    """One batch while its phases run (:meth:`_Rollout._batch`)."""
+
+    role: Role
+    index: int
+    hosts: list[HostRef]
+    insp: dict[str, _Inspection]
+    phase: dict[str, float]  # seconds per phase (the role report's batch_phases)
+    installing_started: Callable[[], None]
+    mark: float = field(default_factory=time.monotonic)
+    work: list[HostRef] = field(default_factory=list)  # hosts to deploy (not skipped, not failed)
+    flows: dict[str, list[Step]] = field(default_factory=dict)  # their flows
+    statuses: list[tuple[str, str, str]] = field(default_factory=list)  # rows of skipped/failed hosts
+    failed_early: bool = False  # a host failed its inspection
+    lb_work: list[str] = field(default_factory=list)  # the work hosts the LBs know
+    draining: asyncio.Task | None = None  # writing the "draining" statuses
+    t0: float = 0.0  # when the drain started
+    good: list[HostRef] = field(default_factory=list)  # work hosts still fine
+    not_up: dict[str, dict[str, str]] = field(default_factory=dict)  # host -> {LB: why not UP}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.phase[name] = self.phase.get(name, 0.0) + now - self.mark
+        self.mark = now
 
 
 class _Rollout:
@@ -391,9 +560,12 @@ class _Rollout:
         self.stop = asyncio.Event()
         self.lb_names: set[str] = set()
         self.last_snapshot: dict[str, list[ServerState]] | None = None
-        self.patches: list[str] = []
+        self.patches: dict[str, tuple[str, ...]] = {}  # pending patches and their roles
         self.previous: dict[str, str] = {}  # host statuses of earlier runs of this rollout
         self.reason = options.reason or chef_mod.deploy_reason(run_id)
+        self.inspect_step = inspect_step(version)
+        self.flows: dict[str, list[Step]] = {}  # the flow of every host deployed
+        self._role_flows: dict[tuple[str, bool], Callable[[HostRef], list[Step]]] = {}
         self._chef_role_ok: asyncio.Task | None = None
         self._http: Any = None
 
@@ -434,7 +606,7 @@ class _Rollout:
             batches = make_batches(order_hosts(role, out), role.batch_size())
             check_capacity(self.env, role, batches, out)
             plans[role.name] = batches
-        self.patches = await self._db(pending_patches, self.store, self.env.name) or []
+        self.patches = await self._db(pending_patches, self.store, self.env) or {}
         if self.store is not None:
             prev = await self._db(self.store.host_statuses, self.rollout)
             self.previous = {h: p.status for h, p in prev.items()}
@@ -516,147 +688,203 @@ class _Rollout:
         return {h.name: r for h, r in zip(hosts, results, strict=True)}
 
     async def _inspect(self, host: HostRef) -> _Inspection:
-        """Installed version and service PIDs, in one session (read-only)."""
-        r = await self.remote.run(host, chained_command(INSPECT_STEPS), self.options.command_timeout)
+        """The flow's first step: installed version and service PIDs, in one session (read-only)."""
+        steps = self.inspect_step.commands
+        r = await self.remote.run(host, chained_command(steps), self.options.command_timeout)
         if r.exit_code is None:
             return _Inspection(error=f"unreachable: {r.describe()}")
-        done, _ = split_step_output(INSPECT_STEPS, r.stdout)
+        done, _ = split_step_output(steps, r.stdout)
         installed = done.get("version", "").strip() or None
         return _Inspection(installed, parse_pids(done["status"]) if "status" in done else {})
 
     # -- one batch -----------------------------------------------------------------------------
     async def _batch(self, role: Role, index: int, hosts: list[HostRef], insp: dict[str, _Inspection],
                      phase: dict[str, float], installing_started: Callable[[], None] = lambda: None) -> bool:
-        reports = self.report.hosts
-        mark = time.monotonic()
+        """Classify the batch's hosts by their inspection, then run the phases of their flows
+        (:func:`host_flow`, :func:`batch_phases`) in order across the batch. False when a host
+        failed or a phase stopped the batch."""
+        b = _Batch(role, index, hosts, insp, phase, installing_started)
+        await self._classify(b)
+        if not b.work:
+            installing_started()
+            await self._set_statuses(b.statuses)
+            await self._close(hosts)
+            return not b.failed_early
+        handlers = {"record": self._write_ahead, "drain": self._drain, "sessions": self._wait_sessions,
+                    "host": self._host_flows, "ready": self._ready, "up": self._wait_up,
+                    "clear": self._clear, "chef": self._chef_at_batch_end}
+        for kind in self._phases(b):
+            if not await handlers[kind](b):
+                return False
+        b.lap("finish")
+        await self._close(hosts)
+        return not b.failed_early and len(b.good) == len(b.work)
 
-        def lap(name: str) -> None:
-            nonlocal mark
-            now = time.monotonic()
-            phase[name] = phase.get(name, 0.0) + now - mark
-            mark = now
+    def _flow(self, role: Role, host: HostRef, install: bool) -> list[Step]:
+        """The host's flow (:func:`host_flow`); the steps common to a role built once."""
+        key = (role.name, install)
+        if key not in self._role_flows:
+            patches = patches_for_role(self.patches, role, self.options.included_patches)
+            self._role_flows[key] = role_flow(self.env, role, self.version, reason=self.reason,
+                                              options=self.options, install=install, patches=patches)
+        return self._role_flows[key](host)
 
+    @staticmethod
+    def _phases(b: _Batch) -> list[str]:
+        phases = {tuple(batch_phases(flow)) for flow in b.flows.values()}
+        if len(phases) != 1:  # cannot happen: flows differ only in their commands
+            raise LiftoffError(f"batch {b.index} of {b.role.name}: its hosts' flows differ: {sorted(phases)}")
+        return list(phases.pop())
+
+    async def _classify(self, b: _Batch) -> None:
+        """Hosts whose inspection failed fail; those at the target and in service are skipped;
+        the others (those out of service are repaired) get their flow. Refuses (CapacityError) a
+        batch that would leave the role below its floor."""
         out, why = await self._out_of_service()
-        lap("lb_check")
-        work: list[HostRef] = []
-        statuses: list[tuple[str, str, str]] = []
-        failed_early = False
-        for h in hosts:
-            hr = reports[h.name]
-            hr.batch = index
-            i = insp[h.name]
+        b.lap("lb_check")
+        for h in b.hosts:
+            hr = self.report.hosts[h.name]
+            hr.batch = b.index
+            i = b.insp[h.name]
             hr.from_version = i.installed
             if i.error:
                 hr.status, hr.step, hr.reason = "failed", "inspect", i.error
-                statuses.append((h.name, "failed", i.error))
-                failed_early = True
+                b.statuses.append((h.name, "failed", i.error))
+                b.failed_early = True
             elif i.installed == self.version and h.name not in out:
                 hr.status, hr.step = "skipped", "inspect"
                 if self.previous.get(h.name) != "done":  # keep "done" from an earlier run of this rollout
-                    statuses.append((h.name, "skipped", f"already at {self.version} and in service"))
+                    b.statuses.append((h.name, "skipped", f"already at {self.version} and in service"))
             else:
                 hr.repaired = h.name in out
                 if hr.repaired:
                     hr.notes.append(f"was out of service: {why.get(h.name, '')}")
-                work.append(h)
-        role_names = {h.name for h in role.hosts}
-        check_capacity(self.env, role, [work], out & role_names)
-        if not work:
-            installing_started()
-            await self._set_statuses(statuses)
-            await self._close([h for h in hosts])
-            return not failed_early
+                b.work.append(h)
+                b.flows[h.name] = self.flows[h.name] = self._flow(b.role, h, i.installed != self.version)
+        check_capacity(self.env, b.role, [b.work], out & {h.name for h in b.role.hosts})
+        b.lb_work = [h.name for h in b.work if h.name in self.lb_names]
 
-        # write-ahead: the drain records exist before any LB is touched
-        def write_ahead() -> None:
-            self.store.record_drained_many(self.env.name, [h.name for h in work], self.run_id,
-                                           f"liftoff deploy {self.version} (batch {index} of {role.name})")
-
+    async def _write_ahead(self, b: _Batch) -> bool:
+        """Record the drains: the records exist before any LB is touched."""
         if self.store is not None:
-            await asyncio.to_thread(write_ahead)
-        lap("write_ahead")
-        draining = asyncio.create_task(self._set_statuses(
-            statuses + [(h.name, "draining", f"batch {index}") for h in work]))
-        t0 = time.monotonic()
-        lb_work = [h.name for h in work if h.name in self.lb_names]
-        for h in work:
-            reports[h.name].step = "drain"
-        try:
-            if lb_work:
-                await self.haproxy.adrain(lb_work, snapshot=self.last_snapshot)
-        except HAProxyError as exc:
-            for h in work:
-                self._fail(h, "drain", f"drain failed: {exc}")
-            await draining
-            await self._set_statuses([(h.name, "failed", reports[h.name].reason) for h in work])
-            return False
+            why = f"liftoff deploy {self.version} (batch {b.index} of {b.role.name})"
+            await asyncio.to_thread(self.store.record_drained_many, self.env.name, [h.name for h in b.work],
+                                    self.run_id, why)
+        b.lap("write_ahead")
+        b.draining = asyncio.create_task(self._set_statuses(
+            b.statuses + [(h.name, "draining", f"batch {b.index}") for h in b.work]))
+        b.t0 = time.monotonic()
+        return True
 
-        waiting = (self.haproxy.await_sessions_zero(lb_work, self.options.drain_timeout) if lb_work
-                   else _nothing())
-        lap("drain")
-        left = await waiting
-        lap("sessions")
+    async def _drain(self, b: _Batch) -> bool:
+        """Drain the batch on every LB at once; if that fails, the batch fails (hosts stay recorded)."""
+        for h in b.work:
+            self.report.hosts[h.name].step = "drain"
+        try:
+            if b.lb_work:
+                await self.haproxy.adrain(b.lb_work, snapshot=self.last_snapshot)
+        except HAProxyError as exc:
+            for h in b.work:
+                self._fail(h, "drain", f"drain failed: {exc}")
+            if b.draining is not None:
+                await b.draining
+            await self._set_statuses([(h.name, "failed", self.report.hosts[h.name].reason) for h in b.work])
+            return False
+        b.lap("drain")
+        return True
+
+    async def _wait_sessions(self, b: _Batch) -> bool:
+        """Wait (bounded) until the drained hosts' sessions end; those still open are noted."""
+        timeout = self.options.drain_timeout
+        left = await self.haproxy.await_sessions_zero(b.lb_work, timeout) if b.lb_work else {}
+        b.lap("sessions")
         for name, n in (left or {}).items():
-            reports[name].notes.append(f"{n} session(s) still open after {self.options.drain_timeout:.0f}s")
-        waiting_to_start = len(work)
+            self.report.hosts[name].notes.append(
+                f"{n} session(s) still open after {timeout:.0f}s")
+        return True
+
+    async def _host_flows(self, b: _Batch) -> bool:
+        """Each host's own steps (:meth:`_host`), concurrently; the next batch's inspection starts
+        once every host here is installing."""
+        waiting_to_start = len(b.work)
 
         def host_started() -> None:
-            # the next batch's read-only inspection waits until every install here runs
             nonlocal waiting_to_start
             waiting_to_start -= 1
             if waiting_to_start == 0:
-                installing_started()
+                b.installing_started()
 
-        await draining
-        installing = self._set_statuses([(h.name, "installing", f"batch {index}") for h in work])
-        flows = asyncio.gather(*(self._host(role, h, insp[h.name], host_started) for h in work))
+        if b.draining is not None:
+            await b.draining
+        installing = self._set_statuses([(h.name, "installing", f"batch {b.index}") for h in b.work])
+        flows = asyncio.gather(*(self._host(b.role, h, b.flows[h.name], b.insp[h.name], host_started)
+                                 for h in b.work))
         _, errors = await asyncio.gather(installing, flows)
-        lap("hosts")
-        good = [h for h, e in zip(work, errors, strict=True) if e is None]
-        for h, e in zip(work, errors, strict=True):
+        b.lap("hosts")
+        b.good = [h for h, e in zip(b.work, errors, strict=True) if e is None]
+        for h, e in zip(b.work, errors, strict=True):
             if e is not None:
-                self._fail(h, reports[h.name].step, e)
+                self._fail(h, self.report.hosts[h.name].step, e)
+        return True
 
-        # back in service: ready on every LB, then wait until every LB says UP
-        good_lb = [h.name for h in good if h.name in self.lb_names]
+    async def _ready(self, b: _Batch) -> bool:
+        """Back in service: ready on every LB (the hosts the LBs know)."""
+        good_lb = [h.name for h in b.good if h.name in self.lb_names]
         if good_lb:
             for name in good_lb:
-                reports[name].step = "ready"
+                self.report.hosts[name].step = "ready"
             try:
                 await self.haproxy.aready(good_lb)
-                lap("ready")
-                not_up = await self.haproxy.await_up(good_lb, self.options.up_timeout)
-                lap("up")
+                b.lap("ready")
             except HAProxyError as exc:
-                not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
-            if not_up:
-                for name, where in not_up.items():
-                    detail = "; ".join(f"{lb}: {s}" for lb, s in where.items())
-                    self._fail(self.env.host(name), "up", f"not UP on every LB after "
-                               f"{self.options.up_timeout:.0f}s: {detail}")
-                try:  # a failed host stays drained
-                    await self.haproxy.adrain(list(not_up))
-                except HAProxyError as exc:
-                    for name in not_up:
-                        reports[name].notes.append(f"could not drain it again: {exc}")
-                good = [h for h in good if h.name not in not_up]
+                b.not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
+        return True
+
+    async def _wait_up(self, b: _Batch) -> bool:
+        """Wait until every LB reports the hosts UP; those that are not fail and are drained again."""
+        good_lb = [h.name for h in b.good if h.name in self.lb_names]
+        if good_lb and not b.not_up:
+            try:
+                b.not_up = await self.haproxy.await_up(good_lb, self.options.up_timeout)
+                b.lap("up")
+            except HAProxyError as exc:
+                b.not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
+        if not b.not_up:
+            return True
+        for name, where in b.not_up.items():
+            detail = "; ".join(f"{lb}: {s}" for lb, s in where.items())
+            self._fail(self.env.host(name), "up", f"not UP on every LB after "
+                       f"{self.options.up_timeout:.0f}s: {detail}")
+        try:  # a failed host stays drained
+            await self.haproxy.adrain(list(b.not_up))
+        except HAProxyError as exc:
+            for name in b.not_up:
+                self.report.hosts[name].notes.append(f"could not drain it again: {exc}")
+        b.good = [h for h in b.good if h.name not in b.not_up]
+        return True
+
+    async def _clear(self, b: _Batch) -> bool:
+        """The hosts back in service are done: their drain records go, every host's status is written."""
+        reports = self.report.hosts
         now = time.monotonic()
-        for h in good:
+        for h in b.good:
             hr = reports[h.name]
-            hr.status, hr.step, hr.duration = "done", "done", round(now - t0, 3)
-        if self.options.chef_start == "host" and good:
-            await self._start_chef(good)
+            hr.status, hr.step, hr.duration = "done", "done", round(now - b.t0, 3)
 
         def finish() -> None:
-            self.store.clear_drained_many(self.env.name, [h.name for h in good])
+            self.store.clear_drained_many(self.env.name, [h.name for h in b.good])
             self._statuses([(h.name, reports[h.name].status, reports[h.name].reason or
-                             ("repaired" if reports[h.name].repaired else "")) for h in work])
+                             ("repaired" if reports[h.name].repaired else "")) for h in b.work])
 
         if self.store is not None:
             await asyncio.to_thread(finish)
-        lap("finish")
-        await self._close(hosts)
-        return not failed_early and len(good) == len(work)
+        return True
+
+    async def _chef_at_batch_end(self, b: _Batch) -> bool:
+        """Chef starts on the done hosts now (``chef_start="host"``; "role": at the role's end)."""
+        if self.options.chef_start == "host":
+            await self._start_chef(b.good)
+        return True
 
     def _fail(self, host: HostRef, step: str, reason: str) -> None:
         hr = self.report.hosts[host.name]
@@ -667,17 +895,31 @@ class _Rollout:
         await asyncio.gather(*(self.remote.close_host(h) for h in hosts), return_exceptions=True)
 
     # -- one host --------------------------------------------------------------------------------
-    async def _host(self, role: Role, h: HostRef, insp: _Inspection,
+    async def _host(self, role: Role, h: HostRef, flow: list[Step], insp: _Inspection,
                     started: Callable[[], None] = lambda: None) -> str | None:
-        """The host's steps after the drain; None when it is ready to go back, else why not."""
+        """The host's own steps of its flow, in order: consecutive commands in one SSH session
+        (:meth:`_session_steps`), then the checks (:meth:`_checks`). None when it is ready to go
+        back in service, else why not."""
+        own = (s for s in flow if s.kind in HOST_KINDS)
+        for is_session, group in itertools.groupby(own, key=lambda s: s.kind == "run"):
+            steps = list(group)
+            if is_session:
+                commands = [c for s in steps for c in s.commands]
+                err = await self._session_steps(role, h, commands, insp, started)
+                started = _no_callback  # once per host: when its first session runs
+            else:
+                err = await self._checks(h, steps)
+            if err:
+                return err
+        return None
+
+    async def _session_steps(self, role: Role, h: HostRef, steps: list[tuple[str, str]], insp: _Inspection,
+                             started: Callable[[], None]) -> str | None:
+        """Chef stop, install, patches, reconfigure, HUP/restarts, status: one SSH session, stopping
+        at the first step that fails; then the restarted services' PIDs must have changed."""
         hr = self.report.hosts[h.name]
-        timeout = self.options.command_timeout
-        # chef stop, install (unless there already), patches, reconfigure, HUP/restarts, status:
-        # one SSH session for the host, stopping at the first step that fails
-        steps = host_steps(self.reason, self.version if insp.installed != self.version else None,
-                           role, self.patches)
-        hr.step = "chef_stop"
-        limit = self.options.install_timeout + timeout * len(steps)
+        hr.step = STEP_KIND[steps[0][0].split("-", 1)[0]]
+        limit = self.options.install_timeout + self.options.command_timeout * len(steps)
         r = await self.remote.run(h, chained_command(steps), limit, started=started)
         done, unfinished = split_step_output(steps, r.stdout)
         if "chef-stop" in done:
@@ -694,7 +936,11 @@ class _Rollout:
             if failed == "chef-stop":
                 return f"could not stop chef: {what}"
             return f"{step_label(failed)} failed: {what}"
-        after = parse_pids(done["status"])
+        return self._pids_changed(role, insp, done["status"]) if "status" in done else None
+
+    @staticmethod
+    def _pids_changed(role: Role, insp: _Inspection, status: str) -> str | None:
+        after = parse_pids(status)
         before = insp.pids or {}
         down = sorted(s for s, pid in after.items() if pid is None)
         if down:
@@ -705,15 +951,21 @@ class _Rollout:
         if same or missing:
             return ("PIDs did not change for " + ", ".join(same) if same else
                     "services missing from gitlab-ctl status: " + ", ".join(missing))
-        port = app_port_for(self.env, role, self.options.app_port)
-        if port:
-            hr.step = "verify"
-            err = await self._http_check(h, port)
-            if err:
-                return err
-        else:
-            hr.step = "verify"
-            r = await self.remote.run(h, installed_version_command(), timeout)
+        return None
+
+    async def _checks(self, h: HostRef, steps: list[Step]) -> str | None:
+        """The version and health checks: over HTTP (retried until health_timeout, for them all)
+        or the installed version by command."""
+        hr = self.report.hosts[h.name]
+        deadline = time.monotonic() + self.options.health_timeout
+        for step in steps:
+            hr.step = step.kind
+            if step.url:
+                err = await self._http_check(step, deadline)
+                if err:
+                    return err
+                continue
+            r = await self.remote.run(h, step.commands[0][1], self.options.command_timeout)
             if not r.ok or r.stdout.strip() != self.version:
                 return f"installed version is {r.stdout.strip() or '?'} after install, not {self.version}"
         return None
@@ -732,34 +984,30 @@ class _Rollout:
             await self._http.close()
             self._http = None
 
-    async def _http_check(self, h: HostRef, port: int) -> str | None:
-        """Running version from /api/v4/version, then /-/readiness; retried until health_timeout."""
+    async def _http_check(self, step: Step, deadline: float) -> str | None:
+        """GET the step's URL until it answers as wanted (``verify``: the running version from
+        /api/v4/version; ``health``: 200 from /-/readiness), retried until ``deadline``."""
         session = await self._session()
-        base = f"http://{h.address}:{port}"
-        deadline = time.monotonic() + self.options.health_timeout
+        path = urlsplit(step.url).path
         last = ""
-        hr = self.report.hosts[h.name]
-        for path in ("/api/v4/version", "/-/readiness"):
-            hr.step = "verify" if path == "/api/v4/version" else "health"
-            while True:
-                try:
-                    async with session.get(base + path) as resp:
-                        if path == "/api/v4/version":
-                            body = await resp.json(content_type=None) if resp.status == 200 else {}
-                            running = body.get("version") if isinstance(body, dict) else None
-                            if running == self.version:
-                                break
-                            last = f"GET {path}: HTTP {resp.status}, running {running!r}, want {self.version}"
-                        else:
-                            if resp.status == 200:
-                                break
-                            last = f"GET {path}: HTTP {resp.status}"
-                except Exception as exc:  # refused, reset, timeout, bad JSON
-                    last = f"GET {path}: {type(exc).__name__}: {exc}"
-                if time.monotonic() >= deadline:
-                    return f"{'version check' if 'version' in path else 'health check'} failed: {last}"
-                await asyncio.sleep(0.5)
-        return None
+        while True:
+            try:
+                async with session.get(step.url) as resp:
+                    if step.kind == "verify":
+                        body = await resp.json(content_type=None) if resp.status == 200 else {}
+                        running = body.get("version") if isinstance(body, dict) else None
+                        if running == self.version:
+                            return None
+                        last = f"GET {path}: HTTP {resp.status}, running {running!r}, want {self.version}"
+                    else:
+                        if resp.status == 200:
+                            return None
+                        last = f"GET {path}: HTTP {resp.status}"
+            except Exception as exc:  # refused, reset, timeout, bad JSON
+                last = f"GET {path}: {type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                return f"{'version check' if step.kind == 'verify' else 'health check'} failed: {last}"
+            await asyncio.sleep(0.5)
 
     # -- chef --------------------------------------------------------------------------------------
     async def _chef_role_at_target(self) -> bool:
@@ -775,6 +1023,9 @@ class _Rollout:
             return False
 
     async def _start_chef(self, hosts: list[HostRef]) -> None:
+        """The chef step of the hosts' flows, if the chef role holds the target version."""
+        steps = {h.name: s for h in hosts for s in self.flows.get(h.name, ()) if s.kind == "chef"}
+        hosts = [h for h in hosts if h.name in steps]
         if not hosts:
             return
         if not await self._chef_role_at_target():
@@ -782,9 +1033,8 @@ class _Rollout:
                 self.report.hosts[h.name].notes.append(
                     f"chef left stopped: the {self.env.name} chef role does not hold {self.version} yet")
             return
-        command = chef_enable_command()
-        results = await asyncio.gather(*(self.remote.run(h, command, self.options.command_timeout)
-                                         for h in hosts))
+        results = await asyncio.gather(*(self.remote.run(h, steps[h.name].commands[0][1],
+                                                         self.options.command_timeout) for h in hosts))
         for h, r in zip(hosts, results, strict=True):
             hr = self.report.hosts[h.name]
             if r.ok:
@@ -793,8 +1043,8 @@ class _Rollout:
                 hr.notes.append(f"could not start chef: {r.describe()}")
 
 
-async def _nothing() -> dict:
-    return {}
+def _no_callback() -> None:
+    pass
 
 
 async def rollout(env: Environment, version: str, *, run_id: str, store: Any,

@@ -26,11 +26,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from liftoff import builds, locks, migrations
+from liftoff.commands import installed_version_command
 from liftoff.errors import InvalidInput, LiftoffError, RollbackRefused
 from liftoff.inventory import Environment
 from liftoff.runs import Run, run_sync
 from liftoff.store import Deployment
-from liftoff.versions import installed_version_command, parse_version
+from liftoff.versions import parse_version
 
 log = logging.getLogger(__name__)
 

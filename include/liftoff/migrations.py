@@ -15,17 +15,17 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from liftoff import chef as chef_mod
-from liftoff.errors import MigrationError
-from liftoff.inventory import Environment
-from liftoff.remote import CommandResult, Remote
-from liftoff.versions import (
+from liftoff.commands import (
     apt_install_command,
     chef_disable_command,
     installed_version_command,
     migrate_command,
     migrate_status_command,
-    parse_version,
 )
+from liftoff.errors import MigrationError
+from liftoff.inventory import Environment
+from liftoff.remote import CommandResult, Remote
+from liftoff.versions import parse_version
 
 MIGRATION_TIMEOUT = 4 * 3600.0  # a long migration must not die with the SSH session
 STATUS_TIMEOUT = 600.0

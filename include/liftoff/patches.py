@@ -14,10 +14,11 @@ import json
 from collections.abc import Sequence
 
 from liftoff import builds, guard
+from liftoff.commands import gitlab_ctl_command, patch_apply_command
 from liftoff.errors import HaltActive, InvalidInput, LiftoffError, RemoteError
 from liftoff.inventory import Environment, HostRef
 from liftoff.runs import Run, run_sync
-from liftoff.versions import gitlab_ctl_command, patch_apply_command, validate_name, validate_reason
+from liftoff.versions import validate_name, validate_reason
 
 PATCH_DETAIL_CHARS = 2000  # what the store keeps of a patch record's detail
 

@@ -146,12 +146,13 @@ def rollback_done(run: Run, env_name: str, target: str) -> dict:
     return {"env": env.name, "version": target, "released": released}
 
 
-def _refused(run: Run, env: str, check: dict, exc: RollbackRefused) -> RollbackRefused:
+def _refused(run: Run, env: str, check: dict) -> RollbackRefused:
     """Halt the run's deploy of ``env`` with a record and one sentence saying what to do next."""
     deploy.mark_failed(run, [env], "halted")
     target = check.get("target")
-    sentence = (f"automatic rollback of {env} refused, the run halted and left {env} as it is: {exc} "
-                f"Next: fix forward with a new build, or roll back by hand with a recorded reason "
+    sentence = (f"automatic rollback of {env} to {target or 'an earlier version'} refused: "
+                f"{'; '.join(check['reasons'])}. The run halted and left {env} as it is. Next: fix forward "
+                f"with a new build, or roll back by hand with a recorded reason "
                 f"({rollback_command(env, target)} --override-reason ...)")
     run.store.record_event(env, "rollback_refused", run.run_id, run.who, sentence)
     log.error("%s", sentence)
@@ -172,7 +173,9 @@ def automatic(run: Run, envs: list[str]) -> dict:
         begin = begin_rollback(run, env, check["target"], "normal", "automatic rollback after a failed gate",
                                run.override_reason)
     except RollbackRefused as exc:
-        raise _refused(run, env, check, exc) from None
+        if check["safe"]:  # refused by the door for another reason (a lock taken meanwhile)
+            check = {**check, "reasons": [str(exc)]}
+        raise _refused(run, env, check) from None
     rollouts = [roll(run, env, check["target"], stage, "normal") for stage in ("fleet", "gitaly")]
     chef = deploy.restart_chef(run, env, check["target"])
     done = rollback_done(run, env, check["target"])

@@ -10,11 +10,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from liftoff.commands import installed_version_command
 from liftoff.inventory import Environment, Inventory, load_inventory
 from liftoff.metrics import PipelineMetrics
 from liftoff.remote import Remote
 from liftoff.store import Store
-from liftoff.versions import installed_version_command, validate_name, validate_reason
+from liftoff.versions import validate_name, validate_reason
 
 
 @dataclass

@@ -49,6 +49,7 @@ import pytest
 from lab import processes
 from liftoff import canary, checks, deploy, fleet, locks, patches, runs
 from liftoff.alerts import AlertClient, QuietPeriod
+from liftoff.commands import chain_steps, split_step_output
 from liftoff.errors import HAProxyError, LiftoffError, LockHeld, QAError
 from liftoff.haproxy import HAProxy
 from liftoff.inventory import load_inventory
@@ -57,7 +58,6 @@ from liftoff.qa import QAClient
 from liftoff.remote import Remote
 from liftoff.rollback import begin_rollback
 from liftoff.store import Store
-from liftoff.versions import chain_steps, split_step_output
 from tests.labkit import Lab, running_lab
 
 pytestmark = pytest.mark.lab
@@ -321,7 +321,7 @@ def test_one_production_lb_down_fails_closed_naming_it(lab: Lab, run):
             canary.set_canary_weight(run, "drain")
         with pytest.raises(HAProxyError, match=named):
             deploy.deploy_roles(run, "gprd", V2, roles=["api"], options=OPTIONS)
-        with pytest.raises(pipeline.PrecheckFailed, match=f"haproxy: {named}"):
+        with pytest.raises(checks.PrecheckFailed, match=f"haproxy: {named}"):
             checks.precheck(run, "gprd", V2)
         with pytest.raises(HAProxyError, match=named):
             HAProxy.for_env(run.env("gprd")).drain(["web-01-sv-gprd"])
@@ -393,7 +393,7 @@ def test_alertmanager_down_gates_fail_closed(lab: Lab, run, monkeypatch):
     gate = AlertClient.from_settings(inventory).check({"env": "gstg"})
     assert not gate.ok and "fail closed" in gate.reason
     assert "unreachable" in gate.reason and url in gate.reason
-    with pytest.raises(pipeline.PrecheckFailed, match="alerts: .*unknown \\(fail closed\\)"):
+    with pytest.raises(checks.PrecheckFailed, match="alerts: .*unknown \\(fail closed\\)"):
         checks.precheck(run, "gstg", V2)
     period = QuietPeriod(window_s=5, interval_s=1, fail_on_alert=True)
     trigger = QuietPeriodTrigger(url, {"env": "gstg"}, period.to_dict(), ["critical"], env="gstg")

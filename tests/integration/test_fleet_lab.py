@@ -13,25 +13,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 from liftoff import chef, migrations
+from liftoff.commands import chain_steps, chained_command
 from liftoff.errors import CapacityError, ConfigError, InvalidVersion
-from liftoff.fleet import INSPECT_STEPS, RolloutOptions, rollout
+from liftoff.fleet import INSPECT_STEPS, RolloutOptions, pending_patches, plan, rollout
 from liftoff.haproxy import HAProxy
 from liftoff.inventory import load_inventory, parse_inventory
+from liftoff.patches import patch_detail
 from liftoff.remote import Remote
 from liftoff.store import Store
-from liftoff.versions import chained_command
 
 pytestmark = pytest.mark.lab
 
 ENV = "gprd"
 FAILING = "17.8.571-ee.0"  # install fails on web-02-sv-gprd
 GOOD = "17.8.572-ee.0"
+NEXT = "17.8.573-ee.0"  # includes the patch lab-fix-2
 OPTIONS = RolloutOptions(drain_timeout=10, up_timeout=60, health_timeout=30)
 
 
@@ -276,3 +279,63 @@ def test_started_is_called_once_the_remote_command_runs(fleet_env):
     assert before != FAILING and r.ok, r.describe()
     assert seen == [before, "lost"], "called once each, before the install finished"
     assert lost.exit_code is None and fleet_env.host_status(host.name)["installed"] == FAILING
+
+
+def audited_commands(store, run_id: str) -> dict[str, list[str]]:
+    """liftoff's audit trail: per host, the commands sent, a session's chain split into its steps."""
+    out: dict[str, list[str]] = {}
+    for a in store.audit_records(run_id=run_id):
+        out.setdefault(a.host, []).extend(c for _, c in chain_steps(a.command) or [("", a.command)])
+    return out
+
+
+def lab_logged_commands(lab, since: int) -> dict[str, list[str]]:
+    """The lab's own audit log after line ``since``: per host, each command that ran (a chain's
+    one by one), chef's interval runs left out."""
+    out: dict[str, list[str]] = {}
+    for line in lab.config.path("state", "audit.log").read_text().splitlines()[since:]:
+        fields = line.split("\t")
+        if fields[4] != "chef-client (interval run)":
+            out.setdefault(fields[1], []).append(fields[4])
+    return out
+
+
+def test_the_rollout_runs_exactly_the_commands_its_plan_lists(fleet_env, store):
+    """plan() and the rollout come from one flow: for every host, the commands the dry run
+    lists are those the host ran, in the same order (liftoff's audit trail and the lab's log),
+    post-deployment patches included (on their roles only, not when the build includes them)."""
+    lab = fleet_env
+    lab.build_add(NEXT, includes_patches=["lab-fix-2"])
+    env = load_inventory().env(ENV)
+    for patch_id, roles in (("lab-fix-1", ["api"]), ("lab-fix-2", ["web", "api"])):
+        hosts = [h.name for r in roles for h in env.role(r).hosts]
+        store.record_patch(patch_id, ENV, "fleet-lab-patch", "ops", hosts=hosts,
+                           detail=patch_detail("--- a/x\n+++ b/x\n", "lab hotfix", roles))
+    options = dataclasses.replace(OPTIONS, chef_start="cleanup", included_patches=("lab-fix-2",))
+    run_id = "fleet-lab-plan"
+    patches = pending_patches(store, env)
+    planned = {p.host: p.commands
+               for p in plan(env, ["web", "api"], NEXT, run_id=run_id, options=options, patches=patches)}
+    assert len(planned) == 6 and all(len(c) > 8 for c in planned.values())
+    assert "gitlab-patch apply lab-fix-1" in planned["api-01-sv-gprd"]
+    assert not any(c.startswith("gitlab-patch") for c in planned["web-01-sv-gprd"])
+
+    since = lab_audit_lines(lab)
+    report = roll(env, NEXT, run_id, store, roles=("web", "api"), options=options)
+    assert report.status == "success", report.to_json()
+    assert report.counts() == {"done": 6}
+
+    assert audited_commands(store, run_id) == planned
+    logged = lab_logged_commands(lab, since)
+
+    def same(commands: list[str]) -> list[str]:  # the lab logs a chain's commands re-quoted
+        return [shlex.join(shlex.split(c)) for c in commands]
+
+    assert {h: same(logged.get(h, [])) for h in planned} == {h: same(c) for h, c in planned.items()}
+    states = {h: lab.host_status(h) for h in planned}
+    assert all(state["installed"] == NEXT for state in states.values())
+    api = {h.name for h in env.role("api").hosts}
+    assert {h for h, state in states.items() if "lab-fix-1" in state["patches"]} == api
+    # the comparison sees a step the plan leaves out: a plan unaware of the patches differs on api
+    unaware = plan(env, ["web", "api"], NEXT, run_id=run_id, options=options)
+    assert {p.host for p in unaware if p.commands != planned[p.host]} == api

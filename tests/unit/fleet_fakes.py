@@ -146,7 +146,7 @@ class FakeHost:
 
 
 SERVICES = {"web": ["puma", "workhorse", "nginx"], "api": ["puma", "workhorse", "nginx"],
-            "gitaly": ["gitaly"], "sidekiq": ["sidekiq"], "deploy": []}
+            "git": ["puma", "workhorse", "nginx"], "gitaly": ["gitaly"], "sidekiq": ["sidekiq"], "deploy": []}
 
 
 class FakeFleet:

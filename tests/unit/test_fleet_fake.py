@@ -4,14 +4,16 @@ stop after a failed batch, resume and repair, quoting, chef, and the JSON report
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
 
 from liftoff import chef
 from liftoff.errors import CapacityError, HAProxyError, InvalidVersion
-from liftoff.fleet import RolloutOptions, RolloutReport, rollout
+from liftoff.fleet import RolloutOptions, RolloutReport, pending_patches, plan, rollout
 from liftoff.haproxy import HAProxy
+from liftoff.patches import patch_detail
 from liftoff.store import Store
 from tests.unit.fleet_fakes import FakeFleet, FakeRemote, LBThread, make_env, wire
 
@@ -315,3 +317,81 @@ def test_a_session_cut_mid_host_says_so_and_counts_chef_as_maybe_stopped(lbs, st
     again = roll(env, remote, store, run_id="run-2")
     assert again.status == "success" and again.hosts["web-02-sv-gprd"].repaired
     assert store.drained("gprd") == [] and lb_admin(lbs, "web-02-sv-gprd") == {"ready"}
+
+
+FIVE_ROLES = {"gitaly": {"hosts": 1, "stage": "gitaly", "restart": ["gitaly"], "hup": [], "floor": "0%"},
+              "web": {"hosts": 2, "floor": "0%"}, "api": {"hosts": 2, "floor": "0%"},
+              "git": {"hosts": 1, "floor": "0%"},
+              "sidekiq": {"hosts": 2, "restart": [], "hup": ["sidekiq"], "floor": "0%"}}
+
+
+def record_patch(store, env, patch_id: str, roles: list[str], run_id: str = "run-p") -> None:
+    """As patches.apply_patch records it: pending (write-ahead), then applied, roles in the detail."""
+    hosts = [h.name for r in roles for h in env.role(r).hosts]
+    detail = patch_detail("--- a/app.rb\n+++ b/app.rb\n", "INC-1 hotfix", roles)
+    for status in ("pending", "applied"):
+        store.record_patch(patch_id, env.name, run_id, "ops", status=status, hosts=hosts, detail=detail)
+
+
+def patched(fleet, remote, env) -> dict[str, tuple[list[str], list[str]]]:
+    """Per host: the patches it holds, and the patch commands it was sent."""
+    return {h.name: (fleet.hosts[h.name].patches,
+                     [c for c in remote.steps(h.name) if c.startswith("gitlab-patch")]) for h in env.hosts()}
+
+
+def test_a_patch_is_applied_again_only_on_the_hosts_of_its_roles(lbs, store):
+    env, fleet, remote = setup(lbs, FIVE_ROLES)
+    record_patch(store, env, "fix-1", ["web", "api"])
+    # no roles in the detail: the roles of the record's hosts (sidekiq), every host of them
+    store.record_patch("fix-2", "gprd", "run-q", "ops", hosts=["sidekiq-02-sv-gprd"])
+    report = roll(env, remote, store)
+    assert report.status == "success", report.error
+    assert report.counts() == {"done": 8}
+    got = patched(fleet, remote, env)
+    for role in ("web", "api"):
+        for h in env.role(role).hosts:
+            assert got[h.name] == (["fix-1"], ["gitlab-patch apply fix-1"]), h.name
+    for h in env.role("sidekiq").hosts:
+        assert got[h.name] == (["fix-2"], ["gitlab-patch apply fix-2"]), h.name
+    for role in ("gitaly", "git"):
+        for h in env.role(role).hosts:
+            assert got[h.name] == ([], []), h.name
+    # the plan says the same
+    plans = plan(env, None, NEW, run_id="run-1", options=FAST, patches=pending_patches(store, env))
+    planned = {p.host: [c for c in p.commands if c.startswith("gitlab-patch")] for p in plans}
+    assert planned == {h: cmds for h, (_, cmds) in got.items() if h in planned}
+
+
+def test_a_build_that_includes_the_patch_does_not_get_it_again(lbs, store):
+    env, fleet, remote = setup(lbs, FIVE_ROLES)
+    record_patch(store, env, "fix-1", ["web", "api"])
+    record_patch(store, env, "fix-3", ["web"], run_id="run-p3")
+    options = dataclasses.replace(FAST, included_patches=("fix-1",))
+    assert roll(env, remote, store, options=options).status == "success"
+    got = patched(fleet, remote, env)
+    assert all("gitlab-patch apply fix-1" not in cmds for _, cmds in got.values())
+    assert {h: cmds for h, (_, cmds) in got.items() if cmds} == {
+        h.name: ["gitlab-patch apply fix-3"] for h in env.role("web").hosts}
+    planned = plan(env, None, NEW, options=options, patches=pending_patches(store, env))
+    assert not any("gitlab-patch apply fix-1" in p.commands for p in planned)
+
+
+def executed(remote, host: str) -> list[str]:
+    return [c for c in remote.steps(host) if not c.startswith("gitlab-chef-role")]
+
+
+@pytest.mark.parametrize("chef_start", ["host", "role", "cleanup"])
+def test_the_rollout_runs_exactly_the_commands_the_plan_lists(lbs, store, chef_start):
+    env, fleet, remote = setup(lbs, FIVE_ROLES)
+    fleet.chef_role = NEW  # chef starts again where the mode says so
+    record_patch(store, env, "fix-1", ["api"])
+    options = dataclasses.replace(FAST, chef_start=chef_start)
+    plans = plan(env, None, NEW, run_id="run-1", options=options, patches=pending_patches(store, env))
+    report = roll(env, remote, store, options=options)
+    assert report.status == "success", report.error
+    assert {p.host: p.commands for p in plans} == {p.host: executed(remote, p.host) for p in plans}
+    assert ("chef-client-enable" in plans[0].commands) is (chef_start != "cleanup")
+    # the comparison would see a step the plan left out: a plan unaware of the patch differs
+    unaware = plan(env, None, NEW, run_id="run-1", options=options)
+    assert {p.host for p in unaware if p.commands != executed(remote, p.host)} == {
+        h.name for h in env.role("api").hosts}

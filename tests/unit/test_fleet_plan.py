@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from liftoff.errors import CapacityError, InvalidVersion, InventoryError
-from liftoff.fleet import RolloutOptions, check_capacity, make_batches, order_hosts, parse_pids, plan
+from liftoff.errors import CapacityError, InvalidInput, InvalidVersion, InventoryError
+from liftoff.fleet import (
+    ALL_ROLES,
+    RolloutOptions,
+    batch_phases,
+    check_capacity,
+    host_flow,
+    make_batches,
+    order_hosts,
+    parse_pids,
+    pending_patches,
+    plan,
+)
 from liftoff.inventory import parse_inventory
+from liftoff.patches import patch_detail
+from liftoff.store import Store
 
 V = "17.6.202411291200-13bd0cc7c2a.3f6b8fe0f4d"
 
@@ -116,3 +129,87 @@ def test_parse_pids():
            "down: sidekiq: 0s, normally up; run: log: (pid 98) 10s\n"
            "ok: run: nginx: (pid 77) 0s\n")
     assert parse_pids(out) == {"puma": 1234, "sidekiq": None, "nginx": 77}
+
+
+def patch_lines(p) -> list[str]:
+    return [s for s in p.steps if "gitlab-patch" in s]
+
+
+def test_each_patch_is_planned_on_its_roles_only():
+    env = env_with(web_hosts=2)
+    plans = plan(env, None, V, patches={"fix-1": ("web",), "fix-2": ["sidekiq", "web"]})
+    by_role = {p.role: p for p in plans}
+    assert [c for c in by_role["web"].commands if c.startswith("gitlab-patch")] == [
+        "gitlab-patch apply fix-1", "gitlab-patch apply fix-2"]
+    assert [c for c in by_role["sidekiq"].commands if c.startswith("gitlab-patch")] == [
+        "gitlab-patch apply fix-2"]
+    assert patch_lines(by_role["gitaly"]) == []
+    # the build being installed includes fix-1: only fix-2 is applied again
+    included = plan(env, None, V, patches={"fix-1": ("web",), "fix-2": ["sidekiq", "web"]},
+                    options=RolloutOptions(included_patches=("fix-1",)))
+    assert {p.role: patch_lines(p) for p in included} == {
+        "gitaly": [], "web": ["run: gitlab-patch apply fix-2"], "sidekiq": ["run: gitlab-patch apply fix-2"]}
+    # the older shape, a list of patch ids: every role
+    every_role = plan(env, None, V, patches=["fix-1"])
+    assert all(patch_lines(p) == ["run: gitlab-patch apply fix-1"] for p in every_role)
+    with pytest.raises(InvalidInput):
+        RolloutOptions(included_patches="fix-1")
+    with pytest.raises(InvalidInput):
+        RolloutOptions(included_patches=("fix-1; reboot",))
+
+
+def test_plan_steps_and_commands_come_from_the_host_flow():
+    env = env_with(web_hosts=2, extra={"app_port": 8080})
+    web = env.role("web")
+    options = RolloutOptions(chef_start="role")
+    flow = host_flow(env, web, web.hosts[1], V, reason="liftoff deploy x", options=options, patches=["fix-1"])
+    planned = plan(env, ["web"], V, options=options, patches=["fix-1"], run_id="x")[1]
+    assert planned.host == web.hosts[1].name and len(planned.steps) == len(flow)
+    assert [s.kind for s in flow] == ["inspect", "record", "drain", "sessions", *["run"] * 8, "verify",
+                                      "health", "ready", "up", "clear", "chef"]
+    assert batch_phases(flow) == ["record", "drain", "sessions", "host", "ready", "up", "clear", "chef"]
+    assert planned.steps == [s.text for s in flow]
+    assert planned.commands == [c for s in flow for _, c in s.commands]
+    assert planned.commands[2] == "chef-client-disable 'liftoff deploy x'"
+    assert planned.commands[-1] == "chef-client-enable" and "http: GET" not in " ".join(planned.commands)
+    assert planned.to_dict()["commands"] == planned.commands
+    # cleanup mode: chef is left to chef.finish, no chef step
+    assert "chef" not in batch_phases(host_flow(env, web, web.hosts[0], V, reason="r",
+                                                options=RolloutOptions(chef_start="cleanup")))
+
+
+def test_pending_patches_per_patch_roles(tmp_path):
+    env = env_with(web_hosts=2)
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        def record(patch_id, run_id, status, roles=None, hosts=()):
+            detail = patch_detail("--- a/f\n+++ b/f\n", "hotfix", roles) if roles else ""
+            store.record_patch(patch_id, "gprd", run_id, "ops", status=status, hosts=hosts, detail=detail)
+
+        record("fix-1", "run-1", "pending", ["web", "api"], ["web-01-sv-gprd"])  # write-ahead, then final
+        record("fix-1", "run-1", "applied", ["web", "api"], ["web-01-sv-gprd"])
+        record("fix-2", "run-2", "applied", hosts=["sidekiq-01-sv-gprd"])  # no roles: those of its hosts
+        record("fix-3", "run-3", "applied")  # neither roles nor hosts (older records): every role
+        record("fix-4", "run-4", "applied", ["web"])
+        store.record_patch("fix-4", "gprd", "run-5", "ops", status="reverted")
+        record("fix-5", "run-6", "applied", ["web"])
+        record("fix-5", "run-7", "pending", ["gitaly"])  # an attempt that applied nothing
+        record("fix-5", "run-7", "failed", ["gitaly"])
+        record("fix-5", "run-8", "pending", ["sidekiq"])  # some hosts failed: applied again
+        record("fix-6", "run-9", "applied", ["web"])
+        record("fix-6", "run-10", "failed", ["sidekiq"])  # the latest record failed: left alone (as before)
+        got = pending_patches(store, env)
+        assert got == {"fix-1": ("web", "api"), "fix-2": ("sidekiq",), "fix-3": (ALL_ROLES,),
+                       "fix-5": ("web", "sidekiq")}
+        assert list(got) == ["fix-1", "fix-2", "fix-3", "fix-5"], "oldest first"
+        # with only the environment's name, the hosts stand for their roles
+        by_name = pending_patches(store, "gprd")
+        assert by_name["fix-2"] == ("sidekiq-01-sv-gprd",)
+        for patches in (got, by_name):
+            assert {p.role: patch_lines(p) for p in plan(env, None, V, patches=patches)} == {
+                "gitaly": ["run: gitlab-patch apply fix-3"],
+                "web": [f"run: gitlab-patch apply {p}" for p in ("fix-1", "fix-3", "fix-5")],
+                "sidekiq": [f"run: gitlab-patch apply {p}" for p in ("fix-2", "fix-3", "fix-5")]}
+        assert pending_patches(None, env) == {} and pending_patches(store, "gstg") == {}
+    finally:
+        store.close()

@@ -42,18 +42,12 @@ import pytest
 from lab.config import LabConfig
 from lab.liftoff_env import inventory as lab_inventory
 from liftoff.canary import parse_weight
+from liftoff.commands import apt_install_command, chef_disable_command, patch_apply_command
 from liftoff.errors import InvalidInput, InventoryError, LiftoffError
 from liftoff.fleet import select_roles
 from liftoff.inventory import parse_inventory
 from liftoff.runs import Run
-from liftoff.versions import (
-    apt_install_command,
-    chef_disable_command,
-    parse_version,
-    patch_apply_command,
-    validate_name,
-    validate_reason,
-)
+from liftoff.versions import parse_version, validate_name, validate_reason
 from liftoff_airflow.conf_guard import refuse_unknown_conf, unknown_conf_keys
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"

@@ -2,22 +2,19 @@ import shlex
 
 import pytest
 
-from liftoff.errors import InvalidInput, InvalidVersion
-from liftoff.versions import (
+from liftoff.commands import (
     apt_install_command,
     build_command,
     chef_disable_command,
     chef_role_set_version_command,
     gitlab_ctl_command,
     installed_version_command,
-    is_version,
     migrate_command,
-    parse_version,
     patch_apply_command,
     shell_quote,
-    validate_name,
-    validate_reason,
 )
+from liftoff.errors import InvalidInput, InvalidVersion
+from liftoff.versions import is_version, parse_version, validate_name, validate_reason
 
 OFFICIAL = "16.3.0-ee.0"
 RC = "16.3.0-rc42.ee.0"
@@ -187,7 +184,7 @@ def test_shell_quote_and_build_command():
 
 
 def test_a_command_chain_marks_each_step_and_finds_where_it_stopped():
-    from liftoff.versions import chained_command, split_step_output
+    from liftoff.commands import chained_command, split_step_output
 
     steps = [("reconfigure", "gitlab-ctl reconfigure"), ("hup-puma", "gitlab-ctl hup puma"),
              ("status", "gitlab-ctl status")]
@@ -205,7 +202,7 @@ def test_a_command_chain_marks_each_step_and_finds_where_it_stopped():
     assert split_step_output(steps[:1], f"17.5.0{mark}reconfigure\n") == ({"reconfigure": "17.5.0\n"}, None)
     # a marker out of order is output, not progress
     assert split_step_output(steps, "liftoff-step-done:status\n")[1] == "reconfigure"
-    from liftoff.versions import chain_steps
+    from liftoff.commands import chain_steps
 
     assert chain_steps(line) == steps, "a chain read back from the audit trail"
     assert chain_steps("gitlab-ctl status") is None and chain_steps("a && b") is None
