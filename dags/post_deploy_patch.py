@@ -15,9 +15,9 @@ from __future__ import annotations
 from airflow.sdk import Param, TriggerRule, dag, task
 
 from liftoff_airflow import dagkit
+from liftoff_airflow.params import PATCH_ID_PATTERN, ROLE_PATTERN
 
 PIPELINE = "post_deploy_patch"
-PATCH_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
 
 
 @task.branch
@@ -66,7 +66,7 @@ def finalize() -> dict:
         "patch": Param(None, type=["null", "string"], maxLength=262144, title="Patch",
                        description="The patch text: the run keeps it whole, the patch record its SHA-256, "
                                    "size and as much of the text as fits (about 1.5 kB)."),
-        "roles": Param([], type="array", items={"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]{0,63}$"},
+        "roles": Param([], type="array", items={"type": "string", "pattern": ROLE_PATTERN},
                        maxItems=20, uniqueItems=True, title="Roles",
                        description="Roles whose hosts get the patch, e.g. [web, api, sidekiq]."),
         "reason": dagkit.reason_param("Reason", "Why (recorded with the patch and the halt, or the lift).",

@@ -14,13 +14,13 @@ from airflow.sdk import Param, dag, task
 
 from liftoff.traffic import (
     DEFAULT_ENDPOINTS,
-    ENDPOINT_PATTERN,
     MAX_CONCURRENCY,
     MAX_DURATION_S,
     MAX_ENDPOINTS,
     MAX_RPS,
 )
 from liftoff_airflow import dagkit
+from liftoff_airflow.params import ENDPOINT_PATTERN
 
 PIPELINE = "traffic"
 

@@ -124,7 +124,7 @@ def validate(rps: float, duration_s: float, endpoints: Sequence[str], concurrenc
     if len(paths) > MAX_ENDPOINTS:
         raise InvalidInput(f"at most {MAX_ENDPOINTS} endpoints, got {len(paths)}")
     for p in paths:
-        if not isinstance(p, str) or not ENDPOINT_RE.match(p) or ".." in p or p.startswith("//"):
+        if not isinstance(p, str) or not ENDPOINT_RE.fullmatch(p) or ".." in p or p.startswith("//"):
             raise InvalidInput(f"endpoint {p!r} is not a path like /explore on the environment's URL")
     return paths
 

@@ -1,7 +1,15 @@
 """Deferrable triggers: waits that must not hold a worker slot.
 
-They live in ``plugins/`` so the triggerer can import them; both serialize their whole
-state, so a triggerer restart resumes the wait instead of starting it over.
+They live in ``plugins/`` so the triggerer can import them. Airflow keeps the kwargs
+``serialize()`` returned when the task deferred and re-creates the trigger from exactly those
+after a triggerer restart (or when another triggerer takes it over); nothing a trigger learns
+while it runs is saved. So:
+
+* :class:`QAPipelineTrigger` resumes: its deadline is an absolute time and the pipeline id is
+  in its kwargs, so a new triggerer follows the same pipeline until the same deadline.
+* :class:`QuietPeriodTrigger` starts its window over: the alert-free time seen before the
+  restart is not counted (nobody watched while the triggerer was down). That is the safe
+  direction: the gate waits longer, it never passes early.
 """
 
 from __future__ import annotations
@@ -19,7 +27,11 @@ _MODULE = "liftoff_airflow.triggers"
 
 
 class QuietPeriodTrigger(BaseTrigger):
-    """Polls Alertmanager until the environment has been quiet for a whole window."""
+    """Polls Alertmanager until the environment has been quiet for a whole window.
+
+    ``period`` is the QuietPeriod as it was at deferral (not started): re-created after a
+    triggerer restart, the trigger starts a whole new window.
+    """
 
     def __init__(self, alertmanager_url: str, matchers: dict[str, str], period: dict[str, Any],
                  severities: list[str] | None = None, env: str = ""):
@@ -37,19 +49,18 @@ class QuietPeriodTrigger(BaseTrigger):
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        period = QuietPeriod.from_dict(self.period)
-
-        def remember(state: QuietPeriod) -> None:
-            self.period = state.to_dict()
-
-        period = await run_quiet_period_async(self.alertmanager_url, self.matchers, period,
-                                              self.severities, on_poll=remember)
+        period = await run_quiet_period_async(self.alertmanager_url, self.matchers,
+                                              QuietPeriod.from_dict(self.period), self.severities)
         yield TriggerEvent({"env": self.env, "ok": period.ok, "reason": period.reason,
                             "alerts": period.alerts, "polls": period.polls})
 
 
 class QAPipelineTrigger(BaseTrigger):
-    """Follows a triggered GitLab-QA pipeline on the ops instance until it ends or times out."""
+    """Follows a triggered GitLab-QA pipeline on the ops instance until it ends or times out.
+
+    ``deadline`` is epoch seconds, fixed when the task deferred: re-created after a triggerer
+    restart, the trigger follows the same pipeline until the same deadline.
+    """
 
     def __init__(self, pipeline_id: int, web_url: str, deadline: float, poll_interval: float = 5.0,
                  env: str = "", inventory_path: str | None = None):

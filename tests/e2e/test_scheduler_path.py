@@ -95,8 +95,25 @@ def test_failed_stage_is_resumed_by_clearing_it(lab_stack):
     assert done_before, "no staging host got the build before the failure"
     assert all(h["installed"] != GOOD for h in hosts(lab, "gprd-cny").values())
 
-    # Fix the fault, then resume the same run: clear the failed stage through the REST API.
+    # Fix the fault. Meanwhile someone locks staging by hand: clearing the stage (the run released
+    # its lock when it failed) changes nothing and the failed task names the holder (the one door).
     processes.control(lab.config, "PATCH", f"/builds/{GOOD}", {"install_fails_on": []})
+    cli = {"env": stack.cli_env(), "capture_output": True, "text": True, "timeout": 300}
+    locked = subprocess.run([*LIFTOFF, "lock", "gstg", "--reason", "incident 4242", "--watch"], **cli)
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    before_refused = installs(lab, GOOD)
+    refused = subprocess.run([*LIFTOFF, "retry", run_id, "stage_3", "--dag", DAG], **cli)
+    assert refused.returncode == 0, refused.stdout + refused.stderr
+    assert stack.wait_run(DAG, run_id, timeout=600, interval=1) == "failed"
+    assert stack.task_states(DAG, run_id)[f"{STAGE}.deploy"] == "failed"
+    assert installs(lab, GOOD) == before_refused, "a cleared stage installed under someone else's lock"
+    assert hosts(lab, "gstg")[FAULTY_HOST]["installed"] != GOOD
+    logs = stack.all_logs_text()
+    assert "gstg is locked by run manual-" in logs and "incident 4242" in logs, "the holder was not named"
+    unlocked = subprocess.run([*LIFTOFF, "unlock", "gstg", "--reason", "incident over", "--watch"], **cli)
+    assert unlocked.returncode == 0, unlocked.stdout + unlocked.stderr
+
+    # Resume the same run: clear the failed stage through the REST API.
     retry = subprocess.run([*LIFTOFF, "retry", run_id, "stage_3", "--dag", DAG], env=stack.cli_env(),
                            capture_output=True, text=True, timeout=120)
     assert retry.returncode == 0, retry.stdout + retry.stderr
@@ -120,3 +137,21 @@ def test_failed_stage_is_resumed_by_clearing_it(lab_stack):
     for name in done_before:
         assert counts[name] == [0], f"{name} was installed again: {counts[name]}"
     assert any(code != 0 for code in counts[FAULTY_HOST]), counts[FAULTY_HOST]
+
+
+def test_trailing_newline_version_is_refused_with_a_one_line_400(lab_stack):
+    """``$`` takes a final newline under re.search: the version pattern must not (params.py),
+    and the 400 says the rule in one line without the regular expression (liftoff_plugin.py)."""
+    _, stack = lab_stack
+    before = {r["dag_run_id"] for r in stack.dag_runs(DAG)}
+    with pytest.raises(StackError) as refused:
+        stack.trigger(DAG, {"version": GOOD + "\n", "quiet_period_seconds": 5})
+    assert refused.value.status == 400, refused.value
+    body = refused.value.body
+    assert isinstance(body, dict) and isinstance(body.get("detail"), str), body
+    detail = body["detail"]
+    assert detail.startswith("Invalid input for param version: must be an Omnibus package version"), detail
+    assert "\n" not in detail and len(detail) <= 400, detail
+    assert "(?:" not in str(body) and "[0-9]" not in str(body) and "Failed validating" not in str(body), body
+    assert repr(GOOD + "\n") in detail, detail  # the value, repr'd: the newline shows
+    assert {r["dag_run_id"] for r in stack.dag_runs(DAG)} == before

@@ -352,10 +352,13 @@ def test_clients_from_airflow_connections(services, monkeypatch):
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL. Missing PostgreSQL or psycopg2 fails these
+    tests instead of skipping them: CI has both, and a skip would hide the lock race."""
     try:
         import psycopg2  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg2 is not installed (pip install psycopg2-binary)")
+        pytest.fail("psycopg2 is not installed (pip install psycopg2-binary); the PostgreSQL lock race "
+                    "needs it", pytrace=False)
     from sqlalchemy import create_engine, text
 
     name = f"liftoff_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -365,7 +368,8 @@ def pg_url() -> Iterator[str]:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         admin.dispose()
-        pytest.skip(f"local PostgreSQL unusable: {type(exc).__name__}")
+        pytest.fail(f"local PostgreSQL unusable at {PG_ADMIN_URL}: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}", pytrace=False)
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
