@@ -85,7 +85,9 @@ def canary_weight_up() -> dict:
     default_args=dagkit.DEFAULT_ARGS,
     tags=["liftoff", "deploy", "production"],
     params={
-        "version": dagkit.version_param(required=False),
+        "version": dagkit.version_param(required=False, when_empty=(
+            "Empty when canary's Asset event started the run (auto-promotion): the version canary "
+            "verified. A version given must be the one canary verified, unless override_reason says why.")),
         "override_reason": dagkit.reason_param(
             "Override: version not verified on canary (reason)",
             "Promote a version other than the one canary verified; the reason is recorded."),

@@ -524,6 +524,8 @@ def airflow_env(home: Path, db_url: str, port: int, password_file: Path, stack_i
         "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
         "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        # liftoff's documented setting (README "Stuck tasks"): a lost task fails after 60 s, not 300
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",

@@ -136,3 +136,23 @@ def running_lab(lab_dir: Path, octet: int, *args: str) -> Iterator[Lab]:
     finally:
         down = run_lab_cli(lab_dir, "down")
         assert down.returncode == 0, f"lab down failed:\n{down.stdout}\n{down.stderr}"
+
+
+DAGS = Path(__file__).resolve().parents[1] / "dags"
+
+
+@contextlib.contextmanager
+def dags_on(lab: Lab) -> Iterator[dict]:
+    """The DAGs parsed from dags/ with ``lab``'s connections and inventory in the environment
+    for the block (a module with a lab of its own)."""
+    mp = pytest.MonkeyPatch()
+    for name, value in lab.env.items():
+        mp.setenv(name, value)
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS))
+    assert not bag.import_errors, bag.import_errors
+    try:
+        yield bag.dags
+    finally:
+        mp.undo()

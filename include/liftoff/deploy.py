@@ -82,18 +82,17 @@ def begin_env(run: Run, env_name: str, version: str, previous: str | None = None
     """Take the environment's lock (the door), record the deploy, stop chef, write the version
     role and install the package on the deploy node."""
     version = str(parse_version(version))
-    guard.admit(run, env_name, "begin", version=version)
-    env = run.env(env_name)
-    if previous and previous != version and run.store.current_version(env.name) is None:
-        # First deploy liftoff sees here: remember what ran before, for rollbacks.
-        run.store.record_deployment(env.name, previous, "baseline", status="success")
-    run.store.record_deployment(env.name, version, run.run_id, status="running")
-    return {"env": env.name, "version": version, "chef": prepare_env(run, env, version)}
+    with guard.entered(run, env_name, "begin", version=version, keep=True):
+        env = run.env(env_name)
+        if previous and previous != version and run.store.current_version(env.name) is None:
+            # First deploy liftoff sees here: remember what ran before, for rollbacks.
+            run.store.record_deployment(env.name, previous, "baseline", status="success")
+        run.store.record_deployment(env.name, version, run.run_id, status="running")
+        return {"env": env.name, "version": version, "chef": prepare_env(run, env, version)}
 
 
 def migrate(run: Run, env_name: str, version: str, *, post: bool) -> dict:
     """Regular (or post-deployment) migrations from the environment's deploy node."""
-    guard.admit(run, env_name, "migrations", version=version)
     env = run.env(env_name)
 
     async def go():
@@ -101,7 +100,8 @@ def migrate(run: Run, env_name: str, version: str, *, post: bool) -> dict:
             fn = migrations.post_deployment if post else migrations.regular
             return await fn(remote, env, version=version, run_id=run.run_id)
 
-    return run_sync(go()).to_dict()
+    with guard.entered(run, env_name, "migrations", version=version, keep=True):
+        return run_sync(go()).to_dict()
 
 
 def deploy_roles(run: Run, env_name: str, version: str, stage: str | None = None,
@@ -121,10 +121,11 @@ def deploy_roles(run: Run, env_name: str, version: str, stage: str | None = None
                                             patches=patches)]}
     if not selected:
         return {"env": env.name, "stage": stage, "roles": [], "skipped": "no roles in this stage"}
-    guard.admit(run, env.name, "rollout", version=version)
-    report = fleet.run_rollout(target_env, version, run_id=run.run_id, store=run.store, roles=selected,
-                               ssh_conn_id=run.inventory.conn_id("ssh"), options=options)
-    report.raise_for_failure()
+    fleet.select_roles(env, selected)  # every input checked before the door reads anything
+    with guard.entered(run, env.name, "rollout", version=version, keep=True):
+        report = fleet.run_rollout(target_env, version, run_id=run.run_id, store=run.store, roles=selected,
+                                   ssh_conn_id=run.inventory.conn_id("ssh"), options=options)
+        report.raise_for_failure()
     return report.to_dict()
 
 
@@ -137,15 +138,15 @@ def roll_stage(run: Run, env_name: str, version: str, stage: str | None, mode: s
 
 def restart_chef(run: Run, env_name: str, version: str) -> dict:
     """Cleanup: the role holds ``version``, chef starts again (not on hosts left drained)."""
-    guard.admit(run, env_name, "chef", version=version)
     env = run.env(env_name)
-    failed = [d.host for d in run.store.drained(env.name)]
 
     async def go():
         async with run.remote(env.name) as remote:
             return await chef.finish(remote, env, version, failed_hosts=failed)
 
-    return {"env": env.name, "version": version, "chef": run_sync(go()).to_dict()}
+    with guard.entered(run, env_name, "chef", version=version, keep=True):
+        failed = [d.host for d in run.store.drained(env.name)]
+        return {"env": env.name, "version": version, "chef": run_sync(go()).to_dict()}
 
 
 def finish_env(run: Run, env_name: str, version: str, status: str = "success") -> dict:

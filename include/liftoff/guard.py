@@ -13,9 +13,9 @@ On each call it checks, in this order, and refuses with one sentence before anyt
    (:class:`RollbackRefused`) unless the run carries an override reason, which is recorded in
    the environment's lock history.
 
-The engine's steps call :func:`admit` (or use :func:`entered` for a one-shot change that must
-not keep the lock); a unit test walks the engine's source and fails when a function that
-changes something does not.
+The engine's steps pass it with :func:`entered` (a lock the step took is given back if the step
+fails; a pipeline step keeps it on success, a one-shot change does not) or :func:`admit`; a
+unit test walks the engine's source and fails when a function that changes something does not.
 """
 
 from __future__ import annotations
@@ -179,12 +179,17 @@ def admit(run: Run, env_name: str, change: str, *, version: str | None = None,
 
 
 @contextmanager
-def entered(run: Run, env_name: str, change: str, *, version: str | None = None,
-            force: bool = False) -> Iterator[Admission]:
-    """:func:`admit` for a one-shot change: a lock this call took is released when it ends."""
+def entered(run: Run, env_name: str, change: str, *, version: str | None = None, force: bool = False,
+            keep: bool = False) -> Iterator[Admission]:
+    """:func:`admit` around a change. A lock this call took (it was free) is given back when the
+    change fails, and when it succeeds too unless ``keep`` (a pipeline step whose run goes on
+    holds it until its end; a one-shot change such as a canary weight does not)."""
     admission = admit(run, env_name, change, version=version, force=force)
     try:
         yield admission
-    finally:
+    except BaseException:
         if admission.took_lock:
             run.store.release(admission.env, run.run_id)
+        raise
+    if admission.took_lock and not keep:
+        run.store.release(admission.env, run.run_id)

@@ -30,7 +30,12 @@ DEFAULT_ARGS = {
 }
 
 
-def version_param(required: bool) -> Param:
+def version_param(required: bool, when_empty: str | None = None) -> Param:
+    """The ``version`` Param. ``when_empty``: what an empty version means to the calling DAG (the
+    last sentence of its help text); an optional version without one gets deploy_canary's: its
+    scheduled run takes the newest nightly build."""
+    if when_empty is None and not required:
+        when_empty = "Empty on a scheduled run: the newest nightly build."
     return Param(
         None if not required else "",
         type=["null", "string"] if not required else "string",
@@ -39,7 +44,7 @@ def version_param(required: bool) -> Param:
         title="Package version",
         description="Omnibus package to deploy, e.g. 17.6.0-ee.0, 17.6.0-rc3.ee.0, "
                     "17.6.0+rnightly.308853.0ab19c4f-0 or 17.6.202611291200-13bd0cc7c2a.3f6b8fe0f4d."
-                    + ("" if required else " Empty on a scheduled run: the newest nightly build."),
+                    + (f" {when_empty.strip()}" if when_empty else ""),
     )
 
 
@@ -139,32 +144,105 @@ def on_failure() -> str:
     return "rollback" if params().get("on_failure") == "rollback" else "halt"
 
 
-def failed_tasks() -> list[str]:
-    ctx = get_current_context()
-    ti = ctx["ti"]
-    dag_run = ctx["dag_run"]
-    states = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
-    per_run = states.get(dag_run.run_id, states)
-    return sorted(t for t, s in per_run.items() if s in ("failed", "upstream_failed")
-                  and t not in ("finalize",))
+def failed_tasks(states: dict[str, str | None] | None = None, dag: Any = None) -> list[str]:
+    """The tasks of this run that failed themselves (state ``failed``: not ``upstream_failed``,
+    not the ones that never ran, not finalize), in run order: the DAG's topological order (task
+    groups in place, ties in declaration order), so the first one is the first failing step.
+
+    Inside a task both come from the context (the task SDK's ``get_task_states`` and the parsed
+    DAG: a task has no metadata-DB access and the SDK gives no start dates); tests pass them."""
+    if states is None or dag is None:
+        ctx = get_current_context()
+        dag_run = ctx["dag_run"]
+        if states is None:
+            answer = ctx["ti"].get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
+            states = answer.get(dag_run.run_id, answer)
+        dag = ctx["dag"] if dag is None else dag
+
+    from airflow.sdk import TaskGroup
+
+    def nodes(group: Any):
+        for node in group.topological_sort():
+            if isinstance(node, TaskGroup):  # its tasks in place
+                yield from nodes(node)
+            else:
+                yield node.task_id
+
+    order = {task_id: i for i, task_id in enumerate(nodes(dag.task_group))}
+
+    def position(task_id: str) -> tuple[int, str]:
+        base = task_id if task_id in order else task_id.rsplit("_", 1)[0]  # mapped: task_<index>
+        return order.get(base, len(order)), task_id
+
+    return sorted((t for t, s in states.items() if s == "failed" and t != "finalize"), key=position)
 
 
-def finalize_run(pipeline: str, envs: list[str]) -> dict:
+def finalize_run(pipeline: str, envs: list[str], *, run: Any = None,
+                 states: dict[str, str | None] | None = None, dag: Any = None) -> dict:
     """Always runs last: release this run's locks, push the pipeline's result, fail the run
-    when anything failed."""
+    when anything failed, with one sentence: the first failing step (run order) and the locks
+    this run took and released, read from the lock history (a rollback task releases its lock
+    before finalize does). ``run``, ``states`` and ``dag`` come from the task's context unless
+    given (tests)."""
     from liftoff.locks import release_locks
 
-    run = run_handle(pipeline)
-    released = release_locks(run, envs)
-    failed = [t for t in failed_tasks() if not t.endswith(("rollback", "halt"))]
-    start = get_current_context()["dag_run"].start_date
-    status = "failed" if failed else "success"
-    run.metrics().pipeline_status(status, start.timestamp() if start else None, time.time())
+    ctx = get_current_context() if run is None or states is None or dag is None else None
+    run = run_handle(pipeline) if run is None else run
+    if states is None:
+        dag_run = ctx["dag_run"]
+        answer = ctx["ti"].get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
+        states = answer.get(dag_run.run_id, answer)
+    finalize_released = release_locks(run, envs)
+    failed = failed_tasks(states, ctx["dag"] if dag is None else dag)
+    not_run = sorted(t for t, s in states.items() if s == "upstream_failed")
+
+    # What this run did with each environment's lock, oldest first.
+    taken: list[str] = []
+    released: list[str] = []
+    forced: list[str] = []
+    for env in envs:
+        for event in reversed(run.store.lock_events(env)):
+            if event.run_id != run.run_id:
+                continue
+            if event.action == "acquire" and env not in taken:
+                taken.append(env)
+            elif event.action == "release" and env not in released:
+                released.append(env)
+            elif event.action == "force_release":
+                why = f" ({event.reason})" if event.reason else ""
+                forced.append(f"{env} force-released by {event.who}{why}")
+    still_held = [e for e in envs
+                  if (lock := run.store.get_lock(e)) is not None and lock.run_id == run.run_id]
+    if taken or released or forced:
+        locks = f"locks taken: {', '.join(taken) or 'none'}; locks released: {', '.join(released) or 'none'}"
+    else:
+        locks = "no lock taken"
+    locks += "".join(f"; {f}" for f in forced)
+    locks += f"; still held: {', '.join(still_held)}" if still_held else ""
+
+    status = "failed" if failed or not_run else "success"
     if failed:
-        first = [t for t in failed_tasks()][:5]
-        raise AirflowFailException(f"{pipeline} failed at {', '.join(first)}; locks released: "
-                                   f"{', '.join(released) or 'none held'}")
-    return {"status": status, "released": released}
+        later = failed[1:5] + ([f"{len(failed) - 5} more"] if len(failed) > 5 else [])
+        summary = f"{pipeline} failed at {failed[0]} (first)"
+        if later:
+            summary += f", then {', '.join(later)}"
+    elif not_run:
+        summary = (f"{pipeline} failed: {len(not_run)} task(s) did not run "
+                   f"(upstream_failed: {', '.join(not_run[:5])})")
+    else:
+        summary = f"{pipeline} succeeded"
+    summary += f"; {locks}"
+    result = {"status": status, "summary": summary, "failed": failed, "locks_taken": taken,
+              "locks_released": released, "locks_force_released": forced, "locks_still_held": still_held,
+              "released": finalize_released}
+
+    start = ctx["dag_run"].start_date if ctx else None
+    run.metrics().pipeline_status(status, start.timestamp() if start else None, time.time())
+    if status == "failed":
+        if ctx:
+            ctx["ti"].xcom_push("summary", result)  # a failed task's return value is never pushed
+        raise AirflowFailException(summary)
+    return result
 
 
 @task

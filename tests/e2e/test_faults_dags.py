@@ -39,7 +39,6 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
@@ -49,14 +48,13 @@ from liftoff.haproxy import HAProxy
 from liftoff.inventory import load_inventory
 from liftoff.store import Store
 from tests.airflow_stack import Stack, airflow_stack, free_port
-from tests.labkit import Lab, running_lab
+from tests.labkit import Lab, dags_on, running_lab
 
 pytestmark = [pytest.mark.airflow, pytest.mark.lab]
 
 OCTET = int(os.environ.get("LIFTOFF_FAULTS_E2E_LAB_OCTET", "51"))
 BUILD = "17.9.0+rnightly.5101.abc5101-0"
 FAULTY_HOST = "web-01-sv-gstg"
-DAGS = Path(__file__).resolve().parents[2] / "dags"
 OUTPUTS: list[str] = []  # everything dag.test printed in this module
 FIGURES: Counter = Counter()
 
@@ -73,17 +71,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 
 @pytest.fixture(scope="module")
 def dags(airflow_db: str, lab: Lab) -> Iterator[dict]:
-    mp = pytest.MonkeyPatch()
-    for name, value in lab.env.items():
-        mp.setenv(name, value)
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS))
-    assert not bag.import_errors, bag.import_errors
-    try:
-        yield bag.dags
-    finally:
-        mp.undo()
+    with dags_on(lab) as parsed:
+        yield parsed
 
 
 @pytest.fixture

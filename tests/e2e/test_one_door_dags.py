@@ -21,18 +21,16 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from liftoff.inventory import load_inventory
 from liftoff.store import Store
-from tests.labkit import Lab, running_lab
+from tests.labkit import Lab, dags_on, running_lab
 
 pytestmark = [pytest.mark.airflow, pytest.mark.lab]
 
 OCTET = int(os.environ.get("LIFTOFF_DOOR_E2E_LAB_OCTET", "53"))
-DAGS = Path(__file__).resolve().parents[2] / "dags"
 BASE = "17.5.0-ee.0"
 STAGING_BUILD = "17.9.0+rnightly.5301.abc5301-0"
 PRODUCTION_BUILD = "17.9.0+rnightly.5302.abc5302-0"
@@ -46,17 +44,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def dags(airflow_db: str, lab: Lab) -> Iterator[dict]:
-    mp = pytest.MonkeyPatch()
-    for name, value in lab.env.items():
-        mp.setenv(name, value)
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS))
-    assert not bag.import_errors, bag.import_errors
-    try:
-        yield bag.dags
-    finally:
-        mp.undo()
+    with dags_on(lab) as parsed:
+        yield parsed
 
 
 @pytest.fixture

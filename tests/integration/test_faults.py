@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 
 from lab import processes
-from liftoff import canary, checks, deploy, fleet, locks, patches, runs
+from liftoff import canary, checks, deploy, fleet, locks, patches
 from liftoff.alerts import AlertClient, QuietPeriod
 from liftoff.commands import chain_steps, split_step_output
 from liftoff.errors import HAProxyError, LiftoffError, LockHeld, QAError
@@ -57,6 +57,7 @@ from liftoff.metrics import PipelineMetrics
 from liftoff.qa import QAClient
 from liftoff.remote import Remote
 from liftoff.rollback import begin_rollback
+from liftoff.runs import Run
 from liftoff.store import Store
 from tests.labkit import Lab, running_lab
 
@@ -96,8 +97,8 @@ def report_figures(request: pytest.FixtureRequest, title: str, figures: Counter)
 
 
 @pytest.fixture
-def run(lab: Lab) -> Iterator[runs.Run]:
-    r = runs.Run(run_id=f"faults-{time.monotonic_ns()}", who="faults", pipeline="faults")
+def run(lab: Lab) -> Iterator[Run]:
+    r = Run(run_id=f"faults-{time.monotonic_ns()}", who="faults", pipeline="faults")
     yield r
     r.store.close()
 
@@ -496,21 +497,21 @@ def test_pushgateway_down_is_logged_and_never_fails_a_deploy(lab: Lab, run, monk
 def test_two_deploys_at_once_one_runs_the_other_fails_naming_the_holder(lab: Lab):
     FIGURES["faults tried"] += 1
     suffix = time.monotonic_ns()
-    runs = [runs.Run(run_id=f"race-{who}-{suffix}", who=who, pipeline="deploy_canary")
+    runs = [Run(run_id=f"race-{who}-{suffix}", who=who, pipeline="deploy_canary")
             for who in ("alice", "bob")]
     store = runs[0].store
     before = mark(lab, store)
     barrier = threading.Barrier(len(runs))
     outcome: dict[str, object] = {}
 
-    def deploy(r: runs.Run) -> None:
+    def begin(r: Run) -> None:
         barrier.wait(10)
         try:
             outcome[r.run_id] = deploy.begin_env(r, "gstg", V3)
         except Exception as exc:  # noqa: BLE001 - the loser's error is the point
             outcome[r.run_id] = exc
 
-    threads = [threading.Thread(target=deploy, args=(r,)) for r in runs]
+    threads = [threading.Thread(target=begin, args=(r,)) for r in runs]
     for t in threads:
         t.start()
     for t in threads:
@@ -549,7 +550,7 @@ HOSTILE = ["; rm -rf /", "$(touch /tmp/liftoff-pwned)", "`id`", "../../etc/passw
            "", "g\u0455tg", "gstg\x00"]
 
 
-def entry_points(run: runs.Run) -> list[tuple[str, Callable[[str], object]]]:
+def entry_points(run: Run) -> list[tuple[str, Callable[[str], object]]]:
     return [
         ("begin_env version", lambda v: deploy.begin_env(run, "gstg", v)),
         ("begin_env env", lambda v: deploy.begin_env(run, v, V1)),
@@ -565,7 +566,7 @@ def entry_points(run: runs.Run) -> list[tuple[str, Callable[[str], object]]]:
         ("lock reason", lambda v: locks.lock_env(run, "gstg", v)),
         ("canary weight", lambda v: canary.set_canary_weight(run, v)),
         ("fast deploy reason", lambda v: checks.fast_precheck(run, "gstg", V1, v)),
-        ("run id", lambda v: runs.Run(run_id=v, inventory=run.inventory)),
+        ("run id", lambda v: Run(run_id=v, inventory=run.inventory)),
     ]
 
 

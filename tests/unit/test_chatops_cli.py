@@ -7,6 +7,7 @@ import io
 import json
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -36,6 +37,7 @@ class FakeAirflow:
         self.xcoms: dict[tuple[str, str], object] = {}
         self.trigger_error: tuple[int, object] | None = None
         self.valid_tokens = {TOKEN}
+        self.health: dict | None = None  # GET /api/v2/monitor/health; None: 404
         self.http = LocalServer(self._handler(), poll_interval=0.02)
         self.url = self.http.url
 
@@ -65,6 +67,10 @@ class FakeAirflow:
                     return self._answer(401, {"detail": "Invalid credentials"})
                 if self.headers.get("Authorization") not in {f"Bearer {t}" for t in fake.valid_tokens}:
                     return self._answer(401, {"detail": "Not authenticated"})
+                if path == "/api/v2/monitor/health":
+                    if fake.health is None:
+                        return self._answer(404, {"detail": "Not Found"})
+                    return self._answer(200, fake.health)
                 m = re.fullmatch(r"/api/v2/dags/([^/]+)(/.*)?", path)
                 if not m:
                     return self._answer(404, {"detail": "Not Found"})
@@ -203,7 +209,8 @@ def test_rollback_check_waits_and_reads_the_safety_check_xcom(fake):
     assert code == 0, out
     assert fake.triggers()[0]["body"]["conf"] == {"environment": "gstg", "target_version": None,
                                                   "mode": "normal", "reason": None, "check_only": True}
-    assert "is SAFE" in out and "liftoff rollback gstg --to 17.5.0-ee.0" in out
+    assert "is SAFE" in out and "command: liftoff rollback gstg --to 17.5.0-ee.0" in out
+    assert "override" not in out
 
 
 def test_rollback_check_unsafe_exits_1(fake):
@@ -211,6 +218,43 @@ def test_rollback_check_unsafe_exits_1(fake):
     code, out, _ = run_cli(fake, "--json", "rollback", "check", "gprd", "--interval", "0.05")
     assert code == 1
     assert json.loads(out)["result"]["safe"] is False
+
+
+def test_rollback_check_not_safe_prints_why_and_what_to_do_not_the_command(fake):
+    fake.xcoms[("rollback", "safety_check")] = json.dumps(
+        {"safe": False, "overridable": True, "current": GOOD, "target": "17.5.0-ee.0", "env": "gprd",
+         "reasons": ["post-deployment migration 20261128_drop_x ran on gprd's database"],
+         "command": "liftoff rollback gprd --to 17.5.0-ee.0"})
+    code, out, _ = run_cli(fake, "rollback", "check", "gprd", "--interval", "0.05")
+    assert code == 1
+    assert "rollback of gprd to 17.5.0-ee.0 is NOT SAFE" in out
+    assert "command:" not in out
+    assert "  - post-deployment migration 20261128_drop_x ran on gprd's database" in out
+    [next_line] = [ln for ln in out.splitlines() if "next:" in ln]
+    assert 'liftoff rollback gprd --to 17.5.0-ee.0 --override-reason "WHY"' in next_line
+    assert out.count("liftoff rollback gprd --to") == 1  # only with the override reason
+
+
+def test_rollback_check_not_safe_and_not_overridable(fake):
+    fake.xcoms[("rollback", "safety_check")] = {
+        "safe": False, "overridable": False, "current": GOOD, "target": None,
+        "reasons": ["no earlier successful deployment of gstg is recorded: name the target version"],
+        "command": "liftoff rollback gstg --to VERSION"}
+    code, out, _ = run_cli(fake, "rollback", "check", "gstg", "--interval", "0.05")
+    assert code == 1
+    assert "is NOT SAFE" in out and "command:" not in out and "--override-reason" not in out
+    assert "cannot be overridden" in out and "then check again: liftoff rollback check gstg" in out
+    assert "no earlier successful deployment of gstg" in out
+
+
+@pytest.mark.parametrize(("result", "shows_command"), [
+    ({"safe": True, "command": "liftoff rollback gstg --to 17.5.0-ee.0"}, True),
+    ({"safe": False, "command": "liftoff rollback gstg --to 17.5.0-ee.0", "reasons": ["r"]}, False),
+    ({"command": "liftoff rollback gstg --to 17.5.0-ee.0"}, False),  # no verdict: no command either
+])
+def test_rollback_check_lines_show_the_command_only_when_safe(result, shows_command):
+    lines = cli.rollback_check_lines("gstg", result)
+    assert any(ln.startswith("command: liftoff rollback") for ln in lines) is shows_command
 
 
 @pytest.mark.parametrize(("argv", "conf"), [
@@ -400,6 +444,19 @@ def test_watch_prints_transitions_and_exits_by_result(fake):
     assert events[-1]["event"] == "end" and events[-1]["state"] == "success"
 
 
+def test_watch_lists_the_failed_tasks_first_failed_first(fake):
+    fake.run_states = ["failed"]
+    fake.task_instances = [
+        {**ti("rollback", "failed"), "start_date": "2026-11-29T11:09:00Z"},
+        {**ti("stage_3_staging_fleet.deploy", "failed"), "start_date": "2026-11-29T11:05:00Z"},
+        {**ti("stage_2_staging_gitaly.qa", "failed"), "start_date": "2026-11-29T11:07:00+00:00"},
+        ti("stage_4_staging_post_migrations.precheck", "upstream_failed")]
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert code == 1
+    assert "  failed: stage_3_staging_fleet.deploy, stage_2_staging_gitaly.qa, rollback" in out
+    assert f"liftoff retry {RUN} stage_3_staging_fleet --dag deploy_canary" in out
+
+
 def test_watch_gives_up_after_max_wait(fake):
     fake.run_states = ["running"]
     code, _, err = run_cli(fake, "watch", RUN, "--interval", "0.05", "--max-wait", "0.2")
@@ -492,3 +549,345 @@ def test_json_flag_after_the_command(fake):
     code, out, _ = run_cli(fake, "lock", "gstg", "--reason", "CR-1 freeze", "--json")
     assert code == 0
     assert json.loads(out)["conf"] == {"environment": "gstg", "action": "lock", "reason": "CR-1 freeze"}
+
+
+# -- stuck tasks: watch says when a running task may have lost its worker ----------------------
+
+def _ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+
+def running_run(**extra) -> list[dict]:
+    return [ti("stage_1_staging_migrations.precheck", "success"),
+            {**ti("stage_3_staging_fleet.deploy", "running"), "try_number": 1, **extra},
+            ti("finalize", None)]
+
+
+def health(scheduler_silent_s: float | None, status: str = "healthy") -> dict:
+    beat = None if scheduler_silent_s is None else _ago(scheduler_silent_s)
+    return {"metadatabase": {"status": "healthy"},
+            "scheduler": {"status": status, "latest_scheduler_heartbeat": beat},
+            "triggerer": {"status": "healthy", "latest_triggerer_heartbeat": _ago(1)}}
+
+
+def test_watch_says_when_the_scheduler_stopped_heartbeating(fake):
+    fake.run_states = ["running", "running", "running", "failed"]
+    fake.task_instances = running_run()
+    fake.health = health(95, "unhealthy")
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert code == 1
+    [line] = [ln for ln in out.splitlines() if "heartbeat" in ln]  # said once, not on every poll
+    assert re.search(r"task stage_3_staging_fleet\.deploy is running but the scheduler has not heartbeated "
+                     r"for 9\d s: the task's worker may have died with it", line)
+    assert "Airflow fails a task that stopped heartbeating after the heartbeat timeout (60 s)" in line
+    assert f"`liftoff retry {RUN} stage_3_staging_fleet --dag deploy_canary`" in line
+    # /monitor/health is read at most every HEALTH_EVERY_S, not on every poll
+    assert len([r for r in fake.requests if r["path"] == "/api/v2/monitor/health"]) == 1
+
+
+def test_watch_says_nothing_while_the_scheduler_heartbeats(fake):
+    fake.run_states = ["running", "running", "success"]
+    fake.task_instances = running_run()
+    fake.health = health(2)
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert code == 0
+    assert "heartbeat" not in out
+    assert any(r["path"] == "/api/v2/monitor/health" for r in fake.requests)
+
+
+def test_watch_without_a_health_endpoint_goes_on(fake):
+    fake.run_states = ["running", "success"]
+    fake.task_instances = running_run()
+    fake.health = None  # 404
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert code == 0 and "heartbeat" not in out
+
+
+def test_watch_uses_a_task_s_own_heartbeat_when_the_api_gives_one(fake):
+    fake.run_states = ["running", "running", "failed"]
+    fake.task_instances = running_run(last_heartbeat_at=_ago(45))
+    fake.health = health(1)
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert code == 1
+    assert re.search(r"task stage_3_staging_fleet\.deploy has not heartbeated for 4\d s: its worker may have "
+                     r"died; Airflow fails it after the heartbeat timeout \(60 s\), then "
+                     rf"`liftoff retry {re.escape(RUN)} stage_3_staging_fleet --dag deploy_canary`", out)
+    assert not any(r["path"] == "/api/v2/monitor/health" for r in fake.requests)
+
+
+def test_watch_json_has_a_heartbeat_event(fake):
+    fake.run_states = ["running", "failed"]
+    fake.task_instances = running_run()
+    fake.health = health(120)
+    code, out, _ = run_cli(fake, "--json", "watch", RUN, "--interval", "0.05")
+    events = [json.loads(line) for line in out.splitlines()]
+    [beat] = [e for e in events if e["event"] == "heartbeat"]
+    assert beat["task_id"] == "stage_3_staging_fleet.deploy" and beat["source"] == "scheduler"
+    assert 115 <= beat["silent_s"] <= 130
+
+
+def test_deploy_watch_says_it_too(fake):
+    fake.run_states = ["queued", "running", "failed"]
+    fake.task_instances = running_run()
+    fake.health = health(61)
+    code, out, _ = run_cli(fake, "deploy", GOOD, "--watch", "--interval", "0.05")
+    assert code == 1
+    assert "scheduler has not heartbeated for" in out
+
+
+def test_rollback_check_says_it_while_it_waits(fake):
+    fake.run_states = ["running", "running", "success"]
+    fake.task_instances = [{**ti("safety_check", "running"), "try_number": 1}]
+    fake.health = health(300)
+    fake.xcoms[("rollback", "safety_check")] = {"safe": True,
+                                                "command": "liftoff rollback gstg --to 17.5.0-ee.0"}
+    code, out, _ = run_cli(fake, "rollback", "check", "gstg", "--interval", "0.05")
+    assert code == 0
+    assert "task safety_check is running but the scheduler has not heartbeated" in out
+    assert "clear safety_check in the Airflow UI" in out  # not a stage: no liftoff retry
+    code, out, err = run_cli(fake, "--json", "rollback", "check", "gstg", "--interval", "0.05")
+    json.loads(out)  # still one document; the warning went to stderr
+    assert "liftoff: warning: task safety_check" in err
+
+
+NOW = datetime(2026, 12, 2, 16, 40, tzinfo=UTC)
+
+
+def _at(seconds_ago: float) -> str:
+    return (NOW - timedelta(seconds=seconds_ago)).isoformat()
+
+
+@pytest.mark.parametrize(("silent", "warned"), [(29, False), (30, False), (31, True), (400, True)])
+def test_stale_heartbeats_threshold(silent, warned):
+    tis = [{**ti("stage_3_staging_fleet.deploy", "running"), "last_heartbeat_at": _at(silent)}]
+    found = cli.stale_heartbeats(tis, dag_id="deploy_canary", run_id=RUN, now=NOW)
+    assert bool(found) is warned
+    if warned:
+        assert found[0]["silent_s"] == silent and found[0]["source"] == "task"
+
+
+def test_stale_heartbeats_only_for_running_tasks():
+    tis = [ti("a", "deferred"), ti("b", "queued"), ti("c", "success"), ti("d", None),
+           ti("stage_2_staging_gitaly.deploy", "running")]
+    dead = {"scheduler": {"status": "unhealthy", "latest_scheduler_heartbeat": _at(200)}}
+    found = cli.stale_heartbeats(tis, dag_id="deploy_canary", run_id=RUN, now=NOW, health=dead)
+    assert [f["task_id"] for f in found] == ["stage_2_staging_gitaly.deploy"]
+    # health unknown (None, or no scheduler in it): nothing is claimed
+    for unknown in (None, {}, {"metadatabase": {"status": "healthy"}}):
+        assert cli.stale_heartbeats(tis, dag_id="deploy_canary", run_id=RUN, now=NOW, health=unknown) == []
+    # no scheduler heartbeat at all and not healthy: said, without a number
+    none = {"scheduler": {"status": None, "latest_scheduler_heartbeat": None}}
+    [f] = cli.stale_heartbeats(tis, dag_id="deploy_canary", run_id=RUN, now=NOW, health=none)
+    assert "has not heartbeated at all" in f["message"] and f["silent_s"] is None
+
+
+class _HealthOnly:
+    def __init__(self) -> None:
+        self.answer: dict = {}
+
+    def health(self) -> dict:
+        return self.answer
+
+
+def test_heartbeat_watch_says_once_and_when_heard_from_again(monkeypatch):
+    monkeypatch.setattr(cli, "HEALTH_EVERY_S", 0.0)
+    client = _HealthOnly()
+    out = cli.Output(False, io.StringIO(), io.StringIO())
+    watch = cli.HeartbeatWatch(client, out, "deploy_canary", RUN, clock=lambda: NOW)
+    tis = [{**ti("stage_3_staging_fleet.deploy", "running"), "try_number": 1}]
+    client.answer = {"scheduler": {"status": "unhealthy", "latest_scheduler_heartbeat": _at(50)}}
+    assert len(watch(tis)) == 1 and len(watch(tis)) == 1
+    client.answer = {"scheduler": {"status": "healthy", "latest_scheduler_heartbeat": _at(1)}}
+    assert watch(tis) == []
+    text = out.out.getvalue()
+    assert text.count("has not heartbeated for 50 s") == 1
+    assert "the scheduler heartbeats again; task stage_3_staging_fleet.deploy is still running" in text
+
+
+# -- the finalize summary and the version help (plugins/liftoff_airflow/dagkit.py) ----------------
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+@pytest.fixture(scope="module")
+def real_dags() -> dict:
+    from airflow.dag_processing.dagbag import DagBag
+
+    dags = {}
+    for name in ("deploy_canary", "deploy_production"):
+        bag = DagBag(dag_folder=str(DAGS / f"{name}.py"))
+        assert bag.import_errors == {}
+        dags[name] = bag.dags[name]
+    return dags
+
+
+@pytest.fixture(scope="module")
+def small_dag():
+    """Declared out of order on purpose: alphabetical and declaration order are not run order."""
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG, TaskGroup
+
+    with DAG("small", schedule=None) as dag:
+        finalize = EmptyOperator(task_id="finalize")
+        rollback = EmptyOperator(task_id="rollback")
+        with TaskGroup("stage_2_later") as s2:
+            s2_deploy = EmptyOperator(task_id="deploy")
+            s2_check = EmptyOperator(task_id="a_precheck")
+            s2_check >> s2_deploy
+        with TaskGroup("stage_1_first") as s1:
+            zz = EmptyOperator(task_id="zz_begin")
+            check = EmptyOperator(task_id="precheck")
+            check >> zz
+        version = EmptyOperator(task_id="resolve_version")
+        version >> s1 >> s2 >> rollback >> finalize
+    return dag
+
+
+def test_failed_tasks_lists_only_failed_tasks_in_run_order(small_dag):
+    from liftoff_airflow import dagkit
+
+    states = {"resolve_version": "success", "stage_1_first.precheck": "failed",
+              "stage_1_first.zz_begin": "upstream_failed", "stage_2_later.a_precheck": None,
+              "stage_2_later.deploy": "failed", "rollback": "failed", "finalize": "failed"}
+    assert dagkit.failed_tasks(states, small_dag) == ["stage_1_first.precheck", "stage_2_later.deploy",
+                                                      "rollback"]
+
+
+def test_failed_tasks_on_deploy_canary(real_dags):
+    """The issue's run: begin_env never ran and stood (alphabetically) before precheck."""
+    from liftoff_airflow import dagkit
+
+    dag = real_dags["deploy_canary"]
+    states = {t.task_id: None for t in dag.tasks}
+    states.update({"resolve_version": "success", "stage_1_staging_migrations.precheck": "failed",
+                   "stage_1_staging_migrations.begin_env": "upstream_failed",
+                   "stage_1_staging_migrations.regular_migrations": "upstream_failed",
+                   "on_failure": "success", "rollback": "failed", "halt": "skipped", "finalize": "running"})
+    assert dagkit.failed_tasks(states, dag) == ["stage_1_staging_migrations.precheck", "rollback"]
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.statuses: list[str] = []
+
+    def pipeline_status(self, status: str, start: float | None, end: float) -> None:
+        self.statuses.append(status)
+
+
+@pytest.fixture
+def engine_run(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from liftoff.store import Store
+
+    metrics = _Metrics()
+    return SimpleNamespace(run_id="manual__2026-12-02T16_40_00_00_00", who="alice",
+                           store=Store(f"sqlite:///{tmp_path / 'state.db'}"), metrics=lambda: metrics,
+                           metrics_seen=metrics)
+
+
+def _canary_failed_states(dag) -> dict:
+    states = {t.task_id: None for t in dag.tasks}
+    states.update({"resolve_version": "success", "stage_1_staging_migrations.precheck": "success",
+                   "stage_3_staging_fleet.deploy": "failed", "stage_3_staging_fleet.qa": "upstream_failed",
+                   "on_failure": "success", "rollback": "failed", "halt": "skipped"})
+    return states
+
+
+def test_finalize_says_which_locks_the_run_took_after_rollback_released_them(real_dags, engine_run):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from liftoff.locks import release_locks
+    from liftoff_airflow import dagkit
+
+    store = engine_run.store
+    store.acquire("gstg", "scheduled__other_run", "scheduler", "an earlier run")
+    store.release("gstg", "scheduled__other_run")
+    store.acquire("gstg", engine_run.run_id, "alice", "deploy_canary")
+    assert release_locks(engine_run, ["gstg"]) == ["gstg"]  # the rollback task released it
+    dag = real_dags["deploy_canary"]
+    with pytest.raises(AirflowFailException) as failed:
+        dagkit.finalize_run("deploy_canary", ["gstg", "gprd-cny"], run=engine_run,
+                            states=_canary_failed_states(dag), dag=dag)
+    assert str(failed.value) == ("deploy_canary failed at stage_3_staging_fleet.deploy (first), then "
+                                 "rollback; locks taken: gstg; locks released: gstg")
+    assert "none held" not in str(failed.value)
+    assert engine_run.metrics_seen.statuses == ["failed"]
+
+
+def test_finalize_releases_what_the_run_still_holds_and_names_a_force_release(real_dags, engine_run):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from liftoff_airflow import dagkit
+
+    store = engine_run.store
+    store.acquire("gstg", engine_run.run_id, "alice", "deploy_canary")
+    store.acquire("gprd-cny", engine_run.run_id, "alice", "deploy_canary")
+    store.force_release("gprd-cny", "bob", "INC-42 hands off canary")
+    dag = real_dags["deploy_canary"]
+    with pytest.raises(AirflowFailException) as failed:
+        dagkit.finalize_run("deploy_canary", ["gstg", "gprd-cny"], run=engine_run,
+                            states=_canary_failed_states(dag), dag=dag)
+    assert str(failed.value).endswith("locks taken: gstg, gprd-cny; locks released: gstg; "
+                                      "gprd-cny force-released by bob (INC-42 hands off canary)")
+    assert store.list_locks() == []
+
+
+def test_finalize_of_a_good_run(real_dags, engine_run):
+    from liftoff_airflow import dagkit
+
+    engine_run.store.acquire("gstg", engine_run.run_id, "alice", "deploy_canary")
+    dag = real_dags["deploy_canary"]
+    states = {t.task_id: "success" for t in dag.tasks} | {"rollback": "skipped", "halt": "skipped",
+                                                           "finalize": "running"}
+    result = dagkit.finalize_run("deploy_canary", ["gstg", "gprd-cny"], run=engine_run, states=states,
+                                 dag=dag)
+    assert result["status"] == "success" and result["released"] == ["gstg"]
+    assert result["summary"] == "deploy_canary succeeded; locks taken: gstg; locks released: gstg"
+    assert engine_run.store.get_lock("gstg") is None
+    nothing = dagkit.finalize_run("deploy_canary", ["gprd-cny"], run=engine_run, states=states, dag=dag)
+    assert nothing["summary"] == "deploy_canary succeeded; no lock taken"
+
+
+def test_version_help_says_what_an_empty_version_means(real_dags):
+    from liftoff_airflow import dagkit
+
+    nightly = "Empty on a scheduled run: the newest nightly build."
+    assert dagkit.version_param(False).description.endswith(nightly)
+    assert "Empty" not in dagkit.version_param(True).description
+    own = dagkit.version_param(False, when_empty="Empty: canary's.").description
+    assert own.endswith(". Empty: canary's.") and "nightly build." not in own
+    production = real_dags["deploy_production"].params.get_param("version").description
+    assert "nightly build" not in production and "the version canary verified" in production
+    assert real_dags["deploy_canary"].params.get_param("version").description.endswith(nightly)
+
+
+def test_finalize_inside_a_task_reads_the_context_and_keeps_the_summary(real_dags, engine_run, monkeypatch):
+    """The task path: states from the task SDK's get_task_states, the DAG from the context, the
+    summary pushed as XCom ``summary`` (a failed task's return value is never pushed)."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from liftoff_airflow import dagkit
+
+    dag = real_dags["deploy_canary"]
+    dag_run = SimpleNamespace(dag_id="deploy_canary", run_id="manual__2026-12-02T16:40:00+00:00",
+                              start_date=NOW)
+    pushed: dict = {}
+
+    class TI:
+        def get_task_states(self, dag_id: str, run_ids: list[str]) -> dict:
+            assert (dag_id, run_ids) == ("deploy_canary", [dag_run.run_id])
+            return {dag_run.run_id: _canary_failed_states(dag)}
+
+        def xcom_push(self, key: str, value: object) -> None:
+            pushed[key] = value
+
+    monkeypatch.setattr(dagkit, "get_current_context", lambda: {"ti": TI(), "dag_run": dag_run, "dag": dag})
+    monkeypatch.setattr(dagkit, "run_handle", lambda pipeline: engine_run)
+    engine_run.store.acquire("gstg", engine_run.run_id, "alice", "deploy_canary")
+    with pytest.raises(AirflowFailException, match=r"failed at stage_3_staging_fleet\.deploy \(first\)"):
+        dagkit.finalize_run("deploy_canary", ["gstg", "gprd-cny"])
+    assert pushed["summary"]["failed"] == ["stage_3_staging_fleet.deploy", "rollback"]
+    assert pushed["summary"]["locks_taken"] == ["gstg"] and pushed["summary"]["released"] == ["gstg"]

@@ -471,3 +471,29 @@ def test_the_state_db_airflow_init_creates_is_the_one_liftoff_uses(services: dic
     assert 'CREATE DATABASE liftoff' in init["LIFTOFF_CREATE_STATE_DB"]
     for name in (*AIRFLOW_SERVICES, "lab"):
         assert interpolate(env_of(services[name])["LIFTOFF_STATE_URL"]).endswith("@postgres/liftoff"), name
+
+
+HEARTBEAT_TIMEOUT = "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"
+
+
+def test_stuck_tasks_fail_after_a_minute_everywhere_liftoff_documents(services: dict, tmp_path):
+    """README "Stuck tasks": a task whose worker died is failed after 60 s (Airflow: 300), in
+    Compose, scripts/env.sh and the CI stack alike, and `liftoff watch` quotes the same number."""
+    from airflow.configuration import conf
+
+    option = conf.configuration_description["scheduler"]["options"]["task_instance_heartbeat_timeout"]
+    assert option["type"] == "integer" and option["default"] == "300"
+    for name in (*AIRFLOW_SERVICES, "airflow-init"):  # the worker's supervisor reads it too
+        assert env_of(services[name]).get(HEARTBEAT_TIMEOUT) == "60", name
+    shell = subprocess.run(["bash", "-c", f'unset {HEARTBEAT_TIMEOUT}; source scripts/env.sh; '
+                            f'echo "${HEARTBEAT_TIMEOUT}"'], cwd=ROOT, capture_output=True, text=True,
+                           check=True, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert shell.stdout.strip() == "60"
+    from liftoff.chatops import cli
+    from tests.airflow_stack import airflow_env
+
+    stack = airflow_env(tmp_path, "sqlite:///x.db", 8080, tmp_path / "passwords.json", "unit", {})
+    assert stack[HEARTBEAT_TIMEOUT] == "60"
+    assert cli.HEARTBEAT_TIMEOUT_S == 60 and cli.HEARTBEAT_WARN_S < cli.HEARTBEAT_TIMEOUT_S
+    readme = (ROOT / "README.md").read_text()
+    assert "### Stuck tasks" in readme and f"{HEARTBEAT_TIMEOUT}=60" in readme

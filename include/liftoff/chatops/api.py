@@ -273,5 +273,10 @@ class AirflowClient:
         answer = self.request("POST", f"/dags/{q(dag_id)}/clearTaskInstances", body=body)
         return list((answer or {}).get("task_instances", []))
 
+    def health(self) -> dict:
+        """``GET /api/v2/monitor/health``: the metadata DB, scheduler, triggerer and dag-processor
+        with their latest heartbeats (Airflow 3.3's REST API has no heartbeat per task instance)."""
+        return self.request("GET", "/monitor/health") or {}
+
     def ui_url(self, dag_id: str, run_id: str) -> str:
         return f"{self.base_url}/dags/{q(dag_id)}/runs/{q(run_id)}"

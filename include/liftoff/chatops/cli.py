@@ -56,6 +56,13 @@ ACTIVE_STATES = {"running", "queued", "scheduled", "up_for_retry", "up_for_resch
                  "deferred"}
 ROLLBACK_TASKS = ("rollback",)  # a run that rolled back cannot resume where it failed
 FINAL_TASKS = ("finalize",)
+# Stuck tasks: liftoff's documented [scheduler] task_instance_heartbeat_timeout, and how long a
+# running task (or, since Airflow 3.3's REST API has no heartbeat per task instance, the
+# scheduler) may stay silent before watch says so.
+HEARTBEAT_TIMEOUT_S = 60
+HEARTBEAT_WARN_S = 30
+HEALTH_EVERY_S = 10.0  # seconds between two reads of /monitor/health while a watch polls
+TI_HEARTBEAT_FIELDS = ("last_heartbeat_at", "last_heartbeat")  # used when the API gives one
 _STAGE_RE = re.compile(r"^stage_(\d+)(?:_|$)")
 
 
@@ -312,12 +319,50 @@ def cmd_rollback(client: AirflowClient, out: Output, args: argparse.Namespace) -
     return _triggered(client, out, args, trigger(client, out, DAG_ROLLBACK, conf, what))
 
 
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def rollback_check_lines(env: str, result: Any) -> list[str]:
+    """What ``rollback check`` prints of the safety check's answer: the verdict, then the command
+    to run only when SAFE; when NOT SAFE the reasons and what to do instead."""
+    if not isinstance(result, dict):
+        return [str(result)]
+    safe = result.get("safe")
+    target = result.get("target")
+    lines = [f"rollback of {env}" + (f" to {target}" if target else "") + " is "
+             + ("SAFE" if safe is True else "NOT SAFE" if safe is False else "(no verdict)")]
+    for key, value in result.items():
+        if key not in ("safe", "command", "reasons", "overridable", "env"):
+            lines.append(f"{key}: {_shown(value)}")
+    if safe is True:
+        if result.get("command"):
+            lines.append(f"command: {result['command']}")
+        return lines
+    reasons = result.get("reasons") or []
+    if reasons:
+        lines.append("why not:" if safe is False else "reasons:")
+        lines.extend(f"  - {_shown(r)}" for r in reasons)
+    if safe is not False:
+        return lines
+    again = f"liftoff rollback check {env}" + (f" --to {target}" if target else "")
+    if result.get("overridable") is False:
+        lines.append("next: this cannot be overridden: clear what the reasons say (name a target with "
+                     f"--to, or wait until the lock's holder is done), then check again: {again}")
+    else:
+        lines.append("next: fix forward with a new build; or roll back anyway, with a recorded reason: "
+                     f"liftoff rollback {env} --to {target or 'VERSION'} --override-reason \"WHY\"")
+    return lines
+
+
 def cmd_rollback_check(client: AirflowClient, out: Output, args: argparse.Namespace, env: str) -> int:
     conf = rollback_conf(env, to=args.to, fast=args.fast, reason=args.reason, check_only=True)
     run = client.trigger(DAG_ROLLBACK, conf)
     run_id = run["dag_run_id"]
     out.line(f"rollback check of {conf['environment']}: run {run_id}, waiting for {SAFETY_TASK} ...")
-    state = wait_for_run(client, DAG_ROLLBACK, run_id, timeout=args.max_wait, interval=args.interval)
+    beats = HeartbeatWatch(client, out, DAG_ROLLBACK, run_id, events=False)
+    state = wait_for_run(client, DAG_ROLLBACK, run_id, timeout=args.max_wait, interval=args.interval,
+                         on_poll=lambda _run, tis: beats(tis))
     try:
         result = client.xcom(DAG_ROLLBACK, run_id, SAFETY_TASK)
     except NotFound:
@@ -329,14 +374,8 @@ def cmd_rollback_check(client: AirflowClient, out: Output, args: argparse.Namesp
                   EXIT_FAILED)
         return EXIT_FAILED
     safe = result.get("safe") if isinstance(result, dict) else None
-    if isinstance(result, dict):
-        out.line(f"  rollback of {conf['environment']} is "
-                 + ("SAFE" if safe else "NOT SAFE" if safe is False else "(no verdict)"))
-        for key, value in result.items():
-            if key != "safe":
-                out.line(f"  {key}: {value if not isinstance(value, (list, dict)) else json.dumps(value)}")
-    else:
-        out.line(f"  {result}")
+    for text in rollback_check_lines(conf["environment"], result):
+        out.line(f"  {text}")
     out.line(f"  {url}")
     return EXIT_OK if safe is True and state == "success" else EXIT_FAILED
 
@@ -491,6 +530,114 @@ def cmd_retry(client: AirflowClient, out: Output, args: argparse.Namespace) -> i
     return EXIT_OK
 
 
+def _age_s(value: Any, now: datetime) -> int | None:
+    t = _parse_time(value) if isinstance(value, str) else value if isinstance(value, datetime) else None
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return max(0, int((now - t).total_seconds()))
+
+
+def _next_step(dag_id: str, run_id: str, task_id: str) -> str:
+    stage = unit_of(task_id)
+    if _STAGE_RE.match(stage):
+        return f"`liftoff retry {run_id} {stage} --dag {dag_id}`"
+    return f"clear {task_id} in the Airflow UI to run it again"
+
+
+def stale_heartbeats(tis: Sequence[Mapping[str, Any]], *, dag_id: str, run_id: str, now: datetime,
+                     health: Mapping[str, Any] | None = None,
+                     warn_after: int = HEARTBEAT_WARN_S) -> list[dict]:
+    """Running tasks that may have lost their worker, each with one sentence saying so.
+
+    A task instance's own heartbeat is used when the API gives one (``last_heartbeat_at``);
+    Airflow 3.3's REST API does not, so for those the scheduler's heartbeat from
+    ``/monitor/health`` (``health``, None when unknown) stands in: a LocalExecutor's workers
+    die with their scheduler, and no task is failed for a lost heartbeat while no scheduler runs."""
+    found: list[dict] = []
+    timeout = f"the heartbeat timeout ({HEARTBEAT_TIMEOUT_S} s)"
+    scheduler = (health or {}).get("scheduler")
+    scheduler = scheduler if isinstance(scheduler, dict) else None  # None: nothing known
+    scheduler_age = _age_s((scheduler or {}).get("latest_scheduler_heartbeat"), now)
+    scheduler_silent = scheduler is not None and (
+        (scheduler_age is not None and scheduler_age > warn_after)
+        or (scheduler_age is None and scheduler.get("status") != "healthy"))
+    for ti in tis:
+        if ti.get("state") != "running":
+            continue
+        task_id = ti["task_id"]
+        key = {"task_id": task_id, "map_index": ti.get("map_index", -1), "try_number": ti.get("try_number")}
+        field = next((f for f in TI_HEARTBEAT_FIELDS if f in ti), None)
+        if field is not None:
+            age = _age_s(ti.get(field), now)
+            if age is not None and age > warn_after:
+                found.append({**key, "source": "task", "silent_s": age, "message": (
+                    f"task {task_id} has not heartbeated for {age} s: its worker may have died; "
+                    f"Airflow fails it after {timeout}, then {_next_step(dag_id, run_id, task_id)}")})
+        elif scheduler_silent:
+            silent = f"for {scheduler_age} s" if scheduler_age is not None else "at all"
+            found.append({**key, "source": "scheduler", "silent_s": scheduler_age, "message": (
+                f"task {task_id} is running but the scheduler has not heartbeated {silent}: the task's "
+                f"worker may have died with it; Airflow fails a task that stopped heartbeating after "
+                f"{timeout} once a scheduler runs, then {_next_step(dag_id, run_id, task_id)}")})
+    return found
+
+
+class HeartbeatWatch:
+    """Called on every poll of a watch: says once when a running task may have lost its worker
+    (:func:`stale_heartbeats`), and when it is heard from again."""
+
+    def __init__(self, client: AirflowClient, out: Output, dag_id: str, run_id: str, *, events: bool = True,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        """``events``: JSON events too (watch); without (a command printing one JSON document),
+        the sentences go to stderr under --json."""
+        self.client, self.out, self.dag_id, self.run_id, self.clock = client, out, dag_id, run_id, clock
+        self.events = events
+        self.reported: dict[tuple, dict] = {}
+        self._health: dict | None = None
+        self._health_at: float | None = None
+
+    def health(self) -> dict | None:
+        """The API's /monitor/health, read at most every HEALTH_EVERY_S; None when unknown."""
+        if self._health_at is None or time.monotonic() - self._health_at >= HEALTH_EVERY_S:
+            self._health_at = time.monotonic()
+            try:
+                answer = self.client.health()
+                self._health = answer if isinstance(answer, dict) else None
+            except ChatOpsError:
+                self._health = None
+        return self._health
+
+    def __call__(self, tis: Sequence[Mapping[str, Any]]) -> list[dict]:
+        running = [t for t in tis if t.get("state") == "running"]
+        needs_health = any(not any(f in t for f in TI_HEARTBEAT_FIELDS) for t in running)
+        now = self.clock()
+        found = stale_heartbeats(running, dag_id=self.dag_id, run_id=self.run_id, now=now,
+                                 health=self.health() if needs_health else None)
+        current = {(f["task_id"], f["map_index"], f["try_number"], f["source"]): f for f in found}
+        stamp = now.strftime("%H:%M:%S")
+        running_ids = {(t["task_id"], t.get("map_index", -1), t.get("try_number")) for t in running}
+        for key, item in current.items():
+            if key not in self.reported:
+                self._say(stamp, item["message"], {"event": "heartbeat", **item})
+        for key, item in self.reported.items():
+            if key not in current and key[:3] in running_ids:
+                back = (f"task {item['task_id']} heartbeats again" if item["source"] == "task" else
+                        f"the scheduler heartbeats again; task {item['task_id']} is still running")
+                self._say(stamp, back, {"event": "heartbeat_back", "task_id": item["task_id"],
+                                        "source": item["source"]})
+        self.reported = current
+        return found
+
+    def _say(self, stamp: str, text: str, event: dict) -> None:
+        self.out.line(f"{stamp}  {text}")
+        if self.events:
+            self.out.data({**event, "time": stamp})
+        elif self.out.as_json:
+            print(f"liftoff: warning: {text}", file=self.out.err, flush=True)
+
+
 def wait_for_run(client: AirflowClient, dag_id: str, run_id: str, *, timeout: float | None,
                  interval: float, on_poll: Callable[[dict, list[dict]], None] | None = None) -> str:
     """Poll until the run ends; returns its state. Gives up (exit 1) after ``timeout``."""
@@ -525,6 +672,7 @@ def watch_run(client: AirflowClient, out: Output, dag_id: str, run_id: str, *, i
     url = client.ui_url(dag_id, run_id)
     out.line(f"watching {dag_id} run {run_id}")
     out.line(f"  {url}")
+    beats = HeartbeatWatch(client, out, dag_id, run_id)
 
     def on_poll(run: dict, tis: list[dict]) -> None:
         now = datetime.now(UTC).strftime("%H:%M:%S")
@@ -539,10 +687,14 @@ def watch_run(client: AirflowClient, out: Output, dag_id: str, run_id: str, *, i
                 out.line(f"{now}  {name:<34} {before} -> {state}")
                 out.data({"event": "stage", "time": now, "unit": name, "from": before, "to": state})
                 seen[name] = state
+        beats(tis)
 
     final = wait_for_run(client, dag_id, run_id, timeout=timeout, interval=interval, on_poll=on_poll)
     run = client.dag_run(dag_id, run_id)
-    failed = sorted(t["task_id"] for t in client.task_instances(dag_id, run_id) if t.get("state") == "failed")
+    failed = [t["task_id"] for t in sorted(  # the first to fail first
+        (t for t in client.task_instances(dag_id, run_id) if t.get("state") == "failed"),
+        key=lambda t: (_parse_time(t.get("start_date")) is None, _parse_time(t.get("start_date"))
+                       or datetime.min.replace(tzinfo=UTC), t["task_id"]))]
     out.line(f"run {run_id}: {final} ({_duration(run.get('start_date'), run.get('end_date'))})")
     if final != "success" and failed:
         out.line(f"  failed: {', '.join(failed)}")
