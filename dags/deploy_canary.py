@@ -32,6 +32,7 @@ ENVS = ["gstg", "gprd-cny"]
 def resolve_version() -> str:
     """The version to deploy (newest nightly on a scheduled run); refused while a
     post-deployment patch halts canary deploys."""
+    from liftoff import notify
     from liftoff.builds import resolve_version as resolve
     from liftoff.patches import check_halt
 
@@ -39,6 +40,7 @@ def resolve_version() -> str:
     run = dagkit.run_handle(PIPELINE)
     version = resolve(run, ctx["params"].get("version"), ctx["dag_run"].run_type == "scheduled")
     check_halt(run, version)
+    notify.deploy_started(run, version, ENVS)
     return version
 
 
@@ -56,11 +58,13 @@ def canary_weight_zero() -> dict:
 def canary_verified(version: str):
     """Lift the halts of patches this build includes, and emit the Asset event that may start
     deploy_production (never for a dry run)."""
+    from liftoff import notify
     from liftoff.patches import lift_halts_included
 
     if dagkit.params()["dry_run"]:
         raise AirflowSkipException("dry run: nothing was verified")
-    lift_halts_included(dagkit.run_handle(PIPELINE), version)
+    run = dagkit.run_handle(PIPELINE)
+    notify.canary_verified(run, version, lift_halts_included(run, version))
     yield Metadata(CANARY_VERIFIED, extra={"version": version})
 
 

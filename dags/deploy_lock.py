@@ -16,12 +16,16 @@ PIPELINE = "deploy_lock"
 
 @task
 def change_lock() -> dict:
+    from liftoff import notify
     from liftoff.locks import lock_env, unlock_env
 
     dagkit.refuse_unknown_conf()
     p = dagkit.params()
     fn = lock_env if p["action"] == "lock" else unlock_env
-    return fn(dagkit.run_handle(PIPELINE), p["environment"], p["reason"])
+    run = dagkit.run_handle(PIPELINE)
+    result = fn(run, p["environment"], p["reason"])
+    notify.lock_changed(run, result)
+    return result
 
 
 @dag(

@@ -26,6 +26,7 @@ from liftoff_airflow.dagkit import (
     precheck,
     stage_done,
 )
+from liftoff_airflow.notifiers import ApprovalWaitingNotifier
 
 PIPELINE = "deploy_production"
 VERSION = "{{ ti.xcom_pull(task_ids='resolve_version') }}"
@@ -37,6 +38,7 @@ AUTO_PROMOTE = os.environ.get("LIFTOFF_AUTO_PROMOTE", "").lower() in ("1", "true
 def resolve_version() -> str:
     """The version to promote: the param, or the canary's Asset event; it must be the version
     verified on canary unless overridden with a reason."""
+    from liftoff import notify
     from liftoff.canary import verified_on_canary
 
     ctx = get_current_context()
@@ -48,7 +50,10 @@ def resolve_version() -> str:
                 requested = (event.extra or {}).get("version") or requested
     if not requested:
         raise ValueError("no version: give one, or trigger from a verified canary")
-    return verified_on_canary(dagkit.run_handle(PIPELINE), requested, ctx["params"].get("override_reason"))
+    run = dagkit.run_handle(PIPELINE)
+    version = verified_on_canary(run, requested, ctx["params"].get("override_reason"))
+    notify.deploy_started(run, version, ENVS)
+    return version
 
 
 @task
@@ -113,6 +118,7 @@ def deploy_production():
         fail_on_reject=True,
         execution_timeout=None,
         response_timeout=timedelta(hours=8),
+        notifiers=[ApprovalWaitingNotifier()],
     )
     skip = EmptyOperator(task_id="no_approval_needed")
     approved = EmptyOperator(task_id="approved", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)

@@ -34,11 +34,14 @@ def precheck() -> dict:
 
 @task
 def begin_env(check: dict) -> dict:
+    from liftoff import notify
     from liftoff.deploy import begin_fast_deploy
 
     env, version, reason, internal = _conf()
-    return begin_fast_deploy(dagkit.run_handle(PIPELINE), env, version, reason, internal,
-                             check.get("previous_version"))
+    run = dagkit.run_handle(PIPELINE)
+    result = begin_fast_deploy(run, env, version, reason, internal, check.get("previous_version"))
+    notify.fast_deploy(run, env, version, reason, internal)
+    return result
 
 
 @task

@@ -29,19 +29,26 @@ def choose() -> str:
 @task
 def apply_patch() -> dict:
     """Record, halt canary deploys, patch the hosts, record the outcome."""
+    from liftoff import notify
     from liftoff.patches import apply_patch as apply
 
     p = dagkit.params()
-    return apply(dagkit.run_handle(PIPELINE), p["environment"], p["patch_id"], p["patch"] or "",
-                 p["roles"], p["reason"])
+    run = dagkit.run_handle(PIPELINE)
+    result = apply(run, p["environment"], p["patch_id"], p["patch"] or "", p["roles"], p["reason"])
+    notify.patch_applied(run, result)
+    return result
 
 
 @task
 def lift_halt_on_purpose() -> dict:
+    from liftoff import notify
     from liftoff.patches import lift_halt
 
     p = dagkit.params()
-    return lift_halt(dagkit.run_handle(PIPELINE), p["reason"], p.get("patch_id"))
+    run = dagkit.run_handle(PIPELINE)
+    result = lift_halt(run, p["reason"], p.get("patch_id"))
+    notify.halt_lifted(run, result)
+    return result
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE)

@@ -40,15 +40,18 @@ def _target() -> str:
 @task
 def safety_check() -> dict:
     """``rollback check``; unless ``check_only``, an unsafe answer fails the run here."""
+    from liftoff import notify
     from liftoff.rollback import require_safe
     from liftoff.rollback import safety_check as check
 
     dagkit.refuse_unknown_conf()
     p = dagkit.params()
-    result = check(_run(), p["environment"], p.get("target_version"))
+    run = _run()
+    result = check(run, p["environment"], p.get("target_version"))
     if p["check_only"]:
         return result
-    return require_safe(result, p.get("override_reason"))
+    with notify.refusals(run, p["environment"]):
+        return require_safe(result, p.get("override_reason"))
 
 
 @task.short_circuit
@@ -66,10 +69,14 @@ def shield_traffic() -> dict:
 
 @task
 def begin_rollback() -> dict:
+    from liftoff import notify
     from liftoff.rollback import begin_rollback as begin
 
     env, mode, reason, override = _conf()
-    return begin(_run(), env, _target(), mode, reason, override)
+    run = _run()
+    result = begin(run, env, _target(), mode, reason, override)
+    notify.rollback_started(run, env, result["version"], mode=mode, reason=reason)
+    return result
 
 
 @task
@@ -95,9 +102,13 @@ def normal_mode() -> bool:
 
 @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
 def rollback_done() -> dict:
+    from liftoff import notify
     from liftoff.rollback import rollback_done as done
 
-    return done(_run(), dagkit.params()["environment"], _target())
+    run = _run()
+    result = done(run, dagkit.params()["environment"], _target())
+    notify.rollback_finished(run, result["env"], result["version"])
+    return result
 
 
 @dag(

@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from lab import configs, liftoff_env, processes
+from lab import chat, configs, liftoff_env, processes
 from lab.config import DEFAULT_OCTET, LabConfig, default_lab_dir
 from lab.processes import LabError
 from lab.topology import DATABASE, ENVIRONMENTS, ROLES, Topology, host_counts
@@ -376,6 +376,35 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Print what the chat receiver got, or change it: ``--fail on|off``, ``--slow S``, ``--clear``."""
+    config = load(args)
+    change: dict = {}
+    if args.fail is not None:
+        change["fail"] = args.fail == "on"
+    if args.slow is not None:
+        if not 0 <= args.slow <= chat.MAX_SLOW_S:
+            raise UsageError(f"--slow must be within 0..{chat.MAX_SLOW_S:g} seconds")
+        change["slow_s"] = args.slow
+    if change or args.clear:
+        try:
+            setting = chat.control(config, change) if change else chat.control(config)
+            if args.clear:
+                chat.clear(config)
+        except OSError as e:
+            raise LabError(chat.unavailable(config, e)) from None
+        state = "failing (HTTP 500)" if setting["fail"] else "answering"
+        slow = f", {setting['slow_s']:g} s before each answer" if setting["slow_s"] else ""
+        print(f"chat receiver {state}{slow}" + ("; messages cleared" if args.clear else ""))
+        return 0
+    messages = chat.read_messages(config)
+    if args.json:
+        print(json.dumps(messages[-args.last:] if args.last else messages, indent=1))
+    else:
+        print(chat.format_messages(messages, args.last))
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     config = load(args)
     try:
@@ -435,6 +464,15 @@ def parser() -> argparse.ArgumentParser:
     rules.add_argument("file", help="rule file (YAML), '-' not accepted")
     rules.add_argument("--name", default="extra", help="installed as prometheus/rules.d/NAME.yml")
     rules.set_defaults(func=cmd_rules)
+
+    talk = sub.add_parser("chat", help="the chat receiver: print its messages; make it fail or be slow")
+    talk.add_argument("--fail", choices=["on", "off"], help="answer HTTP 500 to every message (on) or not")
+    talk.add_argument("--slow", type=float, metavar="SECONDS",
+                      help="wait this long before answering (0: no wait)")
+    talk.add_argument("--clear", action="store_true", help="forget the messages received so far")
+    talk.add_argument("--last", type=int, metavar="N", help="only the last N messages")
+    talk.add_argument("--json", action="store_true")
+    talk.set_defaults(func=cmd_chat)
 
     env = sub.add_parser("env", help="print the shell exports that point liftoff at the lab")
     env.set_defaults(func=cmd_env)

@@ -85,6 +85,11 @@ class LabConfig:
         return f"{self.net}.0.5:{self.port_base + 5}"
 
     @property
+    def chat_addr(self) -> str:
+        """The chat receiver (a Slack-style incoming webhook, lab/chat.py)."""
+        return f"{self.net}.0.6:{self.port_base + 6}"
+
+    @property
     def lb_http_port(self) -> int:
         return self.port_base + 10
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from lab import configs
+from lab import chat, configs
 from lab.config import LabConfig
 from lab.topology import DATABASE, ENVIRONMENTS, Topology
 
@@ -25,6 +25,7 @@ CONNECTIONS = {
     "prometheus": "liftoff_prometheus",
     "state": "liftoff_state",
     "builds": "liftoff_builds",
+    "chat": "liftoff_chat",
 }
 QA_PROJECT = "gitlab-org/quality/gitlab-qa-runner"
 QA_REF = "main"
@@ -124,6 +125,11 @@ def exports(config: LabConfig) -> dict[str, str]:
     conns["AIRFLOW_CONN_LIFTOFF_STATE"] = {
         "conn_type": "generic",
         "extra": {"url": os.environ.get("LIFTOFF_STATE_URL") or f"sqlite:///{config.path('liftoff-state.db')}"},
+    }
+    # ChatOps notifications: the lab's chat receiver, the webhook's token path as the password.
+    conns["AIRFLOW_CONN_LIFTOFF_CHAT"] = {
+        "conn_type": "http", "host": f"http://{config.chat_addr}", "password": chat.webhook_path(config),
+        "extra": {"timeout": 5},
     }
     out = {name: json.dumps(value, separators=(",", ":")) for name, value in conns.items()}
     out["LIFTOFF_INVENTORY"] = str(inventory_file(config))

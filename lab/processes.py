@@ -147,6 +147,11 @@ def lab_processes(config: LabConfig) -> list[Proc]:
             lambda: http_ok(f"http://{config.prometheus_addr}/-/ready"),
             timeout=60.0,
         ),
+        Proc(
+            "chat",
+            [sys.executable, "-m", "lab.chat", "--lab-dir", d],
+            lambda: http_ok(f"http://{config.chat_addr}/health"),
+        ),
     ]
     return procs
 

@@ -7,10 +7,17 @@ pure ASGI middleware the api-server puts around its routes (``fastapi_root_middl
 rewrites that detail, for liftoff's DAGs only, to ``Invalid input for param NAME: <the rule in
 words> (got <value, cut>)`` (liftoff_airflow.params). Every other answer passes untouched:
 other methods, paths, DAGs and statuses, a body sent in several parts, a compressed body.
+
+It also serves liftoff's fleet API under ``/liftoff`` (``GET /liftoff/api/status``, what
+``liftoff status`` prints): the FastAPI app of liftoff_airflow.fleet_api, which checks the
+caller's token as Airflow's own API does. Every Airflow process loads this plugin (each task
+does) and only the api-server serves the app, so it is imported on its first request
+(:class:`LazyApp`), not here.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -104,8 +111,30 @@ class OneLineParamErrors:
         await self.app(scope, receive, send_wrapper)
 
 
+class LazyApp:
+    """An ASGI app imported (``module:attribute``) on its first call."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._app: ASGIApp | None = None
+
+    def __repr__(self) -> str:
+        return f"LazyApp({self.target!r})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is None:
+            module, _, attribute = self.target.partition(":")
+            self._app = getattr(importlib.import_module(module), attribute)
+        await self._app(scope, receive, send)
+
+
 class LiftoffPlugin(AirflowPlugin):
     name = "liftoff"
+    fastapi_apps = [{
+        "app": LazyApp("liftoff_airflow.fleet_api:app"),
+        "url_prefix": "/liftoff",
+        "name": "liftoff",
+    }]
     fastapi_root_middlewares = [{
         "middleware": OneLineParamErrors,
         "args": [],

@@ -77,11 +77,16 @@ def current_canary_weight(run: Run, canary_env: str = "gprd-cny") -> int:
 
 def apply_weight(run: Run, weight: int | str, *, canary_env: str = "gprd-cny", force: bool = False) -> dict:
     """Set the canary servers' weight in the production backends, or their state, on every
-    production LB (through the door on the canary environment)."""
+    production LB, through the door on the canary environment: another run's canary deploy
+    refuses less canary traffic unless ``force``."""
     weight = parse_weight(weight)
     main = main_env(run, canary_env)
     hosts = canary_hosts(run, canary_env)
-    with guard.entered(run, canary_env, "canary_weight", force=force):
+    # More canary traffic never gets in a canary deploy's way: it passes the deploy's lock (recorded);
+    # less traffic (a lower weight, drain, maint) needs ``force``.
+    raising = (not force and isinstance(weight, int) and locks.held_by_other(run, canary_env) is not None
+               and weight >= current_canary_weight(run, canary_env))
+    with guard.entered(run, canary_env, "canary_weight", force=force or raising):
         haproxy = HAProxy.for_env(main)
         if isinstance(weight, int):
             result = haproxy.set_weight(hosts, weight, backends={r.name for r in main.roles})

@@ -22,11 +22,20 @@ from liftoff_airflow.params import REASON_PATTERN, VERSION_PATTERN
 # deploy_canary's outlet once canary verified a build; deploy_production's schedule with auto-promotion.
 CANARY_VERIFIED = Asset("liftoff://canary-verified")
 
+
+def notify_failure(context: Any) -> None:
+    """Every task's ``on_failure_callback``: the failed step and its reason to chat (never raises)."""
+    from liftoff import notify
+
+    notify.step_failed(context)
+
+
 DEFAULT_ARGS = {
     "owner": "release-managers",
     # A stage is retried by a person clearing it, never blindly by the scheduler.
     "retries": 0,
     "execution_timeout": timedelta(hours=4),
+    "on_failure_callback": notify_failure,
 }
 
 
@@ -124,9 +133,12 @@ def precheck(pipeline: str, env: str, version: str) -> dict:
 @task
 def stage_done(pipeline: str, env: str, stage: str, check: dict) -> dict:
     """Push the stage's metrics (start from its precheck)."""
+    from liftoff import notify
+
     run = run_handle(pipeline)
     start = float(check.get("stage_started") or time.time())
     run.metrics().stage(env, stage, "success", start, time.time())
+    notify.stage_passed(run, env, stage, time.time() - start)
     return {"stage": stage, "env": env, "duration_s": round(time.time() - start, 1)}
 
 
@@ -184,6 +196,7 @@ def finalize_run(pipeline: str, envs: list[str], *, run: Any = None,
     this run took and released, read from the lock history (a rollback task releases its lock
     before finalize does). ``run``, ``states`` and ``dag`` come from the task's context unless
     given (tests)."""
+    from liftoff import notify
     from liftoff.locks import release_locks
 
     ctx = get_current_context() if run is None or states is None or dag is None else None
@@ -238,6 +251,7 @@ def finalize_run(pipeline: str, envs: list[str], *, run: Any = None,
 
     start = ctx["dag_run"].start_date if ctx else None
     run.metrics().pipeline_status(status, start.timestamp() if start else None, time.time())
+    notify.run_finished(run, result)
     if status == "failed":
         if ctx:
             ctx["ti"].xcom_push("summary", result)  # a failed task's return value is never pushed
@@ -297,22 +311,31 @@ def gate(env: str, version: str, qa: bool, expect_version: bool = True):
 def rollback(pipeline: str, envs: list[str]) -> dict:
     """Return the environment that failed to its last good version through the rollback flow
     (safety check first: refused past post-deployment migrations, the run then halts)."""
+    from liftoff import notify
     from liftoff.errors import RollbackRefused
     from liftoff.rollback import automatic
 
+    run = run_handle(pipeline)
+    notify.rollback_started(run, envs=envs, automatic=True)
     try:
-        return automatic(run_handle(pipeline), envs)
+        with notify.refusals(run):
+            result = automatic(run, envs)
     except RollbackRefused as exc:
         raise AirflowFailException(str(exc)) from None
+    notify.rollback_finished(run, result.get("env"), result.get("version"), automatic=True)
+    return result
 
 
 @task
 def halt(pipeline: str, envs: list[str]) -> dict:
     """Stop here, leaving hosts as they are; failed hosts stay drained and recorded."""
+    from liftoff import notify
     from liftoff.deploy import mark_failed
 
     run = run_handle(pipeline)
-    return {"halted": mark_failed(run, envs, "halted"), "drained": [d.host for d in run.store.drained()]}
+    result = {"halted": mark_failed(run, envs, "halted"), "drained": [d.host for d in run.store.drained()]}
+    notify.halted(run, envs, result)
+    return result
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE)

@@ -183,6 +183,7 @@ def test_rollback_after_a_bad_canary_restores_every_host_fleet_before_gitaly(lab
 
 def test_rollback_check_is_safe_before_post_migrations_and_unsafe_after(lab, dagbag):
     from liftoff.deploy import migrate
+    from liftoff.locks import release_locks
     from liftoff.runs import Run
 
     lab.build_add(POST_MIGRATED)
@@ -190,7 +191,9 @@ def test_rollback_check_is_safe_before_post_migrations_and_unsafe_after(lab, dag
     before = run_dag(dagbag, "rollback", {"environment": "gprd-cny", "check_only": True}).xcom("safety_check")
     assert before["safe"] is True and (before["current"], before["target"]) == (POST_MIGRATED, BASE)
 
-    migrate(Run(run_id="setup-post-migrations"), "gprd-cny", POST_MIGRATED, post=True)
+    setup = Run(run_id="setup-post-migrations")
+    migrate(setup, "gprd-cny", POST_MIGRATED, post=True)
+    release_locks(setup, ["gprd-cny"])  # a pipeline step keeps the lock it took: the run's end releases it
     after = run_dag(dagbag, "rollback", {"environment": "gprd-cny", "check_only": True}).xcom("safety_check")
     # 17.7.0's db:migrate also ran 17.6.0's post migration (never run before): both are newer than BASE
     applied = lab.status()["environments"]["gprd"]["migrations"]

@@ -20,6 +20,8 @@ from typing import Any
 import requests
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+API_ROOT = "/api/v2"
+LIFTOFF_API_ROOT = "/liftoff/api"  # liftoff's Airflow plugin (plugins/liftoff_airflow/fleet_api.py)
 PAGE_LIMIT = 100
 TERMINAL_STATES = ("success", "failed")
 
@@ -189,9 +191,12 @@ class AirflowClient:
         return token
 
     def request(self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None,
-                ok: tuple[int, ...] = (200, 201)) -> Any:
-        """Call ``/api/v2{path}``; returns the decoded JSON, raises a ChatOpsError otherwise."""
-        url = f"{self.base_url}/api/v2{path}"
+                ok: tuple[int, ...] = (200, 201), root: str = API_ROOT) -> Any:
+        """Call ``{root}{path}`` (``/api/v2`` by default); returns the decoded JSON, raises a
+        ChatOpsError otherwise."""
+        url = f"{self.base_url}{root}{path}"
+        if root != API_ROOT:
+            path = f"{root}{path}"  # messages name the whole path
         for attempt in (1, 2):
             headers = {"Authorization": f"Bearer {self.login()}", "Accept": "application/json"}
             resp = self._send(method, url, json=body, params=params, headers=headers)
@@ -277,6 +282,28 @@ class AirflowClient:
         """``GET /api/v2/monitor/health``: the metadata DB, scheduler, triggerer and dag-processor
         with their latest heartbeats (Airflow 3.3's REST API has no heartbeat per task instance)."""
         return self.request("GET", "/monitor/health") or {}
+
+    def fleet_status(self, lbs: bool = True) -> dict:
+        """``GET /liftoff/api/status``: liftoff's state of every environment (liftoff.status).
+
+        NotFound when the api-server does not serve it (the liftoff plugin is not installed:
+        Airflow answers 404, or its UI's HTML page for an unknown path)."""
+        path = "/status"
+        try:
+            answer = self.request("GET", path, params=None if lbs else {"lbs": "false"},
+                                  root=LIFTOFF_API_ROOT)
+        except NotFound as exc:
+            raise NotFound(f"{self.base_url} does not serve {LIFTOFF_API_ROOT}{path} (HTTP 404): is "
+                           "liftoff's Airflow plugin installed in the api-server?", exc.status,
+                           exc.detail) from None
+        except ApiError as exc:
+            if exc.status != 200:  # 200 and not JSON: the UI's catch-all page
+                raise
+            answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("environments"), dict):
+            raise NotFound(f"{self.base_url}{LIFTOFF_API_ROOT}{path} did not answer liftoff's status: is "
+                           "liftoff's Airflow plugin installed in the api-server?", 404)
+        return answer
 
     def ui_url(self, dag_id: str, run_id: str) -> str:
         return f"{self.base_url}/dags/{q(dag_id)}/runs/{q(run_id)}"

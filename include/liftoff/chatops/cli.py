@@ -7,7 +7,7 @@
     liftoff canary weight 5 | --drain | --ready | --maint  [--force]
     liftoff patch gprd fix-123.patch --roles web,api --reason "..."
     liftoff lock gprd --reason "..."      liftoff unlock gprd --reason "..."
-    liftoff status
+    liftoff status [--no-lbs]
     liftoff retry RUN_ID stage_3 [--dag deploy_canary] [--dry-run]
     liftoff watch RUN_ID [--dag deploy_canary]
 
@@ -33,6 +33,7 @@ from liftoff.canary import CANARY_STATES, parse_weight
 from liftoff.chatops.api import (
     TERMINAL_STATES,
     AirflowClient,
+    ApiError,
     ApiUnreachable,
     ChatOpsError,
     Credentials,
@@ -442,10 +443,160 @@ def run_summary(client: AirflowClient, dag_id: str, run: Mapping[str, Any]) -> d
     }
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _txt(value: Any) -> str:
+    """A value from the API as one line of plain text (no terminal control characters)."""
+    return _CONTROL.sub("?", str(value))
+
+
+def _ago(age_s: Any) -> str:
+    if not isinstance(age_s, int) or isinstance(age_s, bool):
+        return ""
+    if age_s < 120:
+        return f"{age_s}s ago"
+    if age_s < 7200:
+        return f"{age_s // 60}m ago"
+    if age_s < 172800:
+        return f"{age_s // 3600}h{age_s % 3600 // 60:02d}m ago"
+    return f"{age_s // 86400}d ago"
+
+
+def _since(at: Any, age_s: Any) -> str:
+    """``since 2026-12-02 16:40:00Z (12m ago)``."""
+    ago = _ago(age_s)
+    return f"since {_fmt_time(at) if isinstance(at, str) else '-'}" + (f" ({ago})" if ago else "")
+
+
+def _versions(counts: Mapping[str, Any]) -> str:
+    return ", ".join(f"{n}x {_txt(v)}" for v, n in counts.items()) or "no hosts"
+
+
+def _lock_line(lock: Mapping[str, Any]) -> str:
+    hand = " (by hand)" if lock.get("by_hand") else ""
+    reason = f"  reason: {_txt(lock['reason'])}" if lock.get("reason") else ""
+    return (f"locked by {_txt(lock.get('who'))}{hand}  {_since(lock.get('since'), lock.get('age_s'))}"
+            f"  run {_txt(lock.get('run_id'))}{reason}")
+
+
+def _canary_lines(canary: Mapping[str, Any]) -> list[str]:
+    per_lb = []
+    for lb in canary.get("lbs") or []:
+        if lb.get("error"):  # the production environment's lines say why
+            per_lb.append(f"{_txt(lb['name'])} UNREADABLE")
+        else:
+            state = f" {_txt(lb['state'])}" if lb.get("state") not in (None, "ready") else ""
+            mixed = f" (mixed: {','.join(_txt(w) for w in lb['weights'])})" if lb.get("weights") else ""
+            per_lb.append(f"{_txt(lb['name'])} {_txt(lb.get('weight'))}{mixed}{state}")
+    if canary.get("agree") is None:
+        verdict = _txt(canary.get("error") or "no production LB answered")
+    elif canary["agree"]:
+        verdict = "LBs agree" + ("" if canary.get("complete") else " (not every LB answered)")
+    else:
+        verdict = "LBs DISAGREE"
+    lines = [f"  canary weight on {_txt(canary.get('of'))}'s LBs: " + ", ".join(per_lb) + f"  ({verdict})"]
+    diffs = canary.get("disagreements") or []
+    for d in diffs[:5]:
+        states = ", ".join(f"{_txt(lb)} {_txt(v)}" for lb, v in (d.get("states") or {}).items())
+        lines.append(f"    {_txt(d.get('backend'))}/{_txt(d.get('server'))}: {states}")
+    if len(diffs) > 5:
+        lines.append(f"    ... and {len(diffs) - 5} more")
+    return lines
+
+
+def fleet_lines(snap: Mapping[str, Any]) -> list[str]:
+    """``liftoff status``'s view of liftoff.status.snapshot: per environment, compact."""
+    lbs = "LBs read" if snap.get("lbs_read") else "LBs not read"
+    lines = [f"liftoff state at {_fmt_time(snap.get('generated_at'))} ({lbs})"]
+    for name, env in (snap.get("environments") or {}).items():
+        current = env.get("current_version") or "no successful deploy recorded"
+        canary = f", canary of {_txt(env['canary_of'])}" if env.get("canary_of") else ""
+        lines.append(f"{_txt(name)}: {_txt(current)}  ({env.get('hosts', 0)} hosts{canary})")
+        for role in env.get("roles") or []:
+            extra = [f"{role[k]} {k.replace('_', ' ')}" for k in ("out_of_service", "failed", "in_progress")
+                     if role.get(k)]
+            lines.append(f"  {_txt(role['name']):<10} {_versions(role.get('versions') or {})}"
+                         + (f"  ({', '.join(extra)})" if extra else ""))
+        lines.append(f"  lock: {_lock_line(env['lock'])}" if env.get("lock") else "  lock: none")
+        oos = env.get("out_of_service") or []
+        lines.append(f"  out of service: {len(oos)}" if oos else "  out of service: none")
+        for h in oos:
+            rec = h.get("record")
+            why = ""
+            if rec:
+                why = (f"drain record  run {_txt(rec.get('run_id'))}  "
+                       f"{_since(rec.get('since'), rec.get('age_s'))}"
+                       + (f"  reason: {_txt(rec['reason'])}" if rec.get("reason") else ""))
+            note = h.get("note") or ""
+            if note and note != "drain record":
+                why = f"{why}  ({_txt(note)})" if why else _txt(note).upper()
+            on_lbs = "; ".join(f"{_txt(lb)}: {_txt(v)}" for lb, v in (h.get("lbs") or {}).items())
+            lines.append(f"    {_txt(h['host'])}  {why}" + (f"  [{on_lbs}]" if on_lbs else ""))
+        for h in env.get("failed_hosts") or []:
+            lines.append(f"  failed: {_txt(h['host'])}  {_txt(h.get('reason'))}  run {_txt(h.get('run_id'))}")
+        chef = env.get("chef_stopped") or {}
+        if chef.get("env_wide"):
+            w = chef["env_wide"]
+            lines.append(f"  chef stopped on every host: {_txt(w.get('kind'))} {_txt(w.get('version'))} "
+                         f"running since {_fmt_time(w.get('since'))}  run {_txt(w.get('run_id'))}")
+        stopped = [f"{_txt(h['host'])} ({_txt(h.get('why'))})" for h in chef.get("hosts") or []]
+        if stopped:
+            lines.append("  chef stopped: " + ", ".join(stopped))
+        bad_lbs = [lb for lb in env.get("load_balancers") or [] if lb.get("ok") is False]
+        for lb in bad_lbs:
+            lines.append(f"  LB {_txt(lb['name'])} UNREADABLE: {_txt(lb.get('error'))}")
+        diffs = env.get("lb_disagreements") or []
+        for d in diffs[:10]:
+            states = ", ".join(f"{_txt(lb)} {_txt(v)}" for lb, v in (d.get("states") or {}).items())
+            lines.append(f"  LBs disagree on {_txt(d.get('backend'))}/{_txt(d.get('server'))}: {states}")
+        if len(diffs) > 10:
+            lines.append(f"  ... and {len(diffs) - 10} more LB disagreement(s)")
+        if env.get("canary"):
+            lines += _canary_lines(env["canary"])
+        for p in env.get("patches") or []:
+            roles = ",".join(_txt(r) for r in p.get("roles") or [])
+            lines.append(f"  patch {_txt(p['patch_id'])}: {_txt(p.get('status'))} on {roles or '?'} "
+                         f"({p.get('hosts', 0)} hosts) by {_txt(p.get('who'))}  run {_txt(p.get('run_id'))}"
+                         + (f"  reason: {_txt(p['reason'])}" if p.get("reason") else ""))
+        deps = env.get("deployments") or []
+        if deps:
+            lines.append("  last deployments:")
+        for d in deps:
+            lines.append(f"    {_fmt_time(d.get('updated'))}  {_txt(d.get('kind')):<8} "
+                         f"{_txt(d.get('status')):<11} {_txt(d.get('version'))}  run {_txt(d.get('run_id'))}")
+    for h in snap.get("halts") or []:
+        patch = f" (patch {_txt(h['patch_id'])})" if h.get("patch_id") else ""
+        lines.append(f"HALT{patch} by {_txt(h.get('who'))}  {_since(h.get('since'), h.get('age_s'))}: "
+                     f"{_txt(h.get('reason'))}")
+    if not snap.get("halts"):
+        lines.append("halts: none")
+    for lock in snap.get("other_locks") or []:
+        lines.append(f"{_txt(lock.get('env'))} (not in the inventory): {_lock_line(lock)}")
+    return lines
+
+
+def fleet_report(client: AirflowClient, out: Output, lbs: bool = True) -> dict:
+    """The fleet part of ``status``: the snapshot printed, or one line saying why there is none."""
+    try:
+        snap = client.fleet_status(lbs=lbs)
+    except NotFound as exc:
+        out.line(f"liftoff state: not available: {exc}")
+        return {"error": str(exc), "status": 404}
+    except ApiError as exc:
+        out.line(f"liftoff state: not available: {exc}")
+        return {"error": str(exc), "status": exc.status}
+    for line in fleet_lines(snap):
+        out.line(line)
+    out.line()
+    return snap
+
+
 def cmd_status(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
     report: dict[str, Any] = {}
     dags = [validate_name("name", d) for d in (args.dag or STATUS_DAGS)]
     _int_range(args.limit, 1, 100, "--limit")
+    fleet = fleet_report(client, out, lbs=not args.no_lbs)
     for dag_id in dags:
         dag = client.dag(dag_id)
         if dag is None:
@@ -467,7 +618,7 @@ def cmd_status(client: AirflowClient, out: Output, args: argparse.Namespace) -> 
                 out.line(f"    {stage:<34} {state}")
             if r["tasks"]:
                 out.line("    " + ", ".join(f"{t}: {s}" for t, s in r["tasks"].items()))
-    out.data({"dags": report})
+    out.data({"fleet": fleet, "dags": report})
     return EXIT_OK
 
 
@@ -797,8 +948,12 @@ def build_parser() -> argparse.ArgumentParser:
         lk.add_argument("--reason", required=True, metavar="R")
         lk.set_defaults(func=cmd_lock)
 
-    st = sub.add_parser("status", parents=[common], help="last runs of deploy_canary and deploy_production")
+    st = sub.add_parser("status", parents=[common],
+                        help="every environment's state (versions, locks, drained hosts, chef, canary "
+                             "weight, halts, patches, deployments) and the last runs of deploy_canary and "
+                             "deploy_production")
     st.add_argument("--limit", type=int, default=3, help="runs per DAG (default 3)")
+    st.add_argument("--no-lbs", action="store_true", help="liftoff's records only: do not read the LBs")
     st.add_argument("--dag", action="append", help="only this DAG (repeatable)")
     st.set_defaults(func=cmd_status)
 

@@ -1,0 +1,405 @@
+"""``liftoff status``: the state of every environment in one JSON-able dict, from liftoff's
+state store and (optionally) one read of every load balancer.
+
+:func:`snapshot` is what ``GET /liftoff/api/status`` serves (the liftoff Airflow plugin), what
+the ChatOps CLI prints and what the fleet view shows. Per environment:
+
+- ``roles``: the version each role's hosts run, as counts. liftoff's view, not the hosts':
+  every host runs the version of the newest successful deployment (or rollback) record,
+  unless a later record's rollout (store host statuses of ``ENV:VERSION``, written after that
+  record started) says the host is ``done`` or ``skipped`` on its version. ``unknown``: no
+  successful record yet.
+- ``lock``: holder, run id as it is (pasteable into ``liftoff watch``), since, reason.
+- ``out_of_service``: hosts with a drain record and hosts an LB shows not UP/ready, each with its
+  drain record, or ``"note": "no record"`` when no record explains what an LB shows.
+- ``failed_hosts``: hosts the last rollout left failed, with the reason it recorded.
+- ``chef_stopped``: what liftoff knows (it does not ask the hosts): a deployment record still
+  ``running`` means chef was stopped on every host when the deploy began
+  (:func:`liftoff.deploy.begin_env`) and is started again only at its cleanup; the cleanup
+  leaves chef stopped on the hosts with a drain record (:func:`liftoff.deploy.restart_chef`),
+  and a rollout leaves it stopped on the hosts it failed on.
+- ``load_balancers``: each LB read once (several environments may share an LB); an LB that
+  cannot be read is an entry with its ``error``, never an exception. ``lb_disagreements``:
+  the environment's servers the LBs report differently.
+- ``canary`` (on a canary environment): the canary servers' weight in the production backends
+  and their state on every production LB, and whether the LBs agree.
+- ``patches``: active post-deployment patches (:func:`liftoff.fleet.pending_patches`) with their
+  newest record; ``deployments``: the last deployment and rollback records.
+
+Top level: active ``halts``, ``generated_at``, whether the LBs were read. Times are ISO 8601
+UTC with an ``age_s``. Versions pass through ``redact`` (identity by default) so a caller can
+hide the version of an internal build everywhere it appears (a version ``redact`` changes is
+also replaced in every text: reasons, a failed host's detail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from liftoff.haproxy import HAProxy, ServerState, disagreements
+from liftoff.inventory import Environment, Inventory, LoadBalancerRef
+from liftoff.store import Deployment, DrainRecord, HostProgress, Store
+
+LB_TIMEOUT = 3.0  # seconds per LB read: status must answer fast, even with an LB down
+DEPLOYMENTS_SHOWN = 5
+DEPLOYMENTS_SCANNED = 50  # records read to find the newest successful one
+ROLLOUTS_REPLAYED = 10  # unfinished records after it whose host statuses count
+ON_VERSION = ("done", "skipped")
+IN_PROGRESS = ("draining", "installing")
+UNKNOWN = "unknown"
+NO_RECORD = "no record"
+CHEF_SOURCE = ("liftoff's records, not the hosts: a running deployment stopped chef on every host of "
+               "the environment; its cleanup starts it again except on hosts with a drain record or "
+               "that failed in the last rollout")
+
+LbReader = Callable[[Sequence[LoadBalancerRef]], Mapping[str, "list[ServerState] | BaseException | str"]]
+Redact = Callable[[str], str]
+
+
+def _identity(version: str) -> str:
+    return version
+
+
+# -- reading the LBs --------------------------------------------------------------------------------
+
+def read_lbs(lbs: Sequence[LoadBalancerRef], timeout: float = LB_TIMEOUT
+             ) -> dict[str, list[ServerState] | BaseException]:
+    """Every LB read once (``show stat`` + ``show servers state``), all at the same time:
+    ``{lb name: [ServerState]}``, or the exception for an LB that could not be read."""
+    if not lbs:
+        return {}
+
+    async def go() -> list:
+        return await asyncio.gather(*(HAProxy([lb], timeout=timeout).asnapshot() for lb in lbs),
+                                    return_exceptions=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        results = asyncio.run(go())
+    else:  # called from a coroutine: read on a thread of our own
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            results = pool.submit(asyncio.run, go()).result()
+    out: dict[str, list[ServerState] | BaseException] = {}
+    for lb, result in zip(lbs, results, strict=True):
+        out[lb.name] = result if isinstance(result, BaseException) else result.get(lb.name, [])
+    return out
+
+
+def _unique_lbs(inventory: Inventory) -> list[LoadBalancerRef]:
+    seen: dict[str, LoadBalancerRef] = {}
+    for env in inventory.environments.values():
+        for lb in env.load_balancers:
+            seen.setdefault(lb.name, lb)
+    return list(seen.values())
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+
+def _epoch(now: datetime | float | None) -> float:
+    if now is None:
+        return time.time()
+    return now.timestamp() if isinstance(now, datetime) else float(now)
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return None if dt is None else dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _when(dt: datetime | None, now: float) -> dict[str, Any]:
+    return {"at": _iso(dt), "age_s": None if dt is None else max(0, int(now - dt.timestamp()))}
+
+
+def _record(rec: DrainRecord, now: float) -> dict[str, Any]:
+    when = _when(rec.since, now)
+    return {"run_id": rec.run_id, "reason": rec.reason, "since": when["at"], "age_s": when["age_s"]}
+
+
+def _deployment(d: Deployment, now: float, redact: Redact) -> dict[str, Any]:
+    return {"version": redact(d.version), "run_id": d.run_id, "kind": d.kind, "status": d.status,
+            "started": _iso(d.started), "updated": _iso(d.updated),
+            "age_s": max(0, int(now - d.updated.timestamp()))}
+
+
+def _lb_text(s: ServerState) -> str:
+    return f"{s.backend} {s.raw_status or s.status}/{s.admin}"
+
+
+# -- versions from the records ----------------------------------------------------------------------
+
+def host_versions(store: Store, env: Environment, deployments: Sequence[Deployment]
+                  ) -> tuple[dict[str, str], Deployment | None, dict[str, HostProgress]]:
+    """``({host: version}, the newest record, {host: its status in that record's rollout})``
+    from the deployment records (newest first) and the host statuses of their rollouts."""
+    replay: list[Deployment] = []
+    base: str | None = None
+    for d in deployments:
+        if d.status == "success":
+            base = d.version
+            break
+        if len(replay) < ROLLOUTS_REPLAYED:
+            replay.append(d)
+    versions = {h.name: base or UNKNOWN for h in env.hosts()}
+    newest = deployments[0] if deployments else None
+    last: dict[str, HostProgress] = {}
+    for d in reversed(replay):  # oldest first: a later rollout wins
+        fresh = {h: p for h, p in store.host_statuses(f"{env.name}:{d.version}").items()
+                 if p.updated >= d.started}
+        for host, p in fresh.items():
+            if p.status in ON_VERSION and host in versions:
+                versions[host] = d.version
+        if d is newest:
+            last = fresh
+    if newest is not None and not replay:  # the newest record succeeded: its failures, if any
+        last = {h: p for h, p in store.host_statuses(f"{env.name}:{newest.version}").items()
+                if p.updated >= newest.started}
+    return versions, newest, last
+
+
+# -- the snapshot -----------------------------------------------------------------------------------
+
+def snapshot(inventory: Inventory, store: Store, *, lbs: bool = True, now: datetime | float | None = None,
+             redact: Redact = _identity, read: LbReader | None = None,
+             deployments_shown: int = DEPLOYMENTS_SHOWN) -> dict[str, Any]:
+    """The state of every environment of ``inventory`` (see the module's doc), JSON-able.
+
+    ``lbs``: read every load balancer once (False: liftoff's records only). ``now``: the time
+    ages are counted from. ``redact``: applied to every version shown (an internal build's).
+    ``read``: reads a list of LBs (default :func:`read_lbs`; tests give a fake)."""
+    started = time.monotonic()
+    t = _epoch(now)
+    lb_view: dict[str, list[ServerState] | str] | None = None
+    if lbs:
+        raw = (read or read_lbs)(_unique_lbs(inventory))
+        lb_view = {name: (states if isinstance(states, list) else str(states) or type(states).__name__)
+                   for name, states in raw.items()}
+    locks = {lock.env: lock for lock in store.list_locks()}
+    drained: dict[str, list[DrainRecord]] = {}
+    for rec in store.drained():
+        drained.setdefault(rec.env, []).append(rec)
+    seen: set[str] = set()  # every version read, for redact
+    envs = {name: _environment(inventory, env, store, lb_view, locks.pop(name, None), drained.get(name, []),
+                               t, redact, deployments_shown, seen)
+            for name, env in inventory.environments.items()}
+    out = {
+        "generated_at": _iso(datetime.fromtimestamp(t, tz=UTC)),
+        "lbs_read": lbs,
+        "halts": [{"id": h.id, "reason": h.reason, "patch_id": h.patch_id, "who": h.who,
+                   "since": _iso(h.since), "age_s": _when(h.since, t)["age_s"]}
+                  for h in store.active_halts()],
+        "environments": envs,
+        # locks on environments this inventory does not know (a renamed environment, say)
+        "other_locks": [_lock(lock, t) for lock in locks.values()],
+    }
+    hidden = {v: redact(v) for v in seen if redact(v) != v}
+    if hidden:  # also where a version stands in free text (a reason, a failed host's detail)
+        out = _scrub(out, hidden)
+    out["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    return out
+
+
+def _scrub(value: Any, hidden: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        for version, shown in hidden.items():
+            value = value.replace(version, shown)
+        return value
+    if isinstance(value, dict):
+        return {_scrub(k, hidden): _scrub(v, hidden) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, hidden) for v in value]
+    return value
+
+
+def _lock(lock, now: float) -> dict[str, Any]:
+    from liftoff.locks import by_hand
+
+    when = _when(lock.since, now)
+    return {"env": lock.env, "who": lock.who, "run_id": lock.run_id, "since": when["at"],
+            "age_s": when["age_s"], "reason": lock.reason, "by_hand": by_hand(lock)}
+
+
+def _env_lb_states(env: Environment, lb_view: Mapping[str, list[ServerState] | str] | None
+                   ) -> tuple[list[dict], dict[str, list[ServerState]]]:
+    """The environment's LB entries and the snapshot of those that answered."""
+    entries: list[dict] = []
+    snap: dict[str, list[ServerState]] = {}
+    for lb in env.load_balancers:
+        entry: dict[str, Any] = {"name": lb.name, "admin": lb.admin}
+        if lb_view is None:
+            entry.update(ok=None, error="not read")
+        elif isinstance(lb_view.get(lb.name), list):
+            snap[lb.name] = lb_view[lb.name]  # type: ignore[assignment]
+            entry.update(ok=True, error=None, servers=len(snap[lb.name]))
+        else:
+            entry.update(ok=False, error=str(lb_view.get(lb.name) or "not read"))
+        entries.append(entry)
+    return entries, snap
+
+
+def _environment(inventory: Inventory, env: Environment, store: Store,
+                 lb_view: Mapping[str, list[ServerState] | str] | None, lock, records: list[DrainRecord],
+                 now: float, redact: Redact, deployments_shown: int, seen: set[str]) -> dict[str, Any]:
+    from liftoff.canary import canary_env_of
+
+    deployments = store.deployments(env.name, limit=DEPLOYMENTS_SCANNED)
+    seen.update(d.version for d in deployments)
+    versions, newest, last = host_versions(store, env, deployments)
+    role_of = {h.name: r.name for r in env.roles for h in r.hosts}
+    lb_entries, snap = _env_lb_states(env, lb_view)
+    canary = _canary(inventory, env, lb_view) if env.canary_of else None
+
+    # out of service: every (LB, backend) where a host of this environment is not UP/ready
+    shown: dict[str, dict[str, list[str]]] = {}
+    for lb_name, states in snap.items():
+        for s in states:
+            if s.server in role_of and not s.in_service:
+                shown.setdefault(s.server, {}).setdefault(lb_name, []).append(_lb_text(s))
+    by_host = {r.host: r for r in records}
+    canary_state = canary.get("state") if canary else None
+    out_of_service = []
+    for host in sorted(set(shown) | set(by_host), key=lambda h: (role_of.get(h, ""), h)):
+        rec = by_host.get(host)
+        entry: dict[str, Any] = {"host": host, "role": role_of.get(host),
+                                 "record": _record(rec, now) if rec else None,
+                                 "lbs": {lb: ", ".join(v) for lb, v in sorted(shown.get(host, {}).items())}}
+        if rec is None:
+            entry["note"] = NO_RECORD + (f" (canary set to {canary_state})"
+                                         if canary_state in ("drain", "maint") else "")
+        elif host not in shown and snap and len(snap) == len(env.load_balancers):
+            entry["note"] = "drain record, but in service on every LB"
+        elif host not in shown and snap:
+            entry["note"] = "drain record; not seen out of service on the LBs that answered"
+        elif lb_view is not None and env.load_balancers and not snap:
+            entry["note"] = "drain record; no LB answered"
+        else:
+            entry["note"] = "drain record"
+        out_of_service.append(entry)
+
+    failed = {h: p for h, p in last.items() if p.status == "failed"}
+    oos = {e["host"] for e in out_of_service}
+    roles = []
+    for role in env.roles:
+        counts: dict[str, int] = {}
+        for h in role.hosts:
+            v = versions.get(h.name, UNKNOWN)
+            key = v if v == UNKNOWN else redact(v)
+            counts[key] = counts.get(key, 0) + 1
+        names = [h.name for h in role.hosts]
+        roles.append({
+            "name": role.name, "stage": role.stage, "hosts": len(names),
+            "versions": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "out_of_service": sum(1 for n in names if n in oos),
+            "failed": sum(1 for n in names if n in failed),
+            "in_progress": sum(1 for n in names if n in last and last[n].status in IN_PROGRESS
+                               and newest is not None and newest.status == "running"),
+        })
+
+    chef_hosts = {r.host: ("drain record", r.run_id) for r in records}
+    for host in failed:
+        chef_hosts.setdefault(host, ("failed in the last rollout", newest.run_id if newest else None))
+    running = next((d for d in deployments if d.status == "running"), None)
+    chef = {"source": CHEF_SOURCE,
+            "hosts": [{"host": h, "role": role_of.get(h), "why": why, "run_id": run_id}
+                      for h, (why, run_id) in sorted(chef_hosts.items())],
+            "env_wide": None if running is None else {
+                "run_id": running.run_id, "version": redact(running.version), "kind": running.kind,
+                "since": _iso(running.started)}}
+
+    current = next((d.version for d in deployments if d.status == "success"), None)
+    return {
+        "name": env.name,
+        "canary_of": env.canary_of,
+        "canary_env": canary_env_of(inventory, env.name),
+        "current_version": redact(current) if current else None,
+        "hosts": len(role_of),
+        "roles": roles,
+        "lock": _lock(lock, now) if lock else None,
+        "out_of_service": out_of_service,
+        "failed_hosts": [{"host": h, "role": role_of.get(h), "version": redact(p.version), "reason": p.detail,
+                          "run_id": newest.run_id if newest else None, "at": _iso(p.updated)}
+                         for h, p in sorted(failed.items())],
+        "chef_stopped": chef,
+        "load_balancers": lb_entries,
+        "lb_disagreements": _disagreements(snap, role_of),
+        "canary": canary,
+        "patches": _patches(store, env, now),
+        "deployments": [_deployment(d, now, redact) for d in deployments[:deployments_shown]],
+    }
+
+
+def _disagreements(snap: dict[str, list[ServerState]], hosts: Iterable[str]) -> list[dict]:
+    names = set(hosts)
+    mine = {lb: [s for s in states if s.server in names] for lb, states in snap.items()}
+    return [{"backend": d.backend, "server": d.server, "states": d.states} for d in disagreements(mine)]
+
+
+def _canary(inventory: Inventory, env: Environment, lb_view: Mapping[str, list[ServerState] | str] | None
+            ) -> dict[str, Any]:
+    """The canary servers on every LB of the production environment. Per LB: their weight in the
+    production backends (the highest, as :func:`liftoff.canary.current_canary_weight`; ``weights``
+    lists them when they differ on that LB) and their state. ``agree``: every LB that answered
+    reports each canary server alike (status, state and weight, in every backend, none missing
+    on one LB); ``disagreements`` lists those that differ. ``weight`` and ``state``: the one
+    value every canary server has on those LBs, else None."""
+    main = inventory.environments.get(env.canary_of or "")
+    out: dict[str, Any] = {"of": env.canary_of, "lbs": [], "weight": None, "state": None, "agree": None,
+                           "complete": False, "disagreements": []}
+    if main is None or lb_view is None:
+        out["error"] = "production LBs not read" if main is not None else f"no environment {env.canary_of}"
+        return out
+    hosts = {h.name for h in env.hosts()}
+    backends = {r.name for r in main.roles}
+    mine: dict[str, list[ServerState]] = {}
+    for lb in main.load_balancers:
+        states = lb_view.get(lb.name)
+        if not isinstance(states, list):
+            out["lbs"].append({"name": lb.name, "weight": None, "state": None,
+                               "error": str(states or "not read")})
+            continue
+        mine[lb.name] = [s for s in states if s.server in hosts]
+        weights = sorted({s.weight for s in mine[lb.name] if s.backend in backends})
+        admin = sorted({s.admin for s in mine[lb.name]})
+        entry = {"name": lb.name, "weight": max(weights, default=None),
+                 "state": admin[0] if len(admin) == 1 else ("mixed: " + ",".join(admin) if admin else None),
+                 "servers": len(mine[lb.name]), "error": None}
+        if len(weights) > 1:
+            entry["weights"] = weights
+        out["lbs"].append(entry)
+    out["complete"] = len(mine) == len(main.load_balancers)
+    if mine:
+        weights = {s.weight for states in mine.values() for s in states if s.backend in backends}
+        admin = {s.admin for states in mine.values() for s in states}
+        diffs = _disagreements(mine, hosts)
+        out.update(weight=next(iter(weights)) if len(weights) == 1 else None,
+                   state=next(iter(admin)) if len(admin) == 1 else None, agree=not diffs, disagreements=diffs)
+    return out
+
+
+def _patches(store: Store, env: Environment, now: float) -> list[dict]:
+    """Active post-deployment patches (re-applied after each install) with their newest record."""
+    from liftoff.fleet import pending_patches
+
+    active = pending_patches(store, env)
+    if not active:
+        return []
+    newest: dict[str, Any] = {}
+    for rec in store.patches(env.name):  # newest first
+        newest.setdefault(rec.patch_id, rec)
+    out = []
+    for patch_id, roles in active.items():
+        rec = newest[patch_id]
+        try:
+            reason = json.loads(rec.detail).get("reason", "")
+        except (ValueError, AttributeError):
+            reason = ""
+        when = _when(rec.at, now)
+        out.append({"patch_id": patch_id, "status": rec.status, "roles": list(roles), "hosts": len(rec.hosts),
+                    "who": rec.who, "run_id": rec.run_id, "reason": str(reason), "at": when["at"],
+                    "age_s": when["age_s"]})
+    return out
