@@ -32,6 +32,33 @@ PIPELINE = "deploy_production"
 VERSION = "{{ ti.xcom_pull(task_ids='resolve_version') }}"
 ENVS = ["gprd"]
 AUTO_PROMOTE = os.environ.get("LIFTOFF_AUTO_PROMOTE", "").lower() in ("1", "true", "yes")
+APPROVAL_TIMEOUT = timedelta(hours=8)
+_CHECKS = "(ti.xcom_pull(task_ids='production_checks') or {})"
+# The approval's evidence, rendered when the request is made (HITL body: Markdown). QA: canary
+# is recorded as verified only after its QA passed (resolve_version refuses another version
+# unless override_reason says why).
+APPROVAL_SUBJECT = (f"Promote {VERSION} to production (now on "
+                    f"{{{{ {_CHECKS}.get('previous_version') or 'unknown' }}}})?")
+APPROVAL_BODY = (
+    f"{{% set checks = {_CHECKS} %}}"
+    "**Version:** {{ ti.xcom_pull(task_ids='resolve_version') }}\n\n"
+    "**QA:** {% if params.get('override_reason') %}not verified on canary: promoted with the override "
+    "\"{{ params.get('override_reason') }}\"{% else %}passed on canary (canary verified this version)"
+    "{% endif %}\n\n"
+    "**Canary health and production checks:** {% if checks.get('failures') %}"
+    "{{ checks.get('failures') | join('; ') }}"
+    "{% if checks.get('overridden') %} (overridden: {{ checks.get('override_reason') }}){% endif %}"
+    "{% else %}all production checks passed{% endif %}\n\n"
+    "**Production runs now:** {{ checks.get('previous_version') or 'unknown' }}"
+    "{% set versions = (checks.get('versions') or {}).values() | list %}"
+    "{% if versions %} (hosts: {% for v in versions | map('default', 'unreadable', true) | unique %}"
+    "{{ v }} x{{ versions | map('default', 'unreadable', true) | select('equalto', v) | list | length }}"
+    "{% if not loop.last %}, {% endif %}{% endfor %}){% endif %}\n\n"
+    f"**Times out:** {{{{ macros.time.strftime('%Y-%m-%d %H:%M UTC', macros.time.gmtime(macros.time.time() + "
+    f"{int(APPROVAL_TIMEOUT.total_seconds())})) }}}} ({APPROVAL_TIMEOUT.total_seconds() / 3600:g} h after "
+    "this request; no answer rejects it)\n\n"
+    "Approve to deploy production gitaly, the fleet and post-deployment migrations."
+)
 
 
 @task
@@ -111,13 +138,12 @@ def deploy_production():
     branch = needs_approval()
     approval = ApprovalOperator(
         task_id="approval",
-        subject=f"Promote {VERSION} to production?",
-        body="Canary verified {{ ti.xcom_pull(task_ids='resolve_version') }}. Approve to deploy "
-             "production gitaly, the fleet and post-deployment migrations.",
+        subject=APPROVAL_SUBJECT,
+        body=APPROVAL_BODY,
         defaults="Reject",
         fail_on_reject=True,
         execution_timeout=None,
-        response_timeout=timedelta(hours=8),
+        response_timeout=APPROVAL_TIMEOUT,
         notifiers=[ApprovalWaitingNotifier()],
     )
     skip = EmptyOperator(task_id="no_approval_needed")

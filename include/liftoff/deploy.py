@@ -5,21 +5,25 @@ Every step that changes something passes the door first (:func:`liftoff.guard.ad
 cleared task takes the lock again when it is free and refuses, naming the holder, when
 someone else holds it; a step that would return the environment to an older package is
 refused past post-deployment migrations. Each returns a JSON-able dict (the task's XCom) and
-raises on a failed step.
+raises on a failed step. A rollout returns a short summary; its full report is kept in the
+state store (``Store.report(run_id, summary["report"]["rollout"])``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable
 
 from liftoff import builds, chef, fleet, guard, locks, migrations
-from liftoff.errors import InvalidInput
+from liftoff.errors import InvalidInput, LiftoffError
 from liftoff.inventory import Environment
 from liftoff.metrics import REDACTED
 from liftoff.runs import Run, for_build, run_sync
 from liftoff.store import DEPLOYMENT_KINDS
 from liftoff.versions import parse_version, validate_reason
+
+log = logging.getLogger(__name__)
 
 MODES = ("normal", "fast")
 GITALY_STAGE = "gitaly"
@@ -125,8 +129,25 @@ def deploy_roles(run: Run, env_name: str, version: str, stage: str | None = None
     with guard.entered(run, env.name, "rollout", version=version, keep=True):
         report = fleet.run_rollout(target_env, version, run_id=run.run_id, store=run.store, roles=selected,
                                    ssh_conn_id=run.inventory.conn_id("ssh"), options=options)
+        summary = keep_report(run, report, stage or "+".join(selected))
         report.raise_for_failure()
-    return report.to_dict()
+    return summary
+
+
+def keep_report(run: Run, report: fleet.RolloutReport, part: str) -> dict:
+    """Save the full report in the state store (every attempt kept) and return its summary (the
+    task's XCom), which says where the report is. Should the store refuse, the summary carries
+    the whole report instead: never lost."""
+    key = f"{report.rollout}/{part}"[:250]
+    where = {"store": "liftoff_rollout_reports", "run_id": run.run_id, "rollout": key}
+    try:
+        run.store.save_report(run.run_id, report.env, key, report.to_json())
+    except LiftoffError as exc:
+        log.warning("could not keep the rollout report of %s in the state store (%s): it is in the XCom",
+                    key, exc)
+        where = {"xcom": "full_report", "store_error": str(exc)}
+        return {**report.summary(where), "full_report": report.to_dict()}
+    return report.summary(where)
 
 
 def roll_stage(run: Run, env_name: str, version: str, stage: str | None, mode: str = "normal", *,

@@ -62,6 +62,14 @@ CHEF_START_MODES = ("host", "role", "cleanup")
 _STATUS_LINE = re.compile(r"^(?:ok: )?(run|down|fail|warning): ([A-Za-z0-9_.-]+):(?: \(pid (\d+)\))?")
 
 
+SUMMARY_MAX_NAMES = 20  # host names a summary lists per role (and failed hosts); beyond: counts
+SUMMARY_REASON_CHARS = 300
+
+
+def _short(text: str, limit: int = SUMMARY_REASON_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class RolloutFailed(LiftoffError):
     """A rollout finished with failed hosts (or stopped); ``report`` has the details."""
 
@@ -171,6 +179,36 @@ class RolloutReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def summary(self, where: dict | None = None, max_names: int = SUMMARY_MAX_NAMES) -> dict:
+        """What a task returns (its XCom): a few hundred bytes however big the fleet. Per role its
+        status, host counts and batches (the host names of each batch when the role has at most
+        ``max_names`` hosts, else each batch's host count); the failed hosts with their reasons
+        (at most ``max_names``); ``where``: where the full report (:meth:`to_json`) is kept."""
+        roles = {}
+        for name, rr in self.roles.items():
+            hosts = [h for h in self.hosts.values() if h.role == name]
+            counts: dict[str, int] = {}
+            for h in hosts:
+                counts[h.status] = counts.get(h.status, 0) + 1
+            small = len(hosts) <= max_names
+            roles[name] = {"status": rr.status, "counts": counts,
+                           "batches": [list(b) if small else len(b) for b in rr.batches],
+                           **({"error": _short(rr.error)} if rr.error else {})}
+        failed = self.failed_hosts
+        chef_stopped = self.chef_stopped
+        out = {"env": self.env, "version": self.version, "run_id": self.run_id, "rollout": self.rollout,
+               "status": self.status, "duration": round(self.duration, 1), "counts": self.counts(),
+               "roles": roles,
+               "failed_hosts": {h: _short(r) for h, r in list(failed.items())[:max_names]},
+               "chef_stopped": chef_stopped if len(chef_stopped) <= max_names else len(chef_stopped)}
+        if len(failed) > max_names:
+            out["failed_hosts_more"] = len(failed) - max_names
+        if self.error:
+            out["error"] = _short(self.error)
+        if where is not None:
+            out["report"] = where
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> RolloutReport:
@@ -528,6 +566,7 @@ class _Batch:
     insp: dict[str, _Inspection]
     phase: dict[str, float]  # seconds per phase (the role report's batch_phases)
     installing_started: Callable[[], None]
+    total: int = 0  # the role's number of batches (for the log)
     mark: float = field(default_factory=time.monotonic)
     work: list[HostRef] = field(default_factory=list)  # hosts to deploy (not skipped, not failed)
     flows: dict[str, list[Step]] = field(default_factory=dict)  # their flows
@@ -543,6 +582,16 @@ class _Batch:
         now = time.monotonic()
         self.phase[name] = self.phase.get(name, 0.0) + now - self.mark
         self.mark = now
+
+    @property
+    def label(self) -> str:
+        """``batch 2 of web``: what the LB log lines say instead of the host names."""
+        return f"batch {self.index} of {self.role.name}"
+
+    @property
+    def position(self) -> str:
+        """``batch 2 of 5``."""
+        return f"batch {self.index} of {self.total}" if self.total else f"batch {self.index}"
 
 
 class _Rollout:
@@ -659,7 +708,8 @@ class _Rollout:
                 started = time.monotonic()
                 rr.batches.append([h.name for h in batch])
                 try:
-                    ok = await self._batch(role, i + 1, batch, inspections, phase, start_prefetch)
+                    ok = await self._batch(role, i + 1, batch, inspections, phase, start_prefetch,
+                                           total=len(batches))
                 except LiftoffError as exc:
                     rr.error = str(exc)
                     ok = False
@@ -699,11 +749,12 @@ class _Rollout:
 
     # -- one batch -----------------------------------------------------------------------------
     async def _batch(self, role: Role, index: int, hosts: list[HostRef], insp: dict[str, _Inspection],
-                     phase: dict[str, float], installing_started: Callable[[], None] = lambda: None) -> bool:
+                     phase: dict[str, float], installing_started: Callable[[], None] = lambda: None,
+                     total: int = 0) -> bool:
         """Classify the batch's hosts by their inspection, then run the phases of their flows
         (:func:`host_flow`, :func:`batch_phases`) in order across the batch. False when a host
         failed or a phase stopped the batch."""
-        b = _Batch(role, index, hosts, insp, phase, installing_started)
+        b = _Batch(role, index, hosts, insp, phase, installing_started, total)
         await self._classify(b)
         if not b.work:
             installing_started()
@@ -753,6 +804,7 @@ class _Rollout:
                 b.failed_early = True
             elif i.installed == self.version and h.name not in out:
                 hr.status, hr.step = "skipped", "inspect"
+                log.info("%s: already at %s and in service, skipped (%s)", h.name, self.version, b.position)
                 if self.previous.get(h.name) != "done":  # keep "done" from an earlier run of this rollout
                     b.statuses.append((h.name, "skipped", f"already at {self.version} and in service"))
             else:
@@ -782,7 +834,7 @@ class _Rollout:
             self.report.hosts[h.name].step = "drain"
         try:
             if b.lb_work:
-                await self.haproxy.adrain(b.lb_work, snapshot=self.last_snapshot)
+                await self.haproxy.adrain(b.lb_work, snapshot=self.last_snapshot, label=b.label)
         except HAProxyError as exc:
             for h in b.work:
                 self._fail(h, "drain", f"drain failed: {exc}")
@@ -834,7 +886,7 @@ class _Rollout:
             for name in good_lb:
                 self.report.hosts[name].step = "ready"
             try:
-                await self.haproxy.aready(good_lb)
+                await self.haproxy.aready(good_lb, label=b.label)
                 b.lap("ready")
             except HAProxyError as exc:
                 b.not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
@@ -856,7 +908,7 @@ class _Rollout:
             self._fail(self.env.host(name), "up", f"not UP on every LB after "
                        f"{self.options.up_timeout:.0f}s: {detail}")
         try:  # a failed host stays drained
-            await self.haproxy.adrain(list(b.not_up))
+            await self.haproxy.adrain(list(b.not_up), label=f"{b.label} (not UP)")
         except HAProxyError as exc:
             for name in b.not_up:
                 self.report.hosts[name].notes.append(f"could not drain it again: {exc}")
@@ -870,6 +922,8 @@ class _Rollout:
         for h in b.good:
             hr = reports[h.name]
             hr.status, hr.step, hr.duration = "done", "done", round(now - b.t0, 3)
+            log.info("%s: %s -> %s in %.1f s (%s%s)", h.name, hr.from_version or "?", self.version,
+                     hr.duration, b.position, ", repaired" if hr.repaired else "")
 
         def finish() -> None:
             self.store.clear_drained_many(self.env.name, [h.name for h in b.good])

@@ -293,7 +293,9 @@ class HAProxy:
     # -- changing --------------------------------------------------------------------------------
     async def _apply(self, action: str, hosts: Iterable[str], make: Callable[[str], str],
                      backends: Iterable[str] | None = None,
-                     snapshot: dict[str, list[ServerState]] | None = None) -> ChangeResult:
+                     snapshot: dict[str, list[ServerState]] | None = None,
+                     label: str | None = None) -> ChangeResult:
+        """``label`` (e.g. ``batch 2 of web``) stands for the host names in the log line."""
         names = [validate_name("server", h) for h in hosts]
         wanted = set(names)
         only = None if backends is None else set(backends)
@@ -324,16 +326,24 @@ class HAProxy:
         if failed:
             raise PartialApplication(action, result.applied, failed)
         if names:
-            log.info("haproxy %s: %s on %d LB(s)", action, ", ".join(names), len(result.applied))
+            if label:
+                log.info("haproxy %s: %s, %d host(s) on %d LB(s)", action, label, len(names),
+                         len(result.applied))
+            else:
+                log.info("haproxy %s: %s on %d LB(s)", action, ", ".join(names), len(result.applied))
         return result
 
     async def adrain(self, hosts: Iterable[str], backends: Iterable[str] | None = None, *,
-                     snapshot: dict[str, list[ServerState]] | None = None) -> ChangeResult:
+                     snapshot: dict[str, list[ServerState]] | None = None,
+                     label: str | None = None) -> ChangeResult:
         """Drain the hosts in every backend (or only ``backends``) on every LB."""
-        return await self._apply("drain", hosts, lambda t: f"set server {t} state drain", backends, snapshot)
+        return await self._apply("drain", hosts, lambda t: f"set server {t} state drain", backends, snapshot,
+                                 label)
 
-    async def aready(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
-        return await self._apply("ready", hosts, lambda t: f"set server {t} state ready", backends)
+    async def aready(self, hosts: Iterable[str], backends: Iterable[str] | None = None, *,
+                     label: str | None = None) -> ChangeResult:
+        return await self._apply("ready", hosts, lambda t: f"set server {t} state ready", backends,
+                                 label=label)
 
     async def amaint(self, hosts: Iterable[str], backends: Iterable[str] | None = None) -> ChangeResult:
         return await self._apply("maint", hosts, lambda t: f"set server {t} state maint", backends)

@@ -1,5 +1,6 @@
 """liftoff's durable state: environment locks, drain records, host progress, audit trail,
-deployments, patches and halts, in SQL (SQLite or PostgreSQL) through SQLAlchemy core.
+deployments, rollout reports, patches and halts, in SQL (SQLite or PostgreSQL) through
+SQLAlchemy core.
 
 The state lives outside Airflow's metadata so it survives Airflow restarts, is shared by
 every worker and the ChatOps CLI, and can sit in the same Postgres under ``liftoff_*``
@@ -119,6 +120,17 @@ patches_t = Table(
     Column("status", String(32), nullable=False),
     Column("hosts", Text, nullable=False, default=""),
     Column("detail", Text, nullable=False, default=""),
+    Column("at", Float, nullable=False),
+)
+# A rollout's full report (fleet.RolloutReport.to_json()); the task's XCom is its summary. Every
+# attempt is kept: a cleared task adds a row.
+reports_t = Table(
+    "liftoff_rollout_reports", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("rollout", String(250), nullable=False),
+    Column("env", String(64), nullable=False),
+    Column("report", Text, nullable=False),
     Column("at", Float, nullable=False),
 )
 halts_t = Table(
@@ -607,6 +619,22 @@ class Store:
         with self._tx() as conn:
             rows = conn.execute(select(halts_t).order_by(halts_t.c.id.desc())).all()
         return [_halt(r) for r in rows]
+
+    # -- rollout reports ---------------------------------------------------------------------------
+    def save_report(self, run_id: str, env: str, rollout: str, report_json: str) -> None:
+        """Keep a rollout's full report (JSON); a later attempt of the same run and rollout adds a
+        row, the earlier ones stay."""
+        with self._tx() as conn:
+            conn.execute(insert(reports_t).values(run_id=run_id, rollout=rollout, env=env,
+                                                  report=report_json, at=time.time()))
+
+    def report(self, run_id: str, rollout: str) -> str | None:
+        """The newest full report saved for the run and rollout (JSON), or None."""
+        with self._tx() as conn:
+            row = conn.execute(select(reports_t.c.report)
+                               .where(reports_t.c.run_id == run_id, reports_t.c.rollout == rollout)
+                               .order_by(reports_t.c.id.desc()).limit(1)).first()
+        return row.report if row else None
 
     # -- helpers -----------------------------------------------------------------------------------
     def _upsert_many(self, table: Table, items: list[tuple[dict, dict, dict]]) -> None:

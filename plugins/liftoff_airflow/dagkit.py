@@ -77,7 +77,9 @@ COMMON_PARAMS: dict[str, Param] = {
         "Let failed prechecks pass; the reason is recorded. Leave empty to fail closed."),
     "quiet_period_seconds": Param(None, type=["null", "integer"], minimum=0, maximum=86400,
                                   title="Quiet period (seconds)",
-                                  description="Alert-free window after each stage; empty: the inventory's."),
+                                  description="Alert-free window after each stage; empty: the inventory's. "
+                                              "Negative values are refused; a window below the inventory's "
+                                              "minimum needs the allow_precheck_failure reason."),
 }
 
 
@@ -296,9 +298,11 @@ def finish_env(pipeline: str, env: str, version: str) -> dict:
 
 
 def gate(env: str, version: str, qa: bool, expect_version: bool = True):
-    """QA (optional) then the quiet period; returns (first, last) of the chain."""
+    """QA (optional) then the quiet period (a window below the inventory's minimum passes only
+    with the run's allow_precheck_failure reason); returns (first, last) of the chain."""
     quiet = QuietPeriodSensor(task_id="quiet_period", env=env, window_s=quiet_window(),
-                              dry_run=dry_run_flag())
+                              dry_run=dry_run_flag(),
+                              override_reason="{{ params.get('allow_precheck_failure') or '' }}")
     if not qa:
         return quiet, quiet
     qa_task = QAGateOperator(task_id="qa", env=env, version=version, expect_version=expect_version,

@@ -25,19 +25,45 @@ def _quiet_settings(env_extra: dict[str, Any], window_s: float | None) -> tuple[
     return window, min(interval, max(window / 2, 0.5))
 
 
+def _given(value: Any) -> str | None:
+    """A templated optional value: None for what Jinja renders of nothing ("", "None")."""
+    text = "" if value is None else str(value).strip()
+    return None if text in ("", "None") else text
+
+
+def check_window(env: str, window: float, env_extra: dict[str, Any],
+                 override_reason: str | None) -> str | None:
+    """Refuse (AirflowException, one sentence) a negative window, or one shorter than the
+    inventory's minimum (``quiet_period.min_window_s``; 0: none) unless ``override_reason`` is
+    given; then the line to log saying it was overridden, else None."""
+    if window < 0:
+        raise AirflowException(f"quiet period on {env}: the window must be 0 seconds or more, got {window:g}")
+    minimum = float(dict(env_extra.get("quiet_period") or {}).get("min_window_s", 0) or 0)
+    if window >= minimum:
+        return None
+    if not override_reason:
+        raise AirflowException(
+            f"quiet period on {env}: a window of {window:g}s is shorter than the inventory's minimum of "
+            f"{minimum:g}s; give allow_precheck_failure a reason to override it")
+    return (f"quiet period on {env}: a window of {window:g}s, shorter than the inventory's minimum of "
+            f"{minimum:g}s, overridden: {override_reason}")
+
+
 class QuietPeriodSensor(BaseSensorOperator):
     """Passes once the environment had no matching alert for a whole window; fails at the first
     alert (or when Alertmanager cannot be read). Always deferred: no worker slot while waiting."""
 
-    template_fields = ("env", "window_s", "dry_run")
+    template_fields = ("env", "window_s", "dry_run", "override_reason")
 
     def __init__(self, *, env: str, window_s: Any = None,
-                 severities: tuple[str, ...] = ("critical", "warning"), dry_run: Any = False, **kwargs: Any):
+                 severities: tuple[str, ...] = ("critical", "warning"), dry_run: Any = False,
+                 override_reason: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.env = env
         self.window_s = window_s
         self.severities = list(severities)
         self.dry_run = dry_run
+        self.override_reason = override_reason  # lets a window below the inventory's minimum pass
 
     def execute(self, context: Any) -> Any:
         if _is_true(self.dry_run):
@@ -49,8 +75,11 @@ class QuietPeriodSensor(BaseSensorOperator):
 
         inventory = load_inventory()
         environment = inventory.env(self.env)
-        window = None if self.window_s in (None, "", "None") else float(self.window_s)
-        window, interval = _quiet_settings(dict(environment.extra), window)
+        given = _given(self.window_s)
+        window, interval = _quiet_settings(dict(environment.extra), None if given is None else float(given))
+        overridden = check_window(self.env, window, dict(environment.extra), _given(self.override_reason))
+        if overridden:
+            self.log.warning("%s", overridden)
         period = QuietPeriod(window_s=window, interval_s=interval, fail_on_alert=True)
         self.log.info("waiting for %ss without alerts on %s (%s)", window, self.env,
                       dict(environment.alert_matchers))

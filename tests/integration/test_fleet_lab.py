@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import re
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from liftoff import chef, migrations
+from liftoff import chef, deploy, migrations
 from liftoff.commands import chain_steps, chained_command
 from liftoff.errors import CapacityError, ConfigError, InvalidVersion
 from liftoff.fleet import INSPECT_STEPS, RolloutOptions, pending_patches, plan, rollout
@@ -93,7 +96,7 @@ def roll(env, version, run_id, store, roles=("web",), options=OPTIONS):
     return asyncio.run(rollout(env, version, run_id=run_id, store=store, roles=list(roles), options=options))
 
 
-def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, store):
+def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, store, caplog, capfd):
     lab = fleet_env
     lab.build_add(FAILING, install_fails_on=["web-02-sv-gprd"])
     lab.build_add(GOOD)
@@ -126,8 +129,25 @@ def test_failed_install_stops_and_stays_drained_then_resume_finishes(fleet_env, 
 
     # second run, a good build, HTTP checks on: the drained host is repaired first
     env_http = with_app_port(lab)
+    caplog.set_level(logging.INFO, logger="liftoff")
+    capfd.readouterr()
     second = roll(env_http, GOOD, "fleet-lab-2", store)
     assert second.status == "success", second.to_json()
+    # the task log (stdout here, or log records): one line per host (old -> new, duration,
+    # batch), LB lines name the batch and a count
+    log = capfd.readouterr().out + "\n".join(r.getMessage() for r in caplog.records)
+    for i, h in enumerate(["web-02-sv-gprd", "web-01-sv-gprd", "web-03-sv-gprd"], start=1):
+        old = FAILING if h == "web-01-sv-gprd" else hosts[h]["installed"]
+        tail = ", repaired" if h == "web-02-sv-gprd" else ""
+        want = rf"{h}: {re.escape(old)} -> {re.escape(GOOD)} in \d+\.\d s \(batch {i} of 3{tail}\)"
+        assert len(re.findall(rf"{h}: \S+ -> ", log)) == 1 and re.search(want, log), log
+        assert f"haproxy drain: batch {i} of web, 1 host(s) on 2 LB(s)" in log
+        assert f"haproxy ready: batch {i} of web, 1 host(s) on 2 LB(s)" in log
+    # the XCom is the summary; the full report is in the state store
+    summary = deploy.keep_report(SimpleNamespace(run_id="fleet-lab-2", store=store), second, "web")
+    assert len(json.dumps(summary)) < 1500 and summary["roles"]["web"]["counts"] == {"done": 3}
+    kept = store.report("fleet-lab-2", summary["report"]["rollout"])
+    assert json.loads(kept) == json.loads(second.to_json())
     assert second.roles["web"].batches[0] == ["web-02-sv-gprd"]
     assert second.hosts["web-02-sv-gprd"].repaired
     assert store.drained(ENV) == []

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import re
+from types import SimpleNamespace
 
 import pytest
 
-from liftoff import chef
+from liftoff import chef, deploy
 from liftoff.errors import CapacityError, HAProxyError, InvalidVersion
 from liftoff.fleet import RolloutOptions, RolloutReport, pending_patches, plan, rollout
 from liftoff.haproxy import HAProxy
@@ -395,3 +398,86 @@ def test_the_rollout_runs_exactly_the_commands_the_plan_lists(lbs, store, chef_s
     unaware = plan(env, None, NEW, run_id="run-1", options=options)
     assert {p.host for p in unaware if p.commands != executed(remote, p.host)} == {
         h.name for h in env.role("api").hosts}
+
+
+# -- what the task log and the XCom show (issue 11, "In the Airflow UI") ------------------------------
+
+def test_the_log_has_one_line_per_host_and_lb_lines_name_the_batch(lbs, store, caplog):
+    env, fleet, remote = setup(lbs, {"web": {"hosts": 6, "floor": "50%", "batch": "3"}})
+    fleet.hosts["web-01-sv-gprd"].installed = fleet.hosts["web-01-sv-gprd"].running = NEW  # skipped
+    caplog.set_level(logging.INFO, logger="liftoff")
+    report = roll(env, remote, store)
+    assert report.status == "success", report.error
+    lines = [r.getMessage() for r in caplog.records]
+    for n in range(2, 7):
+        host = f"web-{n:02d}-sv-gprd"
+        mine = [line for line in lines if line.startswith(f"{host}: ")]
+        assert len(mine) == 1, mine
+        batch = 1 if n <= 3 else 2
+        assert re.fullmatch(rf"{host}: {OLD} -> {NEW} in \d+\.\d s \(batch {batch} of 2\)", mine[0]), mine[0]
+    assert f"web-01-sv-gprd: already at {NEW} and in service, skipped (batch 1 of 2)" in lines
+    lb_lines = [line for line in lines if line.startswith("haproxy ")]
+    assert lb_lines == ["haproxy drain: batch 1 of web, 2 host(s) on 2 LB(s)",
+                        "haproxy ready: batch 1 of web, 2 host(s) on 2 LB(s)",
+                        "haproxy drain: batch 2 of web, 3 host(s) on 2 LB(s)",
+                        "haproxy ready: batch 2 of web, 3 host(s) on 2 LB(s)"]
+
+
+def test_other_callers_keep_the_host_names_in_the_lb_line(lbs, store, caplog):
+    env, _, _ = setup(lbs, {"web": {"hosts": 2, "floor": "0%"}})
+    caplog.set_level(logging.INFO, logger="liftoff")
+    HAProxy.for_env(env, poll=0.05).drain(["web-01-sv-gprd", "web-02-sv-gprd"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert "haproxy drain: web-01-sv-gprd, web-02-sv-gprd on 2 LB(s)" in lines
+
+
+def test_summary_is_small_and_names_batches_of_small_roles_only(lbs, store):
+    env, fleet, remote = setup(lbs, {"api": {"hosts": 4, "floor": "50%", "stage": "first"},
+                                     "web": {"hosts": 100, "floor": "80%"}})
+    fleet.install_fails_on[BAD] = {f"web-{n:02d}-sv-gprd" for n in range(1, 31)}
+    report = roll(env, remote, store, version=BAD)
+    full = report.to_json()
+    summary = report.summary({"store": "liftoff_rollout_reports", "run_id": "run-1", "rollout": "x"})
+    small = json.dumps(summary)
+    assert len(full) > 20_000 and len(small) < 6_000, (len(full), len(small))
+    assert summary["status"] == "failed" and summary["counts"] == report.counts()
+    web = summary["roles"]["web"]
+    assert web["status"] == "failed" and web["batches"] == [10]
+    assert web["counts"] == {"failed": 10, "pending": 90}
+    assert len(summary["failed_hosts"]) == 10 and all(len(r) <= 300 for r in summary["failed_hosts"].values())
+    api = summary["roles"]["api"]
+    assert api["status"] == "success" and api["counts"] == {"done": 4}
+    assert api["batches"] == [["api-01-sv-gprd"], ["api-02-sv-gprd"], ["api-03-sv-gprd"], ["api-04-sv-gprd"]]
+    assert summary["report"]["store"] == "liftoff_rollout_reports"
+
+
+def test_keep_report_saves_the_full_report_and_returns_where_it_is(lbs, store):
+    env, _, remote = setup(lbs, {"web": {"hosts": 3, "floor": "0%"}})
+    report = roll(env, remote, store)
+    run = SimpleNamespace(run_id="run-1", store=store)
+    summary = deploy.keep_report(run, report, "fleet")
+    assert summary["report"] == {"store": "liftoff_rollout_reports", "run_id": "run-1",
+                                 "rollout": f"gprd:{NEW}/fleet"}
+    assert json.loads(store.report("run-1", f"gprd:{NEW}/fleet")) == json.loads(report.to_json())
+    assert store.report("run-1", f"gprd:{NEW}/gitaly") is None
+    assert store.report("run-2", f"gprd:{NEW}/fleet") is None
+    again = dataclasses.replace(report, status="failed")  # a cleared task's second attempt: the first stays
+    deploy.keep_report(run, again, "fleet")
+    assert json.loads(store.report("run-1", f"gprd:{NEW}/fleet"))["status"] == "failed"
+    with store._tx() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM liftoff_rollout_reports").scalar() == 2
+
+
+def test_keep_report_puts_the_report_in_the_xcom_when_the_store_refuses(lbs, store):
+    from liftoff.errors import StoreError
+
+    env, _, remote = setup(lbs, {"web": {"hosts": 2, "floor": "0%"}})
+    report = roll(env, remote, store)
+
+    class Broken:
+        def save_report(self, *a):
+            raise StoreError("state store down")
+
+    summary = deploy.keep_report(SimpleNamespace(run_id="run-1", store=Broken()), report, "fleet")
+    assert summary["full_report"] == report.to_dict()
+    assert "state store down" in summary["report"]["store_error"]
