@@ -496,13 +496,83 @@ def _canary_lines(canary: Mapping[str, Any]) -> list[str]:
     else:
         verdict = "LBs DISAGREE"
     lines = [f"  canary weight on {_txt(canary.get('of'))}'s LBs: " + ", ".join(per_lb) + f"  ({verdict})"]
-    diffs = canary.get("disagreements") or []
-    for d in diffs[:5]:
+    return lines + _disagreement_lines(canary.get("disagreements") or [], 5, "    ", "    ... and {n} more")
+
+
+def _disagreement_lines(diffs: list, limit: int, head: str, more: str) -> list[str]:
+    """One line per backend/server the LBs disagree on (at most ``limit``), then how many more."""
+    lines = []
+    for d in diffs[:limit]:
         states = ", ".join(f"{_txt(lb)} {_txt(v)}" for lb, v in (d.get("states") or {}).items())
-        lines.append(f"    {_txt(d.get('backend'))}/{_txt(d.get('server'))}: {states}")
-    if len(diffs) > 5:
-        lines.append(f"    ... and {len(diffs) - 5} more")
+        lines.append(f"{head}{_txt(d.get('backend'))}/{_txt(d.get('server'))}: {states}")
+    if len(diffs) > limit:
+        lines.append(more.format(n=len(diffs) - limit))
     return lines
+
+
+def _out_of_service_lines(oos: list) -> list[str]:
+    lines = [f"  out of service: {len(oos)}" if oos else "  out of service: none"]
+    for h in oos:
+        rec = h.get("record")
+        why = ""
+        if rec:
+            why = (f"drain record  run {_txt(rec.get('run_id'))}  "
+                   f"{_since(rec.get('since'), rec.get('age_s'))}"
+                   + (f"  reason: {_txt(rec['reason'])}" if rec.get("reason") else ""))
+        note = h.get("note") or ""
+        if note and note != "drain record":
+            why = f"{why}  ({_txt(note)})" if why else _txt(note).upper()
+        on_lbs = "; ".join(f"{_txt(lb)}: {_txt(v)}" for lb, v in (h.get("lbs") or {}).items())
+        lines.append(f"    {_txt(h['host'])}  {why}" + (f"  [{on_lbs}]" if on_lbs else ""))
+    return lines
+
+
+def _chef_and_lb_lines(env: Mapping[str, Any]) -> list[str]:
+    lines = [f"  failed: {_txt(h['host'])}  {_txt(h.get('reason'))}  run {_txt(h.get('run_id'))}"
+             for h in env.get("failed_hosts") or []]
+    chef = env.get("chef_stopped") or {}
+    if chef.get("env_wide"):
+        w = chef["env_wide"]
+        lines.append(f"  chef stopped on every host: {_txt(w.get('kind'))} {_txt(w.get('version'))} "
+                     f"running since {_fmt_time(w.get('since'))}  run {_txt(w.get('run_id'))}")
+    stopped = [f"{_txt(h['host'])} ({_txt(h.get('why'))})" for h in chef.get("hosts") or []]
+    if stopped:
+        lines.append("  chef stopped: " + ", ".join(stopped))
+    lines += [f"  LB {_txt(lb['name'])} UNREADABLE: {_txt(lb.get('error'))}"
+              for lb in env.get("load_balancers") or [] if lb.get("ok") is False]
+    return lines + _disagreement_lines(env.get("lb_disagreements") or [], 10, "  LBs disagree on ",
+                                       "  ... and {n} more LB disagreement(s)")
+
+
+def _record_lines(env: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for p in env.get("patches") or []:
+        roles = ",".join(_txt(r) for r in p.get("roles") or [])
+        lines.append(f"  patch {_txt(p['patch_id'])}: {_txt(p.get('status'))} on {roles or '?'} "
+                     f"({p.get('hosts', 0)} hosts) by {_txt(p.get('who'))}  run {_txt(p.get('run_id'))}"
+                     + (f"  reason: {_txt(p['reason'])}" if p.get("reason") else ""))
+    deps = env.get("deployments") or []
+    if deps:
+        lines.append("  last deployments:")
+    lines += [f"    {_fmt_time(d.get('updated'))}  {_txt(d.get('kind')):<8} {_txt(d.get('status')):<11} "
+              f"{_txt(d.get('version'))}  run {_txt(d.get('run_id'))}" for d in deps]
+    return lines
+
+
+def _env_lines(name: str, env: Mapping[str, Any]) -> list[str]:
+    current = env.get("current_version") or "no successful deploy recorded"
+    canary = f", canary of {_txt(env['canary_of'])}" if env.get("canary_of") else ""
+    lines = [f"{_txt(name)}: {_txt(current)}  ({env.get('hosts', 0)} hosts{canary})"]
+    for role in env.get("roles") or []:
+        extra = [f"{role[k]} {k.replace('_', ' ')}" for k in ("out_of_service", "failed", "in_progress")
+                 if role.get(k)]
+        lines.append(f"  {_txt(role['name']):<10} {_versions(role.get('versions') or {})}"
+                     + (f"  ({', '.join(extra)})" if extra else ""))
+    lines.append(f"  lock: {_lock_line(env['lock'])}" if env.get("lock") else "  lock: none")
+    lines += _out_of_service_lines(env.get("out_of_service") or []) + _chef_and_lb_lines(env)
+    if env.get("canary"):
+        lines += _canary_lines(env["canary"])
+    return lines + _record_lines(env)
 
 
 def fleet_lines(snap: Mapping[str, Any]) -> list[str]:
@@ -510,61 +580,7 @@ def fleet_lines(snap: Mapping[str, Any]) -> list[str]:
     lbs = "LBs read" if snap.get("lbs_read") else "LBs not read"
     lines = [f"liftoff state at {_fmt_time(snap.get('generated_at'))} ({lbs})"]
     for name, env in (snap.get("environments") or {}).items():
-        current = env.get("current_version") or "no successful deploy recorded"
-        canary = f", canary of {_txt(env['canary_of'])}" if env.get("canary_of") else ""
-        lines.append(f"{_txt(name)}: {_txt(current)}  ({env.get('hosts', 0)} hosts{canary})")
-        for role in env.get("roles") or []:
-            extra = [f"{role[k]} {k.replace('_', ' ')}" for k in ("out_of_service", "failed", "in_progress")
-                     if role.get(k)]
-            lines.append(f"  {_txt(role['name']):<10} {_versions(role.get('versions') or {})}"
-                         + (f"  ({', '.join(extra)})" if extra else ""))
-        lines.append(f"  lock: {_lock_line(env['lock'])}" if env.get("lock") else "  lock: none")
-        oos = env.get("out_of_service") or []
-        lines.append(f"  out of service: {len(oos)}" if oos else "  out of service: none")
-        for h in oos:
-            rec = h.get("record")
-            why = ""
-            if rec:
-                why = (f"drain record  run {_txt(rec.get('run_id'))}  "
-                       f"{_since(rec.get('since'), rec.get('age_s'))}"
-                       + (f"  reason: {_txt(rec['reason'])}" if rec.get("reason") else ""))
-            note = h.get("note") or ""
-            if note and note != "drain record":
-                why = f"{why}  ({_txt(note)})" if why else _txt(note).upper()
-            on_lbs = "; ".join(f"{_txt(lb)}: {_txt(v)}" for lb, v in (h.get("lbs") or {}).items())
-            lines.append(f"    {_txt(h['host'])}  {why}" + (f"  [{on_lbs}]" if on_lbs else ""))
-        for h in env.get("failed_hosts") or []:
-            lines.append(f"  failed: {_txt(h['host'])}  {_txt(h.get('reason'))}  run {_txt(h.get('run_id'))}")
-        chef = env.get("chef_stopped") or {}
-        if chef.get("env_wide"):
-            w = chef["env_wide"]
-            lines.append(f"  chef stopped on every host: {_txt(w.get('kind'))} {_txt(w.get('version'))} "
-                         f"running since {_fmt_time(w.get('since'))}  run {_txt(w.get('run_id'))}")
-        stopped = [f"{_txt(h['host'])} ({_txt(h.get('why'))})" for h in chef.get("hosts") or []]
-        if stopped:
-            lines.append("  chef stopped: " + ", ".join(stopped))
-        bad_lbs = [lb for lb in env.get("load_balancers") or [] if lb.get("ok") is False]
-        for lb in bad_lbs:
-            lines.append(f"  LB {_txt(lb['name'])} UNREADABLE: {_txt(lb.get('error'))}")
-        diffs = env.get("lb_disagreements") or []
-        for d in diffs[:10]:
-            states = ", ".join(f"{_txt(lb)} {_txt(v)}" for lb, v in (d.get("states") or {}).items())
-            lines.append(f"  LBs disagree on {_txt(d.get('backend'))}/{_txt(d.get('server'))}: {states}")
-        if len(diffs) > 10:
-            lines.append(f"  ... and {len(diffs) - 10} more LB disagreement(s)")
-        if env.get("canary"):
-            lines += _canary_lines(env["canary"])
-        for p in env.get("patches") or []:
-            roles = ",".join(_txt(r) for r in p.get("roles") or [])
-            lines.append(f"  patch {_txt(p['patch_id'])}: {_txt(p.get('status'))} on {roles or '?'} "
-                         f"({p.get('hosts', 0)} hosts) by {_txt(p.get('who'))}  run {_txt(p.get('run_id'))}"
-                         + (f"  reason: {_txt(p['reason'])}" if p.get("reason") else ""))
-        deps = env.get("deployments") or []
-        if deps:
-            lines.append("  last deployments:")
-        for d in deps:
-            lines.append(f"    {_fmt_time(d.get('updated'))}  {_txt(d.get('kind')):<8} "
-                         f"{_txt(d.get('status')):<11} {_txt(d.get('version'))}  run {_txt(d.get('run_id'))}")
+        lines += _env_lines(name, env)
     for h in snap.get("halts") or []:
         patch = f" (patch {_txt(h['patch_id'])})" if h.get("patch_id") else ""
         lines.append(f"HALT{patch} by {_txt(h.get('who'))}  {_since(h.get('since'), h.get('age_s'))}: "
