@@ -242,27 +242,17 @@ def _env_lb_states(env: Environment, lb_view: Mapping[str, list[ServerState] | s
     return entries, snap
 
 
-def _environment(inventory: Inventory, env: Environment, store: Store,
-                 lb_view: Mapping[str, list[ServerState] | str] | None, lock, records: list[DrainRecord],
-                 now: float, redact: Redact, deployments_shown: int, seen: set[str]) -> dict[str, Any]:
-    from liftoff.canary import canary_env_of
-
-    deployments = store.deployments(env.name, limit=DEPLOYMENTS_SCANNED)
-    seen.update(d.version for d in deployments)
-    versions, newest, last = host_versions(store, env, deployments)
-    role_of = {h.name: r.name for r in env.roles for h in r.hosts}
-    lb_entries, snap = _env_lb_states(env, lb_view)
-    canary = _canary(inventory, env, lb_view) if env.canary_of else None
-
-    # out of service: every (LB, backend) where a host of this environment is not UP/ready
+def _out_of_service(env: Environment, snap: dict[str, list[ServerState]], records: list[DrainRecord],
+                    role_of: dict[str, str], canary_state: str | None, lbs_asked: bool,
+                    now: float) -> list[dict[str, Any]]:
+    """Every host an LB shows out of service (not UP/ready) or a drain record names, with why."""
     shown: dict[str, dict[str, list[str]]] = {}
     for lb_name, states in snap.items():
         for s in states:
             if s.server in role_of and not s.in_service:
                 shown.setdefault(s.server, {}).setdefault(lb_name, []).append(_lb_text(s))
     by_host = {r.host: r for r in records}
-    canary_state = canary.get("state") if canary else None
-    out_of_service = []
+    out = []
     for host in sorted(set(shown) | set(by_host), key=lambda h: (role_of.get(h, ""), h)):
         rec = by_host.get(host)
         entry: dict[str, Any] = {"host": host, "role": role_of.get(host),
@@ -275,14 +265,17 @@ def _environment(inventory: Inventory, env: Environment, store: Store,
             entry["note"] = "drain record, but in service on every LB"
         elif host not in shown and snap:
             entry["note"] = "drain record; not seen out of service on the LBs that answered"
-        elif lb_view is not None and env.load_balancers and not snap:
+        elif lbs_asked and env.load_balancers and not snap:
             entry["note"] = "drain record; no LB answered"
         else:
             entry["note"] = "drain record"
-        out_of_service.append(entry)
+        out.append(entry)
+    return out
 
-    failed = {h: p for h, p in last.items() if p.status == "failed"}
-    oos = {e["host"] for e in out_of_service}
+
+def _roles(env: Environment, versions: dict[str, str], redact: Redact, oos: set[str], failed: dict,
+           last: dict, rolling: bool) -> list[dict[str, Any]]:
+    """Per role: host count, versions with counts, hosts out of service, failed, in progress."""
     roles = []
     for role in env.roles:
         counts: dict[str, int] = {}
@@ -296,20 +289,44 @@ def _environment(inventory: Inventory, env: Environment, store: Store,
             "versions": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
             "out_of_service": sum(1 for n in names if n in oos),
             "failed": sum(1 for n in names if n in failed),
-            "in_progress": sum(1 for n in names if n in last and last[n].status in IN_PROGRESS
-                               and newest is not None and newest.status == "running"),
+            "in_progress": sum(1 for n in names if n in last and last[n].status in IN_PROGRESS and rolling),
         })
+    return roles
 
+
+def _chef_stopped(records: list[DrainRecord], failed: dict, newest, deployments, role_of: dict[str, str],
+                  redact: Redact) -> dict[str, Any]:
+    """Where liftoff left chef stopped (see CHEF_SOURCE), and a deploy or rollback still running."""
     chef_hosts = {r.host: ("drain record", r.run_id) for r in records}
     for host in failed:
         chef_hosts.setdefault(host, ("failed in the last rollout", newest.run_id if newest else None))
     running = next((d for d in deployments if d.status == "running"), None)
-    chef = {"source": CHEF_SOURCE,
+    return {"source": CHEF_SOURCE,
             "hosts": [{"host": h, "role": role_of.get(h), "why": why, "run_id": run_id}
                       for h, (why, run_id) in sorted(chef_hosts.items())],
             "env_wide": None if running is None else {
                 "run_id": running.run_id, "version": redact(running.version), "kind": running.kind,
                 "since": _iso(running.started)}}
+
+
+def _environment(inventory: Inventory, env: Environment, store: Store,
+                 lb_view: Mapping[str, list[ServerState] | str] | None, lock, records: list[DrainRecord],
+                 now: float, redact: Redact, deployments_shown: int, seen: set[str]) -> dict[str, Any]:
+    from liftoff.canary import canary_env_of
+
+    deployments = store.deployments(env.name, limit=DEPLOYMENTS_SCANNED)
+    seen.update(d.version for d in deployments)
+    versions, newest, last = host_versions(store, env, deployments)
+    role_of = {h.name: r.name for r in env.roles for h in r.hosts}
+    lb_entries, snap = _env_lb_states(env, lb_view)
+    canary = _canary(inventory, env, lb_view) if env.canary_of else None
+
+    out_of_service = _out_of_service(env, snap, records, role_of, canary.get("state") if canary else None,
+                                     lb_view is not None, now)
+    failed = {h: p for h, p in last.items() if p.status == "failed"}
+    roles = _roles(env, versions, redact, {e["host"] for e in out_of_service}, failed, last,
+                   newest is not None and newest.status == "running")
+    chef = _chef_stopped(records, failed, newest, deployments, role_of, redact)
 
     current = next((d.version for d in deployments if d.status == "success"), None)
     return {
