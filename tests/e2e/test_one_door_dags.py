@@ -157,11 +157,12 @@ def test_stage_4_failing_after_post_migrations_refuses_the_automatic_rollback(da
 
 
 def test_stage_9_failing_after_post_migrations_refuses_the_automatic_rollback(dags, lab: Lab, store, capfd):
+    # canary (still on the base build) gets no production traffic: QA must see the new build only
     migration = post_migration(lab.build_add(PRODUCTION_BUILD, nightly=True))
     old_installs = len(installs_of(lab, BASE))
     with AlertAfterMigration(lab, "gprd", migration) as watcher:
         state, tasks, out = run(dags["deploy_production"], capfd, version=PRODUCTION_BUILD,
-                                override_reason="door test: canary skipped on purpose",
+                                override_reason="door test: canary skipped on purpose", canary_weight=0,
                                 allow_precheck_failure="door test: canary is not on this build")
     assert watcher.fired.is_set(), "the post-deployment migration never showed up"
     assert state == "failed", tasks
