@@ -592,7 +592,10 @@ def airflow_stack(tmp_dir: Path, env: dict[str, str], start_timeout: float = 180
     stack: Stack | None = None
     try:
         db_url = create_database(database)
-        settings: dict[str, str] = {}
+        # finalize writes the run's note through the REST API as this user (README "Reasons")
+        settings: dict[str, str] = {"AIRFLOW_CONN_LIFTOFF_AIRFLOW_API": json.dumps(
+            {"conn_type": "http", "host": f"http://127.0.0.1:{port}", "login": USER, "password": password,
+             "extra": {"timeout": 10}}, separators=(",", ":"))}
         if redis_db is not None:
             settings.update(celery_env(db_url, redis_db, concurrency))
         if state_database:

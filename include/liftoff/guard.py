@@ -135,7 +135,8 @@ def _hold(run: Run, env: Environment, change: str, version: str | None, force: b
                                f"{change} forced while {locks.describe(holder)}")
         log.warning("%s on %s forced past the lock: %s", change, env.name, locks.describe(holder))
         return False
-    locks.hold(run, env.name, f"{run.pipeline} {change}" + (f" {version}" if version else ""))
+    shown = "internal" if run.redact_version else version  # an internal build's version stays inside
+    locks.hold(run, env.name, f"{run.pipeline} {change}" + (f" {shown}" if shown else ""))
     return True
 
 

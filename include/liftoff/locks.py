@@ -8,6 +8,7 @@ again when it is free and refuses, naming the holder, when someone else holds it
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 from liftoff.errors import LockHeld
@@ -32,7 +33,18 @@ def by_hand(lock: Lock | None) -> bool:
 def describe(lock: Lock) -> str:
     """``gstg is locked by alice (run manual-alice, since 2026-12-02 16:40Z): incident 4242``."""
     return (f"{lock.env} is locked by {lock.who} (run {lock.run_id}, since {lock.since:%Y-%m-%d %H:%M}Z)"
-            + (f": {lock.reason}" if lock.reason else ""))
+            + (f": {lock.reason}" if lock.reason else "") + _watch_hint(lock))
+
+
+def _watch_hint(lock: Lock) -> str:
+    """How to follow the holder: its run id as Airflow made it, with its DAG (the pipeline that
+    starts the lock reason), ready to paste."""
+    if lock.run_id.startswith(MANUAL_PREFIX):
+        return ""
+    dag = lock.reason.split(" ", 1)[0] if lock.reason else ""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", dag):
+        return ""
+    return f" (follow it: liftoff watch {lock.run_id} --dag {dag})"
 
 
 def held_by_other(run: Run, env_name: str) -> Lock | None:

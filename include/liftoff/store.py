@@ -133,6 +133,14 @@ reports_t = Table(
     Column("report", Text, nullable=False),
     Column("at", Float, nullable=False),
 )
+step_failures_t = Table(  # why a task failed, in one sentence: finalize, watch and the UI say it
+    "liftoff_step_failures", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("task_id", String(250), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("at", Float, nullable=False),
+)
 halts_t = Table(
     "liftoff_halts", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -635,6 +643,21 @@ class Store:
                                .where(reports_t.c.run_id == run_id, reports_t.c.rollout == rollout)
                                .order_by(reports_t.c.id.desc()).limit(1)).first()
         return row.report if row else None
+
+    # -- why steps failed --------------------------------------------------------------------------
+    def record_step_failure(self, run_id: str, task_id: str, reason: str) -> None:
+        """Keep the one-sentence reason a task of the run failed with (each attempt adds a row)."""
+        with self._tx() as conn:
+            conn.execute(insert(step_failures_t).values(run_id=run_id, task_id=task_id[:250],
+                                                        reason=reason[:4000], at=time.time()))
+
+    def step_failures(self, run_id: str) -> dict[str, str]:
+        """``{task_id: reason}`` of the run, the newest attempt's reason per task."""
+        with self._tx() as conn:
+            rows = conn.execute(select(step_failures_t.c.task_id, step_failures_t.c.reason)
+                                .where(step_failures_t.c.run_id == run_id)
+                                .order_by(step_failures_t.c.id)).all()
+        return {r.task_id: r.reason for r in rows}
 
     # -- helpers -----------------------------------------------------------------------------------
     def _upsert_many(self, table: Table, items: list[tuple[dict, dict, dict]]) -> None:

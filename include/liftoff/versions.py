@@ -136,6 +136,15 @@ def _build(kind: str, text: str, g: tuple[str, ...]) -> PackageVersion:
                           _key=(major, minor, 0, _RANK[kind], int(stamp), 0, 0, text))
 
 
+def commit_sha(version: object) -> str | None:
+    """The application commit a nightly or auto-deploy version names (its first SHA), else None."""
+    try:
+        v = parse_version(version)
+    except InvalidVersion:
+        return None
+    return v.shas[0] if v.shas else None
+
+
 def is_version(value: object) -> bool:
     try:
         parse_version(value)
@@ -161,8 +170,8 @@ _NAME_RULES: dict[str, tuple[str, int]] = {
     "server": (r"[A-Za-z0-9][A-Za-z0-9._-]*", 128),
     "database": (r"[A-Za-z0-9][A-Za-z0-9_-]*", 63),
     "patch": (r"[A-Za-z0-9][A-Za-z0-9._-]*", 128),
-    "rollout": (r"[A-Za-z0-9][A-Za-z0-9._:+@-]*", 250),
-    "run_id": (r"[A-Za-z0-9][A-Za-z0-9._:+@-]*", 250),
+    "rollout": (r"[A-Za-z0-9][A-Za-z0-9._:+@~-]*", 250),
+    "run_id": (r"[A-Za-z0-9][A-Za-z0-9._:+@~-]*", 250),  # Airflow's run-id alphabet
     "who": (r"[A-Za-z0-9][A-Za-z0-9._@+-]*", 128),
     "conn_id": (r"[A-Za-z0-9][A-Za-z0-9._-]*", 250),
     "label": (r"[a-zA-Z_][a-zA-Z0-9_]*", 128),

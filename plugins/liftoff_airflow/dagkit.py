@@ -24,10 +24,40 @@ CANARY_VERIFIED = Asset("liftoff://canary-verified")
 
 
 def notify_failure(context: Any) -> None:
-    """Every task's ``on_failure_callback``: the failed step and its reason to chat (never raises)."""
+    """Every task's ``on_failure_callback``: the failed step's reason kept for finalize, watch
+    and the UI, and told to chat (never raises)."""
     from liftoff import notify
 
+    record_failure(context)
     notify.step_failed(context)
+
+
+def failure_reason(exc: Any) -> str:
+    """A task's exception as one sentence (its type when it says nothing)."""
+    text = " ".join(str(exc or "").split())
+    if not text and exc is not None:
+        text = f"{type(exc).__name__} (no message; see the task log)"
+    return (text or "no reason given (see the task log)")[:1000]
+
+
+def record_failure(context: Any) -> bool:
+    """Keep why the task failed in liftoff's state store (never raises: a callback)."""
+    import logging
+
+    from liftoff.store import Store
+
+    try:
+        ti = context.get("ti") or context.get("task_instance")
+        dag_run = context.get("dag_run")
+        run_id = str(getattr(dag_run, "run_id", "") or getattr(ti, "run_id", ""))
+        task_id = str(getattr(ti, "task_id", ""))
+        if not run_id or not task_id or task_id == "finalize":
+            return False
+        Store.from_settings().record_step_failure(run_id, task_id, failure_reason(context.get("exception")))
+        return True
+    except Exception as exc:  # the failure stands; only its reason is lost
+        logging.getLogger(__name__).warning("could not record why the task failed: %s", exc)
+        return False
 
 
 DEFAULT_ARGS = {
@@ -108,13 +138,14 @@ def run_handle(pipeline: str, override_reason: str | None = None):
     dag_run = ctx["dag_run"]
     who = (dag_run.conf or {}).get("requested_by") or ("scheduler" if dag_run.run_type == "scheduled"
                                                          else "airflow-user")
-    return Run(run_id=safe_run_id(dag_run.run_id), who=safe_run_id(str(who)), pipeline=pipeline,
+    return Run(run_id=dag_run.run_id, who=safe_name(str(who)), pipeline=pipeline,
                override_reason=override_reason)
 
 
-def safe_run_id(run_id: str) -> str:
-    """Airflow run ids carry ':' and '+'; the engine's names allow [A-Za-z0-9._-]."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in run_id)[:120]
+def safe_name(name: str) -> str:
+    """A user name as the engine's names allow it ([A-Za-z0-9._@+-]); run ids stay as Airflow
+    made them (the engine takes Airflow's run-id alphabet), so they can be pasted anywhere."""
+    return "".join(c if c.isalnum() or c in "._@+-" else "_" for c in name)[:120]
 
 
 def params() -> dict[str, Any]:
@@ -191,15 +222,71 @@ def failed_tasks(states: dict[str, str | None] | None = None, dag: Any = None) -
     return sorted((t for t, s in states.items() if s == "failed" and t != "finalize"), key=position)
 
 
+def lock_story(run: Any, envs: list[str]) -> dict[str, list[str]]:
+    """What this run did with each environment's lock, oldest first, from the lock history
+    (a rollback task releases its lock before finalize does)."""
+    story: dict[str, list[str]] = {"taken": [], "released": [], "forced": [], "still_held": []}
+    for env in envs:
+        for event in reversed(run.store.lock_events(env)):
+            if event.run_id != run.run_id:
+                continue
+            if event.action == "acquire" and env not in story["taken"]:
+                story["taken"].append(env)
+            elif event.action == "release" and env not in story["released"]:
+                story["released"].append(env)
+            elif event.action == "force_release":
+                why = f" ({event.reason})" if event.reason else ""
+                story["forced"].append(f"{env} force-released by {event.who}{why}")
+    story["still_held"] = [e for e in envs
+                           if (lock := run.store.get_lock(e)) is not None and lock.run_id == run.run_id]
+    return story
+
+
+def lock_sentence(story: dict[str, list[str]]) -> str:
+    if story["taken"] or story["released"] or story["forced"]:
+        text = (f"locks taken: {', '.join(story['taken']) or 'none'}; "
+                f"locks released: {', '.join(story['released']) or 'none'}")
+    else:
+        text = "no lock taken"
+    text += "".join(f"; {f}" for f in story["forced"])
+    return text + (f"; still held: {', '.join(story['still_held'])}" if story["still_held"] else "")
+
+
+def next_step(run_id: str, dag_id: str, failed: list[str]) -> str:
+    """What a release manager does next after the first failing step."""
+    stage = next((t.split(".", 1)[0] for t in failed if t.startswith("stage_") and "." in t), None)
+    if stage:
+        return (f"next: fix the cause, then retry the stage (liftoff retry {run_id} {stage} --dag {dag_id}) "
+                f"or roll back (liftoff rollback ENV)")
+    return f"next: fix the cause, then trigger {dag_id} again (see the failed task's log)"
+
+
+def run_sentence(pipeline: str, failed: list[str], not_run: list[str], reasons: dict[str, str]) -> str:
+    """The run's result: the first failing step (run order) with its reason, then the others."""
+    if failed:
+        first = failed[0]
+        text = f"{pipeline} failed at {first} (first)"
+        if reasons.get(first):
+            text += f": {reasons[first].rstrip('.')}"
+        later = failed[1:5] + ([f"{len(failed) - 5} more"] if len(failed) > 5 else [])
+        return text + (f"; then {', '.join(later)}" if later else "")
+    if not_run:
+        return (f"{pipeline} failed: {len(not_run)} task(s) did not run "
+                f"(upstream_failed: {', '.join(not_run[:5])})")
+    return f"{pipeline} succeeded"
+
+
 def finalize_run(pipeline: str, envs: list[str], *, run: Any = None,
                  states: dict[str, str | None] | None = None, dag: Any = None) -> dict:
     """Always runs last: release this run's locks, push the pipeline's result, fail the run
-    when anything failed, with one sentence: the first failing step (run order) and the locks
-    this run took and released, read from the lock history (a rollback task releases its lock
-    before finalize does). ``run``, ``states`` and ``dag`` come from the task's context unless
-    given (tests)."""
+    when anything failed, with one sentence: the first failing step (run order) and why (the
+    reason its failure callback recorded), the locks this run took and released, and what to
+    do next. The sentence is the run's note in the Airflow UI, its ``summary`` XCom (``watch``
+    and ``status`` print it) and its chat message. ``run``, ``states`` and ``dag`` come from the
+    task's context unless given (tests)."""
     from liftoff import notify
     from liftoff.locks import release_locks
+    from liftoff.notes import set_run_note
 
     ctx = get_current_context() if run is None or states is None or dag is None else None
     run = run_handle(pipeline) if run is None else run
@@ -210,50 +297,24 @@ def finalize_run(pipeline: str, envs: list[str], *, run: Any = None,
     finalize_released = release_locks(run, envs)
     failed = failed_tasks(states, ctx["dag"] if dag is None else dag)
     not_run = sorted(t for t, s in states.items() if s == "upstream_failed")
-
-    # What this run did with each environment's lock, oldest first.
-    taken: list[str] = []
-    released: list[str] = []
-    forced: list[str] = []
-    for env in envs:
-        for event in reversed(run.store.lock_events(env)):
-            if event.run_id != run.run_id:
-                continue
-            if event.action == "acquire" and env not in taken:
-                taken.append(env)
-            elif event.action == "release" and env not in released:
-                released.append(env)
-            elif event.action == "force_release":
-                why = f" ({event.reason})" if event.reason else ""
-                forced.append(f"{env} force-released by {event.who}{why}")
-    still_held = [e for e in envs
-                  if (lock := run.store.get_lock(e)) is not None and lock.run_id == run.run_id]
-    if taken or released or forced:
-        locks = f"locks taken: {', '.join(taken) or 'none'}; locks released: {', '.join(released) or 'none'}"
-    else:
-        locks = "no lock taken"
-    locks += "".join(f"; {f}" for f in forced)
-    locks += f"; still held: {', '.join(still_held)}" if still_held else ""
-
+    reasons = run.store.step_failures(run.run_id)
+    story = lock_story(run, envs)
     status = "failed" if failed or not_run else "success"
-    if failed:
-        later = failed[1:5] + ([f"{len(failed) - 5} more"] if len(failed) > 5 else [])
-        summary = f"{pipeline} failed at {failed[0]} (first)"
-        if later:
-            summary += f", then {', '.join(later)}"
-    elif not_run:
-        summary = (f"{pipeline} failed: {len(not_run)} task(s) did not run "
-                   f"(upstream_failed: {', '.join(not_run[:5])})")
-    else:
-        summary = f"{pipeline} succeeded"
-    summary += f"; {locks}"
-    result = {"status": status, "summary": summary, "failed": failed, "locks_taken": taken,
-              "locks_released": released, "locks_force_released": forced, "locks_still_held": still_held,
+    dag_id = ctx["dag_run"].dag_id if ctx else pipeline
+    summary = f"{run_sentence(pipeline, failed, not_run, reasons)}; {lock_sentence(story)}"
+    if status == "failed":
+        summary += f". {next_step(run.run_id, dag_id, failed)}"
+    result = {"status": status, "summary": summary, "failed": failed,
+              "reason": reasons.get(failed[0]) if failed else None,
+              "locks_taken": story["taken"], "locks_released": story["released"],
+              "locks_force_released": story["forced"], "locks_still_held": story["still_held"],
               "released": finalize_released}
 
     start = ctx["dag_run"].start_date if ctx else None
     run.metrics().pipeline_status(status, start.timestamp() if start else None, time.time())
     notify.run_finished(run, result)
+    if ctx:
+        set_run_note(dag_id, run.run_id, summary)
     if status == "failed":
         if ctx:
             ctx["ti"].xcom_push("summary", result)  # a failed task's return value is never pushed

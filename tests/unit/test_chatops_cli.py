@@ -91,12 +91,12 @@ class FakeAirflow:
                 if rest == f"/dagRuns/{RUN}/taskInstances":
                     return self._answer(200, {"task_instances": fake.task_instances,
                                               "total_entries": len(fake.task_instances)})
-                x = re.fullmatch(rf"/dagRuns/{re.escape(RUN)}/taskInstances/([^/]+)/xcomEntries/return_value",
+                x = re.fullmatch(rf"/dagRuns/{re.escape(RUN)}/taskInstances/([^/]+)/xcomEntries/([^/]+)",
                                  rest)
                 if x:
-                    if (dag, x.group(1)) in fake.xcoms:
-                        value = fake.xcoms[(dag, x.group(1))]
-                        return self._answer(200, {"key": "return_value", "value": value})
+                    key = (dag, x.group(1)) if x.group(2) == "return_value" else (dag, x.group(1), x.group(2))
+                    if key in fake.xcoms:
+                        return self._answer(200, {"key": x.group(2), "value": fake.xcoms[key]})
                     return self._answer(404, {"detail": "XCom entry not found"})
                 if rest == "/clearTaskInstances" and method == "POST":
                     group = {t.split(".")[0] for t in body["task_ids"]}
@@ -167,11 +167,29 @@ def test_deploy_triggers_deploy_canary_with_its_conf(fake):
     assert code == 0
     [req] = fake.triggers()
     assert req["path"] == "/api/v2/dags/deploy_canary/dagRuns"
+    run_id, note = req["body"].pop("dag_run_id"), req["body"].pop("note")
     assert req["body"] == {"logical_date": None, "conf": {
         "version": GOOD, "dry_run": True, "allow_precheck_failure": "INC-42 known alert",
         "on_failure": "halt", "quiet_period_seconds": 5}}
+    assert re.fullmatch(rf"deploy_{re.escape(GOOD)}__\d{{8}}T\d{{6}}Z_[0-9a-f]{{4}}", run_id)
+    assert note == f"deploy {GOOD} (dry run: plan only) (liftoff CLI)"
     assert RUN in out
     assert f"{fake.url}/dags/deploy_canary/runs/manual__2026-11-29T11%3A00%3A00%2B00%3A00" in out
+
+
+def test_run_ids_say_what_the_run_does_in_airflow_s_alphabet():
+    from liftoff.chatops.cli import readable_run_id
+    from liftoff.versions import validate_name
+
+    when = datetime(2026, 12, 3, 8, 0, 12, tzinfo=UTC)
+    for what, label in [("rollback gprd to the previous version", "rollback_gprd_to_the_previous_version"),
+                        ("canary weight 25 (forced)", "canary_weight_25"),
+                        ("patch p-1 on gprd (web, api)", "patch_p-1_on_gprd"),
+                        ("<script>alert(1)</script>", "script_alert_1_script")]:
+        run_id = readable_run_id(what, when)
+        assert run_id.startswith(f"{label}__20261203T080012Z_"), run_id
+        assert re.fullmatch(r"[A-Za-z0-9_.~:+-]+", run_id) and validate_name("run_id", run_id) == run_id
+    assert readable_run_id("deploy x", when) != readable_run_id("deploy x", when)
 
 
 def test_deploy_defaults_leave_the_dag_defaults_alone(fake):
@@ -455,6 +473,34 @@ def test_watch_lists_the_failed_tasks_first_failed_first(fake):
     assert code == 1
     assert "  failed: stage_3_staging_fleet.deploy, stage_2_staging_gitaly.qa, rollback" in out
     assert f"liftoff retry {RUN} stage_3_staging_fleet --dag deploy_canary" in out
+
+
+def test_watch_ends_with_the_run_s_sentence(fake):
+    """The reason, not only task names: finalize's summary (pushed as XCom ``summary`` when
+    the run failed) is printed, as plain text, and is in the JSON end event."""
+    fake.run_states = ["running", "failed"]
+    fake.task_instances = failed_run()
+    first = "deploy_canary failed at stage_3_staging_fleet.deploy (first): web-02-sv-gstg"
+    sentence = f"{first}: install failed (exit 100)\x1b[2J; locks taken: gstg; locks released: gstg"
+    fake.xcoms[("deploy_canary", "finalize", "summary")] = json.dumps({"status": "failed",
+                                                                        "summary": sentence})
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert code == 1
+    [line] = [ln for ln in out.splitlines() if "install failed" in ln]
+    assert line.strip().startswith(first)
+    assert "\x1b" not in out
+    code, out, _ = run_cli(fake, "--json", "watch", RUN, "--interval", "0.05")
+    end = [json.loads(ln) for ln in out.splitlines() if '"end"' in ln][-1]
+    assert end["summary"].startswith("deploy_canary failed at stage_3_staging_fleet.deploy (first)")
+
+
+def test_watch_of_a_good_run_prints_its_sentence_too(fake):
+    fake.run_states = ["success"]
+    fake.task_instances = [ti("resolve_version", "success"), ti("finalize", "success")]
+    fake.xcoms[("deploy_canary", "finalize")] = {"status": "success",
+                                                 "summary": "deploy_canary succeeded; no lock taken"}
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert code == 0 and "  deploy_canary succeeded; no lock taken" in out.splitlines()
 
 
 def test_watch_gives_up_after_max_wait(fake):
@@ -805,12 +851,18 @@ def test_finalize_says_which_locks_the_run_took_after_rollback_released_them(rea
     store.release("gstg", "scheduled__other_run")
     store.acquire("gstg", engine_run.run_id, "alice", "deploy_canary")
     assert release_locks(engine_run, ["gstg"]) == ["gstg"]  # the rollback task released it
+    store.record_step_failure(engine_run.run_id, "stage_3_staging_fleet.deploy", "an earlier attempt")
+    store.record_step_failure(engine_run.run_id, "stage_3_staging_fleet.deploy",
+                              "web-02-sv-gstg: install failed (exit 100).")
     dag = real_dags["deploy_canary"]
     with pytest.raises(AirflowFailException) as failed:
         dagkit.finalize_run("deploy_canary", ["gstg", "gprd-cny"], run=engine_run,
                             states=_canary_failed_states(dag), dag=dag)
-    assert str(failed.value) == ("deploy_canary failed at stage_3_staging_fleet.deploy (first), then "
-                                 "rollback; locks taken: gstg; locks released: gstg")
+    assert str(failed.value) == (
+        "deploy_canary failed at stage_3_staging_fleet.deploy (first): web-02-sv-gstg: install failed "
+        "(exit 100); then rollback; locks taken: gstg; locks released: gstg. next: fix the cause, then "
+        f"retry the stage (liftoff retry {engine_run.run_id} stage_3_staging_fleet --dag deploy_canary) "
+        "or roll back (liftoff rollback ENV)")
     assert "none held" not in str(failed.value)
     assert engine_run.metrics_seen.statuses == ["failed"]
 
@@ -828,8 +880,8 @@ def test_finalize_releases_what_the_run_still_holds_and_names_a_force_release(re
     with pytest.raises(AirflowFailException) as failed:
         dagkit.finalize_run("deploy_canary", ["gstg", "gprd-cny"], run=engine_run,
                             states=_canary_failed_states(dag), dag=dag)
-    assert str(failed.value).endswith("locks taken: gstg, gprd-cny; locks released: gstg; "
-                                      "gprd-cny force-released by bob (INC-42 hands off canary)")
+    assert ("locks taken: gstg, gprd-cny; locks released: gstg; "
+            "gprd-cny force-released by bob (INC-42 hands off canary). next:") in str(failed.value)
     assert store.list_locks() == []
 
 

@@ -231,10 +231,12 @@ class AirflowClient:
         except NotFound:
             return None
 
-    def trigger(self, dag_id: str, conf: dict, note: str | None = None) -> dict:
+    def trigger(self, dag_id: str, conf: dict, note: str | None = None, run_id: str | None = None) -> dict:
         body: dict[str, Any] = {"conf": conf, "logical_date": None}
         if note:
             body["note"] = note
+        if run_id:
+            body["dag_run_id"] = run_id
         try:
             return self.request("POST", f"/dags/{q(dag_id)}/dagRuns", body=body)
         except NotFound as exc:
@@ -267,6 +269,11 @@ class AirflowClient:
         entry = self.request(
             "GET", f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}/taskInstances/{q(task_id)}/xcomEntries/{q(key)}")
         return decode_xcom(entry.get("value"))
+
+    def set_run_note(self, dag_id: str, run_id: str, note: str) -> dict:
+        """The run's note in the Airflow UI (``PATCH`` of the run with ``update_mask=note``)."""
+        return self.request("PATCH", f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}", body={"note": note},
+                            params={"update_mask": "note"})
 
     def clear_task_instances(self, dag_id: str, run_id: str, task_ids: list[str], *, dry_run: bool,
                              only_failed: bool = True, include_downstream: bool = True) -> list[dict]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -282,8 +283,16 @@ def _conf_summary(conf: Mapping[str, Any]) -> dict:
     return shown
 
 
+def readable_run_id(what: str, now: datetime | None = None) -> str:
+    """A run id that says what the run does and can be pasted anywhere (shell, URL, ``watch``):
+    ``deploy_17.9.0+rnightly.42.abcdef1-0__20261203T080012Z_1a2b`` (Airflow's run-id alphabet)."""
+    label = re.sub(r"[^A-Za-z0-9_.+-]+", "_", what.split(" (", 1)[0]).strip("_.-")[:150] or "run"
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{label}__{stamp}_{secrets.token_hex(2)}"
+
+
 def trigger(client: AirflowClient, out: Output, dag_id: str, conf: dict, what: str) -> dict:
-    run = client.trigger(dag_id, conf)
+    run = client.trigger(dag_id, conf, note=f"{what} (liftoff CLI)", run_id=readable_run_id(what))
     run_id = run["dag_run_id"]
     url = client.ui_url(dag_id, run_id)
     out.line(f"{what}: {dag_id} run {run_id} ({run.get('state', 'queued')})")
@@ -409,11 +418,23 @@ def _triggered(client: AirflowClient, out: Output, args: argparse.Namespace, res
     return EXIT_OK
 
 
-def _read_xcom(client: AirflowClient, dag_id: str, run_id: str, task_id: str) -> Any:
+def _read_xcom(client: AirflowClient, dag_id: str, run_id: str, task_id: str,
+               key: str = "return_value") -> Any:
     try:
-        return client.xcom(dag_id, run_id, task_id)
+        return client.xcom(dag_id, run_id, task_id, key=key) if key != "return_value" else \
+            client.xcom(dag_id, run_id, task_id)
     except ChatOpsError:
         return None
+
+
+def run_result(client: AirflowClient, dag_id: str, run_id: str) -> dict | None:
+    """The run's finalize result (``summary``: the sentence it ended with), or None (no
+    finalize task, or it has not run)."""
+    for key in ("summary", "return_value"):  # a failed finalize pushes "summary"
+        value = _read_xcom(client, dag_id, run_id, "finalize", key)
+        if isinstance(value, dict) and value.get("summary"):
+            return value
+    return None
 
 
 def run_summary(client: AirflowClient, dag_id: str, run: Mapping[str, Any]) -> dict:
@@ -858,18 +879,22 @@ def watch_run(client: AirflowClient, out: Output, dag_id: str, run_id: str, *, i
 
     final = wait_for_run(client, dag_id, run_id, timeout=timeout, interval=interval, on_poll=on_poll)
     run = client.dag_run(dag_id, run_id)
+    tis_end = client.task_instances(dag_id, run_id)
     failed = [t["task_id"] for t in sorted(  # the first to fail first
-        (t for t in client.task_instances(dag_id, run_id) if t.get("state") == "failed"),
+        (t for t in tis_end if t.get("state") == "failed"),
         key=lambda t: (_parse_time(t.get("start_date")) is None, _parse_time(t.get("start_date"))
                        or datetime.min.replace(tzinfo=UTC), t["task_id"]))]
     out.line(f"run {run_id}: {final} ({_duration(run.get('start_date'), run.get('end_date'))})")
+    result = run_result(client, dag_id, run_id) if "finalize" in {t.get("task_id") for t in tis_end} else None
+    if result:
+        out.line(f"  {_txt(result['summary'])}")
     if final != "success" and failed:
         out.line(f"  failed: {', '.join(failed)}")
         stage = next((unit_of(t) for t in failed if _STAGE_RE.match(unit_of(t))), None)
         if stage:
             out.line(f"  retry it: liftoff retry {run_id} {stage} --dag {dag_id}")
     out.data({"event": "end", "dag_id": dag_id, "dag_run_id": run_id, "state": final, "failed": failed,
-              "url": url})
+              "summary": result.get("summary") if result else None, "url": url})
     return EXIT_OK if final == "success" else EXIT_FAILED
 
 
