@@ -38,6 +38,7 @@ class FakeAirflow:
         self.trigger_error: tuple[int, object] | None = None
         self.valid_tokens = {TOKEN}
         self.health: dict | None = None  # GET /api/v2/monitor/health; None: 404
+        self.hitl: list[dict] = []  # GET /api/v2/dags/~/dagRuns/~/hitlDetails
         self.http = LocalServer(self._handler(), poll_interval=0.02)
         self.url = self.http.url
 
@@ -71,6 +72,8 @@ class FakeAirflow:
                     if fake.health is None:
                         return self._answer(404, {"detail": "Not Found"})
                     return self._answer(200, fake.health)
+                if path == "/api/v2/dags/~/dagRuns/~/hitlDetails":
+                    return self._answer(200, {"hitl_details": fake.hitl, "total_entries": len(fake.hitl)})
                 m = re.fullmatch(r"/api/v2/dags/([^/]+)(/.*)?", path)
                 if not m:
                     return self._answer(404, {"detail": "Not Found"})
@@ -445,6 +448,38 @@ def test_status_with_a_missing_dag(fake):
     [run] = data["deploy_canary"]["runs"]
     assert run["stages"]["stage_1_staging_migrations"] == "success" and run["version"] == GOOD
     assert run["tasks"]["halt"] == "success"
+
+
+def _hitl(state: str, subject: str) -> dict:
+    return {"subject": subject, "options": ["Approve", "Reject"], "created_at": "2026-12-03T08:00:00Z",
+            "assigned_users": [{"id": "bob", "name": "bob"}], "response_received": False,
+            "task_instance": {"dag_id": "deploy_production", "dag_run_id": RUN, "task_id": "approval",
+                              "map_index": -1, "state": state}}
+
+
+def test_status_shows_pending_approvals_with_where_to_answer(fake):
+    fake.task_instances = failed_run()
+    fake.run_states = ["failed"]
+    fake.hitl = [_hitl("deferred", "Promote 17.6.0 <b>now</b>?"), _hitl("failed", "an old request")]
+    fake.xcoms[("deploy_canary", "finalize", "summary")] = {
+        "status": "failed", "summary": "deploy_canary failed at stage_3_staging_fleet.deploy (first): boom"}
+    code, out, _ = run_cli(fake, "status")
+    assert code == 0
+    [req] = [r for r in fake.requests if r["path"].endswith("/hitlDetails")]
+    assert req["query"]["response_received"] == ["false"]
+    assert re.search(rf"^approval waiting: Promote 17\.6\.0 <b>now</b>\?  run {re.escape(RUN)}  "
+                     r"since .*for bob$", out, re.M)
+    assert "an old request" not in out
+    assert f"  answer it: {fake.url}/dags/deploy_production/runs/" in out
+    assert "    deploy_canary failed at stage_3_staging_fleet.deploy (first): boom" in out.splitlines()
+    code, out, _ = run_cli(fake, "--json", "status")
+    data = json.loads(out)
+    [waiting] = data["approvals"]
+    assert waiting["task_id"] == "approval"
+    assert waiting["url"].endswith("/tasks/approval/required_actions?map_index=-1")
+    assert data["dags"]["deploy_canary"]["runs"][0]["summary"].endswith("(first): boom")
+    fake.hitl = []
+    assert "approvals: none waiting" in run_cli(fake, "status")[1]
 
 
 def test_watch_prints_transitions_and_exits_by_result(fake):

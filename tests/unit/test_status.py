@@ -310,6 +310,9 @@ class FakeClient:
     def ui_url(self, dag_id, run_id):
         return f"http://airflow/dags/{dag_id}/runs/{run_id}"
 
+    def pending_approvals(self):
+        return []
+
 
 def run_status(client, *argv: str) -> tuple[int, str]:
     args = cli.build_parser().parse_args(["status", *argv])

@@ -270,6 +270,14 @@ class AirflowClient:
             "GET", f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}/taskInstances/{q(task_id)}/xcomEntries/{q(key)}")
         return decode_xcom(entry.get("value"))
 
+    def pending_approvals(self, limit: int = 50) -> list[dict]:
+        """Human-in-the-loop requests nobody answered yet, of runs still waiting for them."""
+        page = self.request("GET", "/dags/~/dagRuns/~/hitlDetails",
+                            params={"response_received": "false", "limit": limit, "order_by": "created_at"})
+        waiting = ("deferred", "awaiting_input", "running", "scheduled", "queued")
+        return [d for d in page.get("hitl_details", [])
+                if (d.get("task_instance") or {}).get("state") in waiting]
+
     def set_run_note(self, dag_id: str, run_id: str, note: str) -> dict:
         """The run's note in the Airflow UI (``PATCH`` of the run with ``update_mask=note``)."""
         return self.request("PATCH", f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}", body={"note": note},

@@ -39,6 +39,7 @@ from liftoff.chatops.api import (
     ChatOpsError,
     Credentials,
     NotFound,
+    q,
 )
 from liftoff.errors import InvalidInput
 from liftoff.versions import parse_version, validate_name, validate_reason
@@ -451,8 +452,11 @@ def run_summary(client: AirflowClient, dag_id: str, run: Mapping[str, Any]) -> d
         check = _read_xcom(client, dag_id, run_id, first_precheck)
         if isinstance(check, dict):
             previous = check.get("previous_version")
+    ended = "finalize" in task_ids and run.get("state") in TERMINAL_STATES
+    result = run_result(client, dag_id, run_id) if ended and run.get("state") != "success" else None
     return {
         "dag_run_id": run_id, "state": run.get("state"), "run_type": run.get("run_type"),
+        "summary": result.get("summary") if result else None,
         "start_date": run.get("start_date"), "end_date": run.get("end_date"),
         "version": version if isinstance(version, str) else conf.get("version"),
         "previous_version": previous, "dry_run": bool(conf.get("dry_run")),
@@ -629,11 +633,41 @@ def fleet_report(client: AirflowClient, out: Output, lbs: bool = True) -> dict:
     return snap
 
 
+def approval_entry(detail: Mapping[str, Any], client: AirflowClient) -> dict:
+    ti = detail.get("task_instance") or {}
+    dag_id, run_id, task_id = ti.get("dag_id", "?"), ti.get("dag_run_id", "?"), ti.get("task_id", "?")
+    users = [u.get("name") or u.get("id") for u in detail.get("assigned_users") or [] if isinstance(u, dict)]
+    return {"dag_id": dag_id, "dag_run_id": run_id, "task_id": task_id, "map_index": ti.get("map_index", -1),
+            "subject": detail.get("subject"), "options": detail.get("options"),
+            "since": detail.get("created_at"), "assigned_users": users,
+            "url": f"{client.ui_url(dag_id, run_id)}/tasks/{q(task_id)}/required_actions"
+                   f"?map_index={ti.get('map_index', -1)}"}
+
+
+def approvals_report(client: AirflowClient, out: Output) -> list[dict] | dict:
+    """Pending approvals (HITL requests unanswered), each with the page to answer it."""
+    try:
+        waiting = [approval_entry(d, client) for d in client.pending_approvals()]
+    except ChatOpsError as exc:
+        out.line(f"approvals: not available: {exc}")
+        return {"error": str(exc)}
+    if not waiting:
+        out.line("approvals: none waiting")
+    for a in waiting:
+        who = f"  for {', '.join(map(_txt, a['assigned_users']))}" if a["assigned_users"] else ""
+        out.line(f"approval waiting: {_txt(a['subject'])}  run {a['dag_run_id']}  since "
+                 f"{_fmt_time(a['since'])}{who}")
+        out.line(f"  answer it: {a['url']}")
+    out.line()
+    return waiting
+
+
 def cmd_status(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
     report: dict[str, Any] = {}
     dags = [validate_name("name", d) for d in (args.dag or STATUS_DAGS)]
     _int_range(args.limit, 1, 100, "--limit")
     fleet = fleet_report(client, out, lbs=not args.no_lbs)
+    approvals = approvals_report(client, out)
     for dag_id in dags:
         dag = client.dag(dag_id)
         if dag is None:
@@ -651,11 +685,13 @@ def cmd_status(client: AirflowClient, out: Output, args: argparse.Namespace) -> 
             flags = " dry-run" if r["dry_run"] else ""
             out.line(f"  {r['dag_run_id']}  {r['state']}{flags}  {versions + '  ' if versions else ''}"
                      f"started {_fmt_time(r['start_date'])} ({_duration(r['start_date'], r['end_date'])})")
+            if r.get("summary"):
+                out.line(f"    {_txt(r['summary'])}")
             for stage, state in r["stages"].items():
                 out.line(f"    {stage:<34} {state}")
             if r["tasks"]:
                 out.line("    " + ", ".join(f"{t}: {s}" for t, s in r["tasks"].items()))
-    out.data({"fleet": fleet, "dags": report})
+    out.data({"fleet": fleet, "approvals": approvals, "dags": report})
     return EXIT_OK
 
 
