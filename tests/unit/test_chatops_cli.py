@@ -210,6 +210,37 @@ def test_promote_triggers_deploy_production(fake):
                                    "override_reason": "verified by hand on cny", "canary_weight": 10}
 
 
+def test_promote_takes_a_quiet_period_and_its_reason(fake):
+    code, _, _ = run_cli(fake, "promote", "17.6.0-ee.0", "--quiet-period", "30",
+                         "--allow-precheck-failure", "INC-9 short window agreed")
+    assert code == 0
+    assert fake.triggers()[0]["body"]["conf"] == {
+        "version": "17.6.0-ee.0", "approval": False, "quiet_period_seconds": 30,
+        "allow_precheck_failure": "INC-9 short window agreed"}
+    code, _, err = run_cli(fake, "promote", "17.6.0-ee.0", "--quiet-period", "-5")
+    assert code == 2 and "quiet-period" in err and len(fake.triggers()) == 1
+
+
+def test_status_into_a_closed_pipe_ends_quietly(fake):
+    """`liftoff status | head`: the reader went away; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    fake.task_instances = failed_run()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([str(Path(sys.executable).parent / "liftoff"), "status"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "LIFTOFF_API_URL": fake.url, "LIFTOFF_API_USER": USER,
+                                   "LIFTOFF_API_PASSWORD": PASSWORD})
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 def test_rollback_conf(fake):
     code = run_cli(fake, "rollback", "gprd", "--to", "17.5.0-ee.0", "--fast", "--reason", "INC-7 errors")[0]
     assert code == 0

@@ -93,10 +93,15 @@ def deploy_conf(version: str, *, dry_run: bool = False, allow_precheck_failure: 
 
 def promote_conf(version: str, *, override_reason: str | None = None, approval: bool = False,
                  canary_weight: int | None = None, on_failure: str | None = None,
-                 dry_run: bool = False) -> dict:
+                 dry_run: bool = False, quiet_period_seconds: int | None = None,
+                 allow_precheck_failure: str | None = None) -> dict:
     conf: dict[str, Any] = {"version": _version(version), "approval": bool(approval)}
     if dry_run:
         conf["dry_run"] = True
+    if quiet_period_seconds is not None:
+        conf["quiet_period_seconds"] = _int_range(quiet_period_seconds, 0, 86400, "quiet-period")
+    if allow_precheck_failure is not None:
+        conf["allow_precheck_failure"] = _reason(allow_precheck_failure, "allow-precheck-failure")
     if override_reason is not None:
         conf["override_reason"] = _reason(override_reason, "override-reason")
     if canary_weight is not None:
@@ -312,7 +317,9 @@ def cmd_deploy(client: AirflowClient, out: Output, args: argparse.Namespace) -> 
 
 def cmd_promote(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
     conf = promote_conf(args.version, override_reason=args.override_reason, approval=args.approval,
-                        canary_weight=args.canary_weight, on_failure=args.on_failure, dry_run=args.dry_run)
+                        canary_weight=args.canary_weight, on_failure=args.on_failure, dry_run=args.dry_run,
+                        quiet_period_seconds=args.quiet_period,
+                        allow_precheck_failure=args.allow_precheck_failure)
     return _triggered(client, out, args,
                       trigger(client, out, DAG_PRODUCTION, conf, f"promote {conf['version']} to production"))
 
@@ -987,6 +994,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--canary-weight", type=int, metavar="N")
     pr.add_argument("--on-failure", choices=["rollback", "halt"])
     pr.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    pr.add_argument("--quiet-period", type=int, metavar="SECONDS",
+                    help="alert-free window after each stage (below the inventory's minimum: give "
+                         "--allow-precheck-failure REASON)")
+    pr.add_argument("--allow-precheck-failure", metavar="REASON", help="let failed prechecks pass (recorded)")
     pr.set_defaults(func=cmd_promote)
 
     r = sub.add_parser("rollback", parents=parents, help="roll an environment back, or `rollback check ENV`",
@@ -1062,7 +1073,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     out = Output(bool(getattr(args, "json", False)), out_stream, err_stream)
     client = _Lazy(lambda: AirflowClient(Credentials.from_env(env, args.api_url), timeout=args.timeout))
     try:
-        return args.func(client, out, args)
+        code = args.func(client, out, args)
+        out_stream.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # `liftoff status | head`: the reader has what it wanted
+        _quiet_stdout(out_stream)
+        return EXIT_OK
     except InvalidInput as exc:
         out.error(str(exc), EXIT_INPUT)
         return EXIT_INPUT
@@ -1072,6 +1088,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except KeyboardInterrupt:
         out.error("interrupted", 130)
         return 130
+
+
+def _quiet_stdout(stream: TextIO) -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does
+    not print a BrokenPipeError traceback."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # not a real file (tests)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 class _Lazy:
