@@ -40,7 +40,9 @@ def resolve_version() -> str:
     run = dagkit.run_handle(PIPELINE)
     version = resolve(run, ctx["params"].get("version"), ctx["dag_run"].run_type == "scheduled")
     check_halt(run, version)
-    notify.deploy_started(run, version, ENVS)
+    seen: list = []
+    notify.deploy_started(run, version, ENVS, seen=seen)
+    dagkit.keep_changes(seen)
     return version
 
 

@@ -79,7 +79,9 @@ def resolve_version() -> str:
         raise ValueError("no version: give one, or trigger from a verified canary")
     run = dagkit.run_handle(PIPELINE)
     version = verified_on_canary(run, requested, ctx["params"].get("override_reason"))
-    notify.deploy_started(run, version, ENVS)
+    seen: list = []
+    notify.deploy_started(run, version, ENVS, seen=seen)
+    dagkit.keep_changes(seen)
     return version
 
 

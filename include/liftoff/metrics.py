@@ -9,7 +9,10 @@ Groups (grouping keys under job ``liftoff``):
   ``liftoff_pipeline_end_timestamp_seconds``, ``liftoff_pipelines_total{status}``;
 * ``{env}``: ``liftoff_deployed_version_info{env,version}`` (``version="internal"`` when
   redacted, for undisclosed security builds), ``liftoff_deployed_timestamp_seconds``,
-  ``liftoff_rollbacks_total``.
+  ``liftoff_rollbacks_total``, ``liftoff_deploy_pressure{env}`` (commits not yet deployed: between
+  the build the environment runs and the newest build, :mod:`liftoff.changes`), pushed when a
+  deploy starts (``notify.deploy_started``) and, for instances made by :meth:`from_settings`,
+  with each ``deployed_version`` (a deploy or rollback finished on the environment).
 
 ``pipeline`` is the pipeline's name (e.g. the DAG id), not a run id, so series stay few.
 Counters are read back from the gateway and pushed incremented. A failed push is logged
@@ -62,8 +65,10 @@ class PipelineMetrics:
 
     def __init__(self, gateway_url: str | None, pipeline: str, *, timeout: float = 5.0,
                  redact_version: bool = False, login: str | None = None, password: str | None = None,
-                 job: str = JOB):
+                 job: str = JOB, pressure_after_deploy: bool = False, inventory: Any = None):
         self.gateway_url = (gateway_url or "").rstrip("/")
+        self.pressure_after_deploy = pressure_after_deploy  # deployed_version pushes the pressure too
+        self.inventory = inventory
         self.pipeline = pipeline
         self.timeout = timeout
         self.redact_version = redact_version
@@ -83,6 +88,8 @@ class PipelineMetrics:
         pushes log a warning and return False (metrics never stop a deploy)."""
         from liftoff.settings import connection_for
 
+        kwargs.setdefault("pressure_after_deploy", True)
+        kwargs.setdefault("inventory", inventory)
         try:
             conn = connection_for("pushgateway", inventory)
             return cls(conn.base_url(), pipeline, login=conn.login, password=conn.password, **kwargs)
@@ -114,8 +121,33 @@ class PipelineMetrics:
 
     def deployed_version(self, env: str, version: str, redact: bool | None = None,
                          at: float | None = None) -> bool:
-        """Push ``liftoff_deployed_version_info{env,version} 1`` (version ``internal`` when redacted)."""
-        return self._guard("deployed_version", self._deployed_version, env, version, redact, at)
+        """Push ``liftoff_deployed_version_info{env,version} 1`` (version ``internal`` when redacted);
+        with ``pressure_after_deploy``, then the environment's pressure from ``version`` on
+        (best effort: the result is the version's push)."""
+        pushed = self._guard("deployed_version", self._deployed_version, env, version, redact, at)
+        if self.pressure_after_deploy and self.enabled:
+            self.pressure_from(env, version)
+        return pushed
+
+    def deploy_pressure(self, env: str, commits: int) -> bool:
+        """Push ``liftoff_deploy_pressure{env}``: the commits not yet deployed in ``env``."""
+        return self._guard("deploy_pressure", self._deploy_pressure, env, commits)
+
+    def pressure_from(self, env: str, running: str) -> int | None:
+        """Read ``env``'s pressure when it runs ``running`` (:func:`liftoff.changes.pressure`) and
+        push it; the commit count, or None when not known. Never raises."""
+        try:
+            from liftoff.changes import pressure
+
+            rng = pressure(self.inventory, env, running=running, timeout=self.timeout)
+        except Exception as exc:  # never raise into a deploy
+            log.warning("deploy pressure of %s not read: %s", env, type(exc).__name__)
+            return None
+        if not rng.known:
+            log.info("deploy pressure of %s not known: %s", env, rng.reason)
+            return None
+        self.deploy_pressure(env, rng.count)
+        return rng.count
 
     def rollback(self, env: str) -> bool:
         """Count one rollback of ``env``."""
@@ -198,6 +230,12 @@ class PipelineMetrics:
         info.labels(env, REDACTED if redact else str(version)).set(1)
         Gauge("liftoff_deployed_timestamp_seconds", "When the environment's version was deployed.",
               registry=reg).set(at if at is not None else time.time())
+        self._push(reg, {"env": env}, replace=False)
+
+    def _deploy_pressure(self, env: str, commits: int) -> None:
+        reg = CollectorRegistry()
+        Gauge("liftoff_deploy_pressure", "Commits not yet deployed: between the build the environment runs "
+              "and the newest build.", ["env"], registry=reg).labels(env).set(int(commits))
         self._push(reg, {"env": env}, replace=False)
 
     def _rollback(self, env: str) -> None:

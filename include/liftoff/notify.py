@@ -479,14 +479,56 @@ def _shown(version: Any, internal: bool) -> str:
 # -- the events ----------------------------------------------------------------------------------
 
 @_never_raises
-def deploy_started(run: Any, version: str, envs: Iterable[str], *, internal: bool = False) -> bool:
+def deploy_started(run: Any, version: str, envs: Iterable[str], *, internal: bool = False,
+                   seen: list | None = None) -> bool:
+    """The deploy begins: version, environments, and what changed on the first environment (the
+    commits between the build it runs and ``version``, :mod:`liftoff.changes`) or why that is not
+    known. Then each environment's deploy pressure is pushed (best effort)."""
     envs = list(envs)
+    internal = internal or bool(getattr(run, "redact_version", False))
     o = origin(run)
-    return emit("deploy_started",
+    running, rng = _what_changed(run, version, envs, internal)
+    if seen is not None:  # the caller keeps the range for the run's summary
+        seen.append(rng)
+    sent = emit("deploy_started",
                 f":rocket: {o.dag_id}: deploying {_shown(version, internal)} to {', '.join(envs)} "
                 f"(started by {o.who})",
-                run=run, fields={"version": _shown(version, internal), "environments": envs}, color=INFO,
-                hidden=[version] if internal else ())
+                run=run, lines=_change_lines(rng, envs),
+                fields={"version": _shown(version, internal), "environments": envs,
+                        "commits": rng.count if rng is not None and rng.known else "not known"},
+                color=INFO, hidden=[version] if internal else ())
+    known = {env: v for env, v in running.items() if v}
+    if known:
+        from liftoff.changes import push_pressure
+
+        push_pressure(run, list(known), known)
+    return sent
+
+
+def _what_changed(run: Any, version: str, envs: list[str], internal: bool) -> tuple[dict, Any]:
+    """``({env: the build it runs}, the change range on the first environment)``; never raises."""
+    try:
+        from liftoff.changes import ChangeRange, change_range, running_version
+
+        found = {env: running_version(run, env) for env in envs}
+        running = {env: v for env, (v, _) in found.items()}
+        if not envs:
+            return running, None
+        current, why = found[envs[0]]
+        if current is None:
+            return running, ChangeRange(None, _shown(version, internal), reason=why)
+        return running, change_range(run, current, version, internal=internal)
+    except Exception as exc:  # a notification never fails a deploy
+        log.warning("what changed: not known: %s", type(exc).__name__)
+        return {}, None
+
+
+def _change_lines(rng: Any, envs: list[str]) -> list[str]:
+    if rng is None:
+        return ["what changed: not known"]
+    from liftoff.changes import chat_lines
+
+    return chat_lines(rng, envs[0] if len(envs) > 1 else None)
 
 
 @_never_raises

@@ -25,6 +25,11 @@ the ChatOps CLI prints and what the fleet view shows. Per environment:
   and their state on every production LB, and whether the LBs agree.
 - ``patches``: active post-deployment patches (:func:`liftoff.fleet.pending_patches`) with their
   newest record; ``deployments``: the last deployment and rollback records.
+- ``pressure``: the commits not yet deployed (:func:`liftoff.changes.pressure`: between the build
+  the environment runs and the newest build of the build source): ``commits`` (None when not
+  known, with the ``note`` saying why), ``newest_build``, ``web_url`` of the compare. Read from
+  the ops GitLab while the LBs are read, one compare per environment, within
+  :data:`PRESSURE_TIMEOUT` seconds; not read with ``lbs=False`` unless asked.
 
 Top level: active ``halts``, ``generated_at``, whether the LBs were read. Times are ISO 8601
 UTC with an ``age_s``. Versions pass through ``redact`` (identity by default) so a caller can
@@ -47,6 +52,7 @@ from liftoff.inventory import Environment, Inventory, LoadBalancerRef
 from liftoff.store import Deployment, DrainRecord, HostProgress, Store
 
 LB_TIMEOUT = 3.0  # seconds per LB read: status must answer fast, even with an LB down
+PRESSURE_TIMEOUT = 3.0  # seconds for the build source and the compares, all environments at once
 DEPLOYMENTS_SHOWN = 5
 DEPLOYMENTS_SCANNED = 50  # records read to find the newest successful one
 ROLLOUTS_REPLAYED = 10  # unfinished records after it whose host statuses count
@@ -60,6 +66,8 @@ CHEF_SOURCE = ("liftoff's records, not the hosts: a running deployment stopped c
 
 LbReader = Callable[[Sequence[LoadBalancerRef]], Mapping[str, "list[ServerState] | BaseException | str"]]
 Redact = Callable[[str], str]
+# (inventory, {env: the build it runs or None}) -> {env: liftoff.changes.ChangeRange}
+PressureReader = Callable[[Inventory, Mapping[str, "str | None"]], Mapping[str, Any]]
 
 
 def _identity(version: str) -> str:
@@ -166,14 +174,19 @@ def host_versions(store: Store, env: Environment, deployments: Sequence[Deployme
 
 def snapshot(inventory: Inventory, store: Store, *, lbs: bool = True, now: datetime | float | None = None,
              redact: Redact = _identity, read: LbReader | None = None,
-             deployments_shown: int = DEPLOYMENTS_SHOWN) -> dict[str, Any]:
+             deployments_shown: int = DEPLOYMENTS_SHOWN, pressure: bool | None = None,
+             read_pressure: PressureReader | None = None) -> dict[str, Any]:
     """The state of every environment of ``inventory`` (see the module's doc), JSON-able.
 
     ``lbs``: read every load balancer once (False: liftoff's records only). ``now``: the time
     ages are counted from. ``redact``: applied to every version shown (an internal build's).
-    ``read``: reads a list of LBs (default :func:`read_lbs`; tests give a fake)."""
+    ``read``: reads a list of LBs (default :func:`read_lbs`; tests give a fake). ``pressure``:
+    read each environment's pressure (default: as ``lbs``); ``read_pressure``: how (default
+    :func:`liftoff.changes.pressures`; tests give a fake)."""
     started = time.monotonic()
     t = _epoch(now)
+    want_pressure = lbs if pressure is None else pressure
+    pending = _start_pressure(inventory, store, read_pressure) if want_pressure else None
     lb_view: dict[str, list[ServerState] | str] | None = None
     if lbs:
         raw = (read or read_lbs)(_unique_lbs(inventory))
@@ -197,11 +210,56 @@ def snapshot(inventory: Inventory, store: Store, *, lbs: bool = True, now: datet
         # locks on environments this inventory does not know (a renamed environment, say)
         "other_locks": [_lock(lock, t) for lock in locks.values()],
     }
+    if pending is not None:
+        _add_pressure(envs, pending, redact, seen)
     hidden = {v: redact(v) for v in seen if redact(v) != v}
     if hidden:  # also where a version stands in free text (a reason, a failed host's detail)
         out = _scrub(out, hidden)
     out["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
     return out
+
+
+def _default_pressure(inventory: Inventory, running: Mapping[str, str | None]) -> Mapping[str, Any]:
+    from liftoff.changes import pressures
+
+    return pressures(inventory, running, timeout=PRESSURE_TIMEOUT)
+
+
+def _start_pressure(inventory: Inventory, store: Store, reader: PressureReader | None
+                    ) -> tuple[concurrent.futures.Future, dict[str, str | None]]:
+    """The builds each environment runs (from the records), and the pressure read started on a
+    thread of its own (it runs while the LBs are read)."""
+    running: dict[str, str | None] = {}
+    for name in inventory.environments:
+        records = store.deployments(name, limit=DEPLOYMENTS_SCANNED)
+        running[name] = next((d.version for d in records if d.status == "success"), None)
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="liftoff-status-pressure")
+    future = pool.submit(reader or _default_pressure, inventory, dict(running))
+    pool.shutdown(wait=False)
+    return future, running
+
+
+def _add_pressure(envs: dict[str, dict], pending: tuple[concurrent.futures.Future, dict[str, str | None]],
+                  redact: Redact, seen: set[str]) -> None:
+    """Each environment's ``pressure`` entry; an error or no answer in time becomes its note."""
+    future, running = pending
+    try:
+        found = future.result(timeout=PRESSURE_TIMEOUT + 1.0)
+        note = "not read"
+    except concurrent.futures.TimeoutError:
+        found, note = {}, f"no answer within {PRESSURE_TIMEOUT:g} s"
+    except Exception as exc:  # status never fails for what changed
+        found, note = {}, f"not read: {type(exc).__name__}: {str(exc)[:120]}"
+    for name, env in envs.items():
+        rng = found.get(name)
+        seen.update(v for v in (running.get(name), getattr(rng, "to_version", None)) if v)
+        if rng is None:
+            env["pressure"] = {"commits": None, "newest_build": None, "web_url": None, "note": note}
+            continue
+        newest = rng.to_version
+        env["pressure"] = {"commits": rng.count if rng.known else None,
+                           "newest_build": redact(newest) if newest else None,
+                           "web_url": rng.web_url or None, "note": None if rng.known else rng.reason}
 
 
 def _scrub(value: Any, hidden: Mapping[str, str]) -> Any:

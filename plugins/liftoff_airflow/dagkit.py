@@ -276,6 +276,26 @@ def run_sentence(pipeline: str, failed: list[str], not_run: list[str], reasons: 
     return f"{pipeline} succeeded"
 
 
+def keep_changes(seen: list) -> None:
+    """Keep the deploy's change range (``liftoff.changes.summary_line``) as the XCom ``changes``
+    of the current task, for finalize's sentence."""
+    from liftoff.changes import summary_line
+
+    if seen:
+        get_current_context()["ti"].xcom_push("changes", summary_line(seen[0]))
+
+
+def changes_line(ctx: Any) -> str | None:
+    """The run's ``what changed`` line kept by ``resolve_version``, if it has one."""
+    if not ctx or "resolve_version" not in ctx["dag"].task_dict:
+        return None
+    try:
+        line = ctx["ti"].xcom_pull(task_ids="resolve_version", key="changes")
+    except Exception:  # an older run without it
+        return None
+    return line if isinstance(line, str) and line else None
+
+
 def finalize_run(pipeline: str, envs: list[str], *, run: Any = None,
                  states: dict[str, str | None] | None = None, dag: Any = None) -> dict:
     """Always runs last: release this run's locks, push the pipeline's result, fail the run
@@ -304,6 +324,8 @@ def finalize_run(pipeline: str, envs: list[str], *, run: Any = None,
     summary = f"{run_sentence(pipeline, failed, not_run, reasons)}; {lock_sentence(story)}"
     if status == "failed":
         summary += f". {next_step(run.run_id, dag_id, failed)}"
+    if changed := changes_line(ctx):
+        summary += f". {changed}"
     result = {"status": status, "summary": summary, "failed": failed,
               "reason": reasons.get(failed[0]) if failed else None,
               "locks_taken": story["taken"], "locks_released": story["released"],

@@ -488,6 +488,18 @@ def _hitl(state: str, subject: str) -> dict:
                               "map_index": -1, "state": state}}
 
 
+def test_status_says_how_many_commits_are_not_deployed_yet():
+    from liftoff.chatops.cli import _pressure_lines
+
+    assert _pressure_lines(None) == []
+    assert _pressure_lines({"commits": 7, "newest_build": "17.9.0+rnightly.43.abcdef2-0",
+                            "web_url": "https://ops.example/compare?from=a&to=b", "note": None}) == [
+        "  not deployed yet: 7 commit(s) (up to 17.9.0+rnightly.43.abcdef2-0): "
+        "https://ops.example/compare?from=a&to=b"]
+    unknown = {"commits": None, "newest_build": None, "web_url": None, "note": "GitLab unreachable"}
+    assert _pressure_lines(unknown) == ["  not deployed yet: not known (GitLab unreachable)"]
+
+
 def test_status_shows_pending_approvals_with_where_to_answer(fake):
     fake.task_instances = failed_run()
     fake.run_states = ["failed"]

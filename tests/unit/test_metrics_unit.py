@@ -153,3 +153,35 @@ def test_from_settings_uses_the_connection(gw, monkeypatch):
     m = PipelineMetrics.from_settings("deploy_canary", redact_version=True)
     assert m.enabled and m.deployed_version("gstg", "16.3.0-ee.0")
     assert 'version="internal"' in gw.pushes[-1][2]
+
+
+def test_deploy_pressure_gauge_per_environment(gw):
+    m = PipelineMetrics(gw.url, "deploy_canary")
+    assert m.deploy_pressure("gprd-cny", 42)
+    method, path, body, _ = gw.pushes[-1]
+    assert (method, path) == ("POST", "/metrics/job/liftoff/env/gprd-cny")
+    assert samples(body) == {("liftoff_deploy_pressure", (("env", "gprd-cny"),)): 42.0}
+
+
+def test_a_finished_deploy_pushes_the_pressure_from_its_version(gw, monkeypatch):
+    from liftoff import changes
+
+    asked = []
+
+    def pressure(inventory, env, *, running, timeout):
+        asked.append((env, running))
+        return changes.ChangeRange(running, "17.9.0-ee.0", "a" * 8, "b" * 8, count=3, known=True)
+
+    monkeypatch.setattr(changes, "pressure", pressure)
+    monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", "1")
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_PUSHGATEWAY", gw.url)
+    assert PipelineMetrics.from_settings("deploy_canary").deployed_version("gstg", "17.8.0-ee.0")
+    assert asked == [("gstg", "17.8.0-ee.0")]
+    assert [p[1] for p in gw.pushes] == ["/metrics/job/liftoff/env/gstg"] * 2
+    assert samples(gw.pushes[-1][2]) == {("liftoff_deploy_pressure", (("env", "gstg"),)): 3.0}
+    # not known: nothing pushed; an instance built by hand does not ask
+    unknown = changes.ChangeRange("x", None, reason="no build")
+    monkeypatch.setattr(changes, "pressure", lambda *a, **k: unknown)
+    assert PipelineMetrics.from_settings("deploy_canary").deployed_version("gstg", "17.8.0-ee.0")
+    assert PipelineMetrics(gw.url, "deploy_canary").deployed_version("gstg", "17.8.0-ee.0")
+    assert len(gw.pushes) == 4 and asked == [("gstg", "17.8.0-ee.0")]

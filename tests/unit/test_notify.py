@@ -325,3 +325,61 @@ def test_the_dags_wire_the_failure_callback_and_the_approval_notifier():
     for dag in bag.dags.values():
         for task in dag.tasks:
             assert dagkit.notify_failure in task.on_failure_callback, (dag.dag_id, task.task_id)
+
+
+# -- what changed --------------------------------------------------------------------------------
+
+class _Records:
+    """A run's store whose gstg runs ``version``."""
+
+    def __init__(self, version: str | None):
+        self.version = version
+
+    def deployments(self, env: str, limit: int | None = None):
+        if env != "gstg" or not self.version:
+            return []
+        return [SimpleNamespace(version=self.version, status="success")]
+
+
+def test_deploy_started_shows_what_changed(chat, monkeypatch):
+    from liftoff import changes
+
+    asked, pushed = [], []
+
+    def change_range(run, from_version, to_version, *, internal):
+        asked.append((from_version, to_version, internal))
+        return changes.ChangeRange(from_version, to_version, "aaaaaaa", "bbbbbbb", count=7, known=True,
+                                   titles=("newest", "older"), web_url="https://ops.example/compare")
+
+    monkeypatch.setattr(changes, "change_range", change_range)
+    monkeypatch.setattr(changes, "push_pressure", lambda run, envs, running: pushed.append(running))
+    run = SimpleNamespace(**vars(_run()), store=_Records("17.5.0-ee.0"))
+    assert notify.deploy_started(run, "17.6.0-ee.0", ["gstg", "gprd-cny"]) is True
+    assert asked == [("17.5.0-ee.0", "17.6.0-ee.0", False)]
+    [(_, body)] = chat.messages
+    lines = body["text"].splitlines()
+    assert lines[1] == ("what changed on gstg: 7 commits (17.5.0-ee.0 → 17.6.0-ee.0): "
+                        "https://ops.example/compare")
+    assert lines[2:4] == ["• newest", "• older"] and lines[4] == "… and 5 more"
+    fields = {f["title"]: f["value"] for f in body["attachments"][0]["fields"]}
+    assert fields["commits"] == "7"
+    assert pushed == [{"gstg": "17.5.0-ee.0"}]  # gprd-cny runs nothing known: not pushed
+
+
+def test_deploy_started_says_why_the_range_is_not_known(chat):
+    run = SimpleNamespace(**vars(_run()), store=_Records(None))
+    assert notify.deploy_started(run, "17.6.0-ee.0", ["gstg"]) is True
+    [(_, body)] = chat.messages
+    assert "what changed: not known (no successful deploy of gstg recorded)" in body["text"]
+    fields = {f["title"]: f["value"] for f in body["attachments"][0]["fields"]}
+    assert fields["commits"] == "not known"
+
+
+def test_deploy_started_of_an_internal_build_hides_it_in_what_changed(chat, monkeypatch):
+    secret = "17.6.1-ee.0"
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_BUILDS", json.dumps({"conn_type": "http", "host": "http://127.0.0.1:9"}))
+    run = SimpleNamespace(**vars(_run("fast_deploy")), store=_Records("17.5.0-ee.0"))
+    assert notify.deploy_started(run, secret, ["gstg"], internal=True) is True
+    [(_, body)] = chat.messages
+    assert secret not in json.dumps(body)
+    assert "what changed: not known (no known commit for 17.5.0-ee.0 and internal" in body["text"]

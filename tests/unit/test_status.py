@@ -279,6 +279,72 @@ def test_redact_hides_a_version_everywhere(inventory, store, lbs):
     assert gprd["lock"]["reason"] == "fast_deploy internal: incident"
 
 
+# -- pressure: commits not yet deployed ------------------------------------------------------------
+
+class FakePressure:
+    """The pressure reader: records what it was asked, answers ``answers`` (or raises / waits)."""
+
+    def __init__(self, answers=None, error: Exception | None = None, wait: float = 0.0):
+        self.asked: list[dict] = []
+        self.answers = answers or {}
+        self.error, self.wait = error, wait
+
+    def __call__(self, inventory, running):
+        self.asked.append(dict(running))
+        if self.wait:
+            time.sleep(self.wait)  # a slow GitLab, not a synchronisation
+        if self.error:
+            raise self.error
+        return self.answers
+
+
+def test_pressure_per_environment_from_the_running_build(inventory, store, lbs):
+    from liftoff.changes import ChangeRange
+
+    store.record_deployment("gprd", V1, "baseline", status="success")
+    newest = "17.7.0+rnightly.9.abcdef12-0"
+    reader = FakePressure({
+        "gprd": ChangeRange(V1, newest, "1234567", "abcdef12", count=42, known=True, web_url="https://ops/c"),
+        "gprd-cny": ChangeRange(None, None, reason="no successful deploy of gprd-cny recorded")})
+    snap = status.snapshot(inventory, store, read=lbs, read_pressure=reader)
+    assert reader.asked == [{"gprd-cny": None, "gprd": V1}]
+    envs = snap["environments"]
+    assert envs["gprd"]["pressure"] == {"commits": 42, "newest_build": newest, "web_url": "https://ops/c",
+                                        "note": None}
+    assert envs["gprd-cny"]["pressure"]["commits"] is None
+    assert envs["gprd-cny"]["pressure"]["note"] == "no successful deploy of gprd-cny recorded"
+    reader.answers = {}
+    assert status.snapshot(inventory, store, read=lbs, read_pressure=reader)["environments"]["gprd"][
+        "pressure"]["note"] == "not read"
+    # records only: not read unless asked
+    assert "pressure" not in status.snapshot(inventory, store, lbs=False)["environments"]["gprd"]
+    status.snapshot(inventory, store, lbs=False, pressure=True, read_pressure=reader)
+    assert len(reader.asked) == 3
+
+
+def test_pressure_errors_and_slowness_become_a_note(inventory, store, lbs, monkeypatch):
+    snap = status.snapshot(inventory, store, read=lbs, read_pressure=FakePressure(error=OSError("refused")))
+    assert snap["environments"]["gprd"]["pressure"]["note"] == "not read: OSError: refused"
+    monkeypatch.setattr(status, "PRESSURE_TIMEOUT", 0.2)
+    started = time.monotonic()
+    snap = status.snapshot(inventory, store, read=lbs, read_pressure=FakePressure(wait=3.0))
+    assert time.monotonic() - started < 2.0
+    assert snap["environments"]["gprd"]["pressure"]["note"] == "no answer within 0.2 s"
+
+
+def test_pressure_hides_an_internal_newest_build(inventory, store, lbs):
+    from liftoff.changes import ChangeRange
+
+    store.record_deployment("gprd", V1, "baseline", status="success")
+    unknown = ChangeRange(V1, V2, count=0, known=False, reason=f"no known commit for {V2}")
+    reader = FakePressure({"gprd": unknown})
+    snap = status.snapshot(inventory, store, read=lbs, redact=lambda v: "internal" if v == V2 else v,
+                           read_pressure=reader)
+    assert V2 not in json.dumps(snap)
+    assert snap["environments"]["gprd"]["pressure"]["newest_build"] == "internal"
+    assert snap["environments"]["gprd"]["pressure"]["note"] == "no known commit for internal"
+
+
 # -- the CLI ----------------------------------------------------------------------------------------
 
 class FakeClient:

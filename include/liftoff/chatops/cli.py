@@ -591,6 +591,17 @@ def _record_lines(env: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _pressure_lines(pressure: Mapping[str, Any] | None) -> list[str]:
+    """Commits not deployed yet (``liftoff.changes``), or why that is not known."""
+    if not pressure:
+        return []
+    if pressure.get("commits") is None:
+        return [f"  not deployed yet: not known ({_txt(pressure.get('note') or 'no reason given')})"]
+    upto = f" (up to {_txt(pressure['newest_build'])})" if pressure.get("newest_build") else ""
+    url = f": {_txt(pressure['web_url'])}" if pressure.get("web_url") and pressure["commits"] else ""
+    return [f"  not deployed yet: {pressure['commits']} commit(s){upto}{url}"]
+
+
 def _env_lines(name: str, env: Mapping[str, Any]) -> list[str]:
     current = env.get("current_version") or "no successful deploy recorded"
     canary = f", canary of {_txt(env['canary_of'])}" if env.get("canary_of") else ""
@@ -601,6 +612,7 @@ def _env_lines(name: str, env: Mapping[str, Any]) -> list[str]:
         lines.append(f"  {_txt(role['name']):<10} {_versions(role.get('versions') or {})}"
                      + (f"  ({', '.join(extra)})" if extra else ""))
     lines.append(f"  lock: {_lock_line(env['lock'])}" if env.get("lock") else "  lock: none")
+    lines += _pressure_lines(env.get("pressure"))
     lines += _out_of_service_lines(env.get("out_of_service") or []) + _chef_and_lb_lines(env)
     if env.get("canary"):
         lines += _canary_lines(env["canary"])
