@@ -42,7 +42,7 @@ def resolve_version() -> str:
     check_halt(run, version)
     seen: list = []
     notify.deploy_started(run, version, ENVS, seen=seen)
-    dagkit.keep_changes(seen)
+    dagkit.keep_changes(seen, version, ENVS)
     return version
 
 

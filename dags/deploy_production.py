@@ -81,7 +81,7 @@ def resolve_version() -> str:
     version = verified_on_canary(run, requested, ctx["params"].get("override_reason"))
     seen: list = []
     notify.deploy_started(run, version, ENVS, seen=seen)
-    dagkit.keep_changes(seen)
+    dagkit.keep_changes(seen, version, ENVS)
     return version
 
 

@@ -276,13 +276,21 @@ def run_sentence(pipeline: str, failed: list[str], not_run: list[str], reasons: 
     return f"{pipeline} succeeded"
 
 
-def keep_changes(seen: list) -> None:
-    """Keep the deploy's change range (``liftoff.changes.summary_line``) as the XCom ``changes``
-    of the current task, for finalize's sentence."""
+def keep_changes(seen: list, version: str, envs: list[str]) -> None:
+    """The deploy has begun: keep its change range (``liftoff.changes.summary_line``) as the
+    XCom ``changes`` for finalize's sentence, and say in the run's note what the run deploys
+    (the runs list shows it while it runs; finalize replaces it with the result)."""
     from liftoff.changes import summary_line
+    from liftoff.notes import set_run_note
 
-    if seen:
-        get_current_context()["ti"].xcom_push("changes", summary_line(seen[0]))
+    ctx = get_current_context()
+    line = summary_line(seen[0]) if seen else None
+    if line:
+        ctx["ti"].xcom_push("changes", line)
+    dag_run = ctx["dag_run"]
+    set_run_note(dag_run.dag_id, dag_run.run_id,
+                 f"{dag_run.dag_id}: deploying {version} to {', '.join(envs)} (running)"
+                 + (f"; {line}" if line else ""))
 
 
 def changes_line(ctx: Any) -> str | None:

@@ -127,3 +127,25 @@ def test_no_connection_no_note(monkeypatch, caplog):
 def test_a_long_summary_fits_airflow_s_note():
     text = notes.note_text("word " * 400)
     assert len(text) == notes.NOTE_CHARS and text.endswith("…")
+
+
+def test_a_deploy_says_what_it_deploys_in_the_note_and_keeps_its_changes(monkeypatch):
+    from liftoff.changes import ChangeRange
+    from liftoff_airflow import dagkit
+
+    pushed: dict = {}
+    noted: list = []
+    ti = SimpleNamespace(xcom_push=lambda key, value: pushed.__setitem__(key, value))
+    dag_run = SimpleNamespace(dag_id="deploy_canary", run_id="deploy_17.6.0-ee.0__20261203T080012Z_1a2b")
+    monkeypatch.setattr(dagkit, "get_current_context", lambda: {"ti": ti, "dag_run": dag_run})
+    monkeypatch.setattr(notes, "set_run_note", lambda *a: noted.append(a) or True)
+    rng = ChangeRange("17.5.0-ee.0", "17.6.0-ee.0", from_sha="a" * 40, to_sha="b" * 40, count=2,
+                      titles=("Fix the thing", "Add the other"), web_url="https://ops/compare", known=True)
+    dagkit.keep_changes([rng], "17.6.0-ee.0", ["gstg", "gprd-cny"])
+    assert pushed["changes"].startswith("what changed: 2 commits (aaaaaaaa..bbbbbbbb): Fix the thing;")
+    [(dag_id, run_id, text)] = noted
+    assert (dag_id, run_id) == ("deploy_canary", dag_run.run_id)
+    assert text.startswith("deploy_canary: deploying 17.6.0-ee.0 to gstg, gprd-cny (running); what changed")
+    pushed.clear()
+    dagkit.keep_changes([], "17.6.0-ee.0", ["gstg"])
+    assert pushed == {} and noted[-1][2] == "deploy_canary: deploying 17.6.0-ee.0 to gstg (running)"
