@@ -29,7 +29,24 @@ def notify_failure(context: Any) -> None:
     from liftoff import notify
 
     record_failure(context)
+    note_failure(context)
     notify.step_failed(context)
+
+
+def note_failure(context: Any) -> bool:
+    """In a DAG without a finalize task (canary_weight, deploy_lock, traffic) the failed step's
+    sentence is the run's note at once (finalize writes it in the others). Never raises."""
+    from liftoff.notes import set_run_note
+
+    try:
+        dag, ti, dag_run = context.get("dag"), context.get("ti"), context.get("dag_run")
+        if dag is None or ti is None or dag_run is None or "finalize" in dag.task_dict:
+            return False
+        reason = failure_reason(context.get("exception"))
+        text = f"{dag_run.dag_id} failed at {ti.task_id}: {reason}"
+        return set_run_note(dag_run.dag_id, dag_run.run_id, text)
+    except Exception:  # the failure stands; only its note is lost
+        return False
 
 
 def failure_reason(exc: Any) -> str:

@@ -9,6 +9,7 @@ the same run then goes through canary without reinstalling the hosts already don
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,30 @@ def test_invalid_version_is_refused_with_400_and_no_run(lab_stack):
     assert {r["dag_run_id"] for r in stack.dag_runs(DAG)} == before
 
 
+def reasons_reach_people(stack: Stack, run_id: str, cli: dict) -> None:
+    """After the halted stage: ``watch`` ends with the run's sentence (the first failing step
+    and why, the host named), the run's note in the Airflow UI is that sentence, and ``status
+    --json`` shows the failed host drained with its record, chef stopped on it, no lock left."""
+    watched = subprocess.run([*LIFTOFF, "watch", run_id, "--dag", DAG], **cli)
+    assert watched.returncode == 1, watched.stdout + watched.stderr
+    sentence = next((ln.strip() for ln in watched.stdout.splitlines() if "(first)" in ln), "")
+    assert sentence.startswith(f"deploy_canary failed at {STAGE}.deploy (first): "), watched.stdout
+    assert FAULTY_HOST in sentence and "install" in sentence, sentence
+    assert "locks taken: gstg" in sentence and f"liftoff retry {run_id} {STAGE}" in sentence, sentence
+    assert stack.dag_run(DAG, run_id)["note"] == sentence
+    shown = subprocess.run([*LIFTOFF, "--json", "status"], **cli)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    gstg = json.loads(shown.stdout)["fleet"]["environments"]["gstg"]
+    [drained] = [h for h in gstg["out_of_service"] if h["host"] == FAULTY_HOST]
+    assert drained["record"]["run_id"] == run_id and drained["note"] == "drain record", drained
+    assert all(h["record"] for h in gstg["out_of_service"]), gstg["out_of_service"]
+    assert FAULTY_HOST in json.dumps(gstg["chef_stopped"]) and gstg["lock"] is None, gstg
+    [failed] = gstg["failed_hosts"]
+    assert failed["host"] == FAULTY_HOST and failed["run_id"] == run_id and failed["reason"], failed
+    [run] = [r for r in json.loads(shown.stdout)["dags"][DAG]["runs"] if r["dag_run_id"] == run_id]
+    assert run["summary"] == sentence and run["stages"][STAGE] == "failed"
+
+
 def test_failed_stage_is_resumed_by_clearing_it(lab_stack):
     lab, stack = lab_stack
     assert FAULTY_HOST in hosts(lab, "gstg")
@@ -95,10 +120,12 @@ def test_failed_stage_is_resumed_by_clearing_it(lab_stack):
     assert done_before, "no staging host got the build before the failure"
     assert all(h["installed"] != GOOD for h in hosts(lab, "gprd-cny").values())
 
+    cli = {"env": stack.cli_env(), "capture_output": True, "text": True, "timeout": 300}
+    reasons_reach_people(stack, run_id, cli)
+
     # Fix the fault. Meanwhile someone locks staging by hand: clearing the stage (the run released
     # its lock when it failed) changes nothing and the failed task names the holder (the one door).
     processes.control(lab.config, "PATCH", f"/builds/{GOOD}", {"install_fails_on": []})
-    cli = {"env": stack.cli_env(), "capture_output": True, "text": True, "timeout": 300}
     locked = subprocess.run([*LIFTOFF, "lock", "gstg", "--reason", "incident 4242", "--watch"], **cli)
     assert locked.returncode == 0, locked.stdout + locked.stderr
     before_refused = installs(lab, GOOD)
@@ -155,3 +182,56 @@ def test_trailing_newline_version_is_refused_with_a_one_line_400(lab_stack):
     assert "(?:" not in str(body) and "[0-9]" not in str(body) and "Failed validating" not in str(body), body
     assert repr(GOOD + "\n") in detail, detail  # the value, repr'd: the newline shows
     assert {r["dag_run_id"] for r in stack.dag_runs(DAG)} == before
+
+
+# -- reasons reach people: what `liftoff watch` says when a rollback or an LB refuses -----------------
+
+SETUP_POST_MIGRATION = f"""
+from liftoff.deploy import migrate
+from liftoff.locks import release_locks
+from liftoff.runs import Run
+run = Run(run_id="setup-post-migrations")
+migrate(run, "gprd-cny", {GOOD!r}, post=True)  # what stage 9 of a promotion does
+release_locks(run, ["gprd-cny"])
+"""
+
+
+def sentence_of(out: str, dag_id: str) -> str:
+    return next((ln.strip() for ln in out.splitlines() if ln.strip().startswith(f"{dag_id} failed at")), "")
+
+
+def test_an_unsafe_rollback_says_which_migration_in_watch(lab_stack):
+    lab, stack = lab_stack
+    stack.wait_until_dag_parsed("rollback")
+    assert all(h["installed"] == GOOD for h in hosts(lab, "gprd-cny").values()), "the first test's deploy"
+    setup = subprocess.run([sys.executable, "-c", SETUP_POST_MIGRATION], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, **lab.env, "LIFTOFF_NO_AIRFLOW": "1"})
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    cli = {"env": stack.cli_env(), "capture_output": True, "text": True, "timeout": 600}
+    check = subprocess.run([*LIFTOFF, "rollback", "check", "gprd-cny"], **cli)
+    assert "NOT SAFE" in check.stdout and "command: liftoff rollback" not in check.stdout, check.stdout
+    refused = subprocess.run([*LIFTOFF, "rollback", "gprd-cny", "--watch", "--interval", "1"], **cli)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    sentence = sentence_of(refused.stdout, "rollback")
+    assert sentence.startswith("rollback failed at safety_check (first): "), refused.stdout
+    assert "_post_17_6_0" in sentence and "override_reason" in sentence, sentence
+    assert all(h["installed"] == GOOD for h in hosts(lab, "gprd-cny").values()), "the refusal changed hosts"
+
+
+def test_an_unreachable_lb_is_named_in_watch(lab_stack):
+    lab, stack = lab_stack
+    stack.wait_until_dag_parsed("canary_weight")
+    name = "haproxy-fe-02-lb-gprd"
+    pid = processes.running_pid(lab.config, name)
+    assert pid, f"{name} is not running"
+    os.kill(pid, 9)
+    try:
+        cli = {"env": stack.cli_env(), "capture_output": True, "text": True, "timeout": 600}
+        failed = subprocess.run([*LIFTOFF, "canary", "weight", "10", "--watch", "--interval", "1"], **cli)
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        sentence = sentence_of(failed.stdout, "canary_weight")
+        assert sentence and "fe-02-lb-gprd" in sentence, failed.stdout
+        [run] = [r for r in stack.dag_runs("canary_weight")]
+        assert run["dag_run_id"].startswith("canary_weight_10__") and run["note"] == sentence
+    finally:
+        processes.up(lab.config)

@@ -39,6 +39,7 @@ class FakeAirflow:
         self.valid_tokens = {TOKEN}
         self.health: dict | None = None  # GET /api/v2/monitor/health; None: 404
         self.hitl: list[dict] = []  # GET /api/v2/dags/~/dagRuns/~/hitlDetails
+        self.note: str | None = None  # the run's note
         self.http = LocalServer(self._handler(), poll_interval=0.02)
         self.url = self.http.url
 
@@ -116,7 +117,8 @@ class FakeAirflow:
                 states = fake.run_states
                 state = states[0] if peek or len(states) == 1 else states.pop(0)
                 return {"dag_run_id": RUN, "dag_id": dag, "state": state, "conf": {"version": GOOD},
-                        "start_date": "2026-11-29T11:00:01Z", "end_date": None, "run_type": "manual"}
+                        "start_date": "2026-11-29T11:00:01Z", "end_date": None, "run_type": "manual",
+                        "note": fake.note}
 
             def do_GET(self) -> None:
                 self._do("GET")
@@ -570,6 +572,17 @@ def test_watch_ends_with_the_run_s_sentence(fake):
     code, out, _ = run_cli(fake, "--json", "watch", RUN, "--interval", "0.05")
     end = [json.loads(ln) for ln in out.splitlines() if '"end"' in ln][-1]
     assert end["summary"].startswith("deploy_canary failed at stage_3_staging_fleet.deploy (first)")
+
+
+def test_watch_of_a_dag_without_finalize_prints_the_failure_note(fake):
+    fake.run_states = ["failed"]
+    fake.task_instances = [ti("set_weight", "failed")]
+    fake.note = "deploy_canary failed at set_weight: fe-02-lb-gprd unreachable (connection refused)"
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert code == 1 and f"  {fake.note}" in out.splitlines()
+    fake.note = "canary weight 10 (liftoff CLI)"  # what the CLI said at the start: not a result
+    code, out, _ = run_cli(fake, "watch", RUN, "--interval", "0.05")
+    assert "(liftoff CLI)" not in out
 
 
 def test_watch_of_a_good_run_prints_its_sentence_too(fake):

@@ -149,3 +149,17 @@ def test_a_deploy_says_what_it_deploys_in_the_note_and_keeps_its_changes(monkeyp
     pushed.clear()
     dagkit.keep_changes([], "17.6.0-ee.0", ["gstg"])
     assert pushed == {} and noted[-1][2] == "deploy_canary: deploying 17.6.0-ee.0 to gstg (running)"
+
+
+def test_a_dag_without_finalize_gets_the_failure_as_its_note(monkeypatch):
+    from liftoff_airflow import dagkit
+
+    noted: list = []
+    monkeypatch.setattr(notes, "set_run_note", lambda *a: noted.append(a) or True)
+    ctx = _context("set_weight", RuntimeError("fe-02-lb-gprd: unreachable"))
+    ctx["dag"] = SimpleNamespace(task_dict={"set_weight": object()})
+    assert dagkit.note_failure(ctx) is True
+    assert noted == [("deploy_canary", "manual__2026-12-03T08:00:00+00:00",
+                      "deploy_canary failed at set_weight: fe-02-lb-gprd: unreachable")]
+    ctx["dag"] = SimpleNamespace(task_dict={"set_weight": object(), "finalize": object()})
+    assert dagkit.note_failure(ctx) is False and len(noted) == 1  # finalize writes that one

@@ -941,6 +941,9 @@ def watch_run(client: AirflowClient, out: Output, dag_id: str, run_id: str, *, i
                        or datetime.min.replace(tzinfo=UTC), t["task_id"]))]
     out.line(f"run {run_id}: {final} ({_duration(run.get('start_date'), run.get('end_date'))})")
     result = run_result(client, dag_id, run_id) if "finalize" in {t.get("task_id") for t in tis_end} else None
+    note = run.get("note") or ""
+    if result is None and final != "success" and f"{dag_id} failed at " in note:  # no finalize: the note
+        result = {"summary": note}
     if result:
         out.line(f"  {_txt(result['summary'])}")
     if final != "success" and failed:
