@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -311,11 +312,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_body(args: argparse.Namespace) -> dict:
+FAULT_FIELDS = ("error_rate", "latency_ms", "install_fails_on", "migration_fails", "qa_fails")
+
+
+def check_fault_values(args: argparse.Namespace, config: LabConfig) -> None:
+    """Refuse an out-of-range ``--error-rate``/``--latency-ms`` or an unknown host, in one line."""
     if args.error_rate is not None and not 0 <= args.error_rate <= 1:
-        raise UsageError("--error-rate must be within 0..1")
+        raise UsageError(f"--error-rate must be within 0..1, got {args.error_rate:g}")
     if args.latency_ms is not None and args.latency_ms < 0:
-        raise UsageError("--latency-ms must not be negative")
+        raise UsageError(f"--latency-ms must not be negative, got {args.latency_ms}")
+    unknown = set(args.install_fails_on or []) - set(Topology(config).by_name)
+    if unknown:
+        raise UsageError(f"unknown hosts: {', '.join(sorted(unknown))} (see: python -m lab status)")
+
+
+def build_body(args: argparse.Namespace) -> dict:
     body: dict = {"version": args.version, "nightly": args.nightly,
                   "migration_fails": args.migration_fails, "qa_fails": args.qa_fails}
     if args.error_rate is not None:
@@ -327,20 +338,63 @@ def build_body(args: argparse.Namespace) -> dict:
     return body
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def faults_body(args: argparse.Namespace) -> dict:
+    """The faults ``build faults`` changes: only the options given."""
+    body = {name: getattr(args, name) for name in FAULT_FIELDS if getattr(args, name) is not None}
+    if args.no_install_fails:
+        if args.install_fails_on:
+            raise UsageError("--install-fails-on and --no-install-fails contradict each other")
+        body["install_fails_on"] = []
+    if not body:
+        raise UsageError("nothing to change: give --error-rate, --latency-ms, --install-fails-on, "
+                         "--no-install-fails, --[no-]migration-fails or --[no-]qa-fails")
+    return body
+
+
+def fault_summary(build: dict) -> str:
+    """``error_rate=0.5 qa_fails install_fails_on=web-01-sv-gstg`` (``none`` without faults)."""
+    flags = [name for name in ("migration_fails", "qa_fails") if build.get(name)]
+    flags += [f"{name}={build[name]:g}" for name in ("error_rate", "latency_ms") if build.get(name)]
+    if build.get("install_fails_on"):
+        flags.append("install_fails_on=" + ",".join(build["install_fails_on"]))
+    return " ".join(flags) or "none"
+
+
+def cmd_build_add(args: argparse.Namespace) -> int:
     config = load(args)
     require_up(config)
-    if args.build_cmd == "add":
-        body = build_body(args)
-        unknown = set(body["install_fails_on"]) - set(Topology(config).by_name)
-        if unknown:
-            raise UsageError(f"unknown hosts: {', '.join(sorted(unknown))}")
-        try:
-            build = processes.control(config, "POST", "/builds", body)
-        except LabError as e:
-            raise UsageError(str(e)) from None
-        print(json.dumps(build, indent=1) if args.json else f"build {args.version} added")
-        return 0
+    check_fault_values(args, config)
+    try:
+        build = processes.control(config, "POST", "/builds", build_body(args))
+    except LabError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(build, indent=1) if args.json else f"build {args.version} added")
+    return 0
+
+
+def cmd_build_faults(args: argparse.Namespace) -> int:
+    """``build faults VERSION ...``: change the faults of a build labd already has."""
+    config = load(args)
+    require_up(config)
+    check_fault_values(args, config)
+    body = faults_body(args)
+    known = {b["version"] for b in processes.control(config, "GET", "/builds")}
+    if args.version not in known:
+        raise UsageError(f"no build {args.version} in the lab at {config.lab_dir} "
+                         "(see: python -m lab build list)")
+    path = "/builds/" + urllib.parse.quote(args.version, safe="")
+    try:
+        build = processes.control(config, "PATCH", path, body)
+    except LabError as e:
+        raise UsageError(str(e)) from None
+    summary = f"build {args.version} faults: {fault_summary(build)}"
+    print(json.dumps(build, indent=1) if args.json else summary)
+    return 0
+
+
+def cmd_build_list(args: argparse.Namespace) -> int:
+    config = load(args)
+    require_up(config)
     builds = processes.control(config, "GET", "/builds")
     if args.json:
         print(json.dumps(builds, indent=1))
@@ -416,8 +470,45 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 # -- argument parsing ------------------------------------------------------------------------
+def add_fault_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The fault options of ``build add`` (off by default) and ``build faults`` (unchanged by
+    default, ``--no-qa-fails`` turns one off)."""
+    flag = argparse.BooleanOptionalAction if not defaults else "store_true"
+    p.add_argument("--error-rate", type=float, metavar="X", help="share of requests answered HTTP 500 (0..1)")
+    p.add_argument("--latency-ms", type=int, metavar="MS", help="extra latency of every request")
+    p.add_argument("--install-fails-on", action="append", metavar="HOST",
+                   help="apt-get install of this build fails on HOST (repeatable)")
+    p.add_argument("--migration-fails", action=flag, default=None if not defaults else False,
+                   help="db:migrate of this build fails")
+    p.add_argument("--qa-fails", action=flag, default=None if not defaults else False,
+                   help="the QA pipeline of this build fails")
+
+
+def add_build_parser(sub) -> None:
+    """``build add|list|faults``."""
+    build = sub.add_parser("build", help="the build catalog: add builds, list them, change their faults")
+    bsub = build.add_subparsers(dest="build_cmd", required=True, metavar="{add,list,faults}")
+    add = bsub.add_parser("add", help="add a build")
+    add.add_argument("version")
+    add.add_argument("--nightly", action="store_true")
+    add_fault_options(add, defaults=True)
+    add.add_argument("--includes-patch", action="append", metavar="ID")
+    add.add_argument("--json", action="store_true")
+    add.set_defaults(func=cmd_build_add)
+    lst = bsub.add_parser("list", help="list builds")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_build_list)
+    faults = bsub.add_parser("faults", help="change the faults of a build (only the options given)")
+    faults.add_argument("version", help="a build the lab has (see: python -m lab build list)")
+    add_fault_options(faults, defaults=False)
+    faults.add_argument("--no-install-fails", action="store_true",
+                        help="installs of this build fail on no host")
+    faults.add_argument("--json", action="store_true")
+    faults.set_defaults(func=cmd_build_faults)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lab", description=(__doc__ or "").replace("``", ""))
     p.add_argument("--lab-dir", help="lab directory (default: $LIFTOFF_LAB_DIR or .lab/)")
     p.add_argument("--octet", type=int, help="lab network 127.N.0.0/16 (default: $LIFTOFF_LAB_OCTET or 42)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -439,21 +530,7 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    build = sub.add_parser("build", help="the build catalog")
-    bsub = build.add_subparsers(dest="build_cmd", required=True)
-    add = bsub.add_parser("add", help="add a build")
-    add.add_argument("version")
-    add.add_argument("--nightly", action="store_true")
-    add.add_argument("--error-rate", type=float)
-    add.add_argument("--latency-ms", type=int)
-    add.add_argument("--install-fails-on", action="append", metavar="HOST")
-    add.add_argument("--migration-fails", action="store_true")
-    add.add_argument("--qa-fails", action="store_true")
-    add.add_argument("--includes-patch", action="append", metavar="ID")
-    add.add_argument("--json", action="store_true")
-    lst = bsub.add_parser("list", help="list builds")
-    lst.add_argument("--json", action="store_true")
-    build.set_defaults(func=cmd_build)
+    add_build_parser(sub)
 
     fault = sub.add_parser("fault", help="make a host unreachable or reachable again")
     fault.add_argument("fault", choices=["host-down", "host-up"])
@@ -480,7 +557,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Exit codes: 0 done (and ``-h``), 1 the lab failed, 2 bad usage (and no command at all)."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    if not argv:  # argparse convention: the usage, with every command, on stderr; exit 2
+        p.print_help(sys.stderr)
+        return 2
+    args = p.parse_args(argv)
     try:
         return args.func(args)
     except UsageError as e:

@@ -3,8 +3,9 @@
 Listens on ``config.control_addr:config.gitlab_port``. One project,
 ``gitlab-org/quality/gitlab-qa-runner``, whose triggered pipelines run the smoke jobs of
 ``lab.qa_jobs``. Reads need the private token (``PRIVATE-TOKEN`` header,
-``Authorization: Bearer`` or ``private_token=``), else 401; triggering needs the trigger
-token, else 404 like GitLab. Both are generated on first start and kept in
+``Authorization: Bearer`` or ``private_token=``), else 401 ``{"message": "401 Unauthorized"}``;
+a wrong private token is refused so on the trigger too, like GitLab; triggering without one
+needs the trigger token, else 404 like GitLab. Both are generated on first start and kept in
 ``<lab_dir>/secrets/gitlab.json`` (mode 0600).
 
 Endpoints (under ``/api/v4``): ``GET /user``, ``GET /version``, ``GET /projects``,
@@ -34,6 +35,7 @@ from aiohttp import web
 from lab.config import LabConfig
 from lab.model import World
 from lab.qa_jobs import Job, Pipeline, QARunner
+from lab.repository import REPO_PROJECT_ID, REPO_PROJECT_PATH, Repository
 
 QA_PROJECT_ID = 1
 QA_PROJECT_PATH = "gitlab-org/quality/gitlab-qa-runner"
@@ -276,6 +278,7 @@ class GitlabApi:
         r.add_post(f"{proj}/jobs/{{jid}}/retry", self.retry_job)
         r.add_get(f"/{QA_PROJECT_PATH}/-/pipelines/{{pid}}", self.pipeline_page)
         r.add_get(f"/{QA_PROJECT_PATH}/-/jobs/{{jid}}", self.job_page)
+        self._repository_routes(proj)
 
     async def _start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -288,17 +291,25 @@ class GitlabApi:
             await self._runner.cleanup()
 
     # -- auth and lookups ----------------------------------------------------------------
-    def _authorized(self, request: web.Request) -> bool:
+    @staticmethod
+    def _private_token(request: web.Request) -> str:
         token = request.headers.get("PRIVATE-TOKEN") or request.query.get("private_token") or ""
         auth = request.headers.get("Authorization", "")
         if not token and auth.lower().startswith("bearer "):
             token = auth[7:].strip()
+        return token
+
+    def _authorized(self, request: web.Request) -> bool:
+        token = self._private_token(request)
         return bool(token) and hmac.compare_digest(token, self.tokens["private_token"])
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
+        # As GitLab: a private token that is given but wrong is refused (401) on every API
+        # path, the trigger one included; without one, only the trigger (its own token) passes.
         is_trigger = request.method == "POST" and request.path.endswith("/trigger/pipeline")
-        if request.path.startswith("/api/") and not is_trigger and not self._authorized(request):
+        open_trigger = is_trigger and not self._private_token(request)
+        if request.path.startswith("/api/") and not open_trigger and not self._authorized(request):
             return _error(401, "401 Unauthorized")
         try:
             return await handler(request)
@@ -473,6 +484,56 @@ class GitlabApi:
             return _error(403, "403 Forbidden - Job is not retryable")
         new = self.runner.retry_job(job)
         return web.json_response(job_json(new, pipeline, self.url), status=201)
+
+    # -- the application repository (lab.repository): compare and commits -----------------
+    def _repository_routes(self, proj: str) -> None:
+        """``GET /projects/:id/repository/compare?from=&to=``, ``.../repository/commits[/:sha]``
+        of ``gitlab-org/gitlab``, whose history holds a commit per lab build (lab.repository)."""
+        r = self.app.router
+        r.add_get(f"{proj}/repository/compare", self.repository_compare)
+        r.add_get(f"{proj}/repository/commits", self.repository_commits)
+        r.add_get(f"{proj}/repository/commits/{{sha}}", self.repository_commit)
+
+    def _repository(self, request: web.Request) -> Repository | None:
+        if request.match_info["project"] not in (str(REPO_PROJECT_ID), REPO_PROJECT_PATH):
+            return None
+        return Repository.of_builds(self.world.builds.values())
+
+    async def repository_compare(self, request: web.Request) -> web.Response:
+        """Like GitLab: ``commits`` oldest first, ``commit`` the newest, 404 for an unknown ref."""
+        repo = self._repository(request)
+        if repo is None:
+            return _error(404, "404 Project Not Found")
+        from_ref, to_ref = request.query.get("from", ""), request.query.get("to", "")
+        if not from_ref or not to_ref:
+            return _error(400, "from is missing" if not from_ref else "to is missing", "error")
+        commits = repo.compare(from_ref, to_ref)
+        if commits is None:
+            return _error(404, "404 Ref Not Found")
+        return web.json_response({
+            "commit": commits[-1].to_json(self.url) if commits else None,
+            "commits": [c.to_json(self.url) for c in commits],
+            "diffs": [], "compare_timeout": False,
+            "compare_same_ref": from_ref == to_ref,
+            "web_url": f"{self.url}/{REPO_PROJECT_PATH}/-/compare/{from_ref}...{to_ref}",
+        })
+
+    async def repository_commits(self, request: web.Request) -> web.Response:
+        """The commits reachable from ``ref_name`` (default master), newest first, paginated."""
+        repo = self._repository(request)
+        if repo is None:
+            return _error(404, "404 Project Not Found")
+        commits = repo.log(request.query.get("ref_name") or None)
+        if commits is None:
+            return _error(404, "404 Ref Not Found")
+        return paginate(request, [c.to_json(self.url) for c in commits])
+
+    async def repository_commit(self, request: web.Request) -> web.Response:
+        repo = self._repository(request)
+        index = repo.resolve(request.match_info["sha"]) if repo is not None else None
+        if repo is None or index is None:
+            return _error(404, "404 Commit Not Found")
+        return web.json_response(repo.commits[index].to_json(self.url))
 
     # -- HTML views ----------------------------------------------------------------------
     async def pipeline_page(self, request: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ MAIN_WEIGHT = 100
 
 DEFAULT_HOSTS: dict[str, dict[str, int]] = {
     "gstg": {"deploy": 1, "gitaly": 1, "web": 2, "api": 2, "git": 2, "sidekiq": 1},
-    "gprd-cny": {"deploy": 1, "gitaly": 1, "web": 2, "api": 2, "git": 2, "sidekiq": 1},
+    "gprd-cny": {"deploy": 1, "gitaly": 1, "web": 3, "api": 2, "git": 2, "sidekiq": 1},
     "gprd": {"deploy": 1, "gitaly": 2, "web": 3, "api": 3, "git": 2, "sidekiq": 2},
 }
 # Share of hosts per (env, role) when scaling to N hosts.

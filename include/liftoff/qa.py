@@ -17,6 +17,7 @@ token is set, else ``POST /api/v4/projects/:path/pipeline`` (JSON: ref, variable
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -100,8 +101,23 @@ def qa_variables(env: str, url: str, version: str, canary_cookie: str | None,
     return variables
 
 
+def is_auth_refused(exc: Exception) -> bool:
+    """GitLab refused the token: 401, whichever python-gitlab error carries it."""
+    return isinstance(exc, gitlab.exceptions.GitlabAuthenticationError) or (
+        isinstance(exc, gitlab.exceptions.GitlabError) and getattr(exc, "response_code", None) == 401)
+
+
+def token_refused(gitlab_url: str, connection: str, what: str) -> str:
+    """The one sentence for a 401: which GitLab, which connection to fix (and, next to a lab,
+    that a purge made new tokens)."""
+    lab_dir = os.environ.get("LIFTOFF_LAB_DIR")
+    lab = f" (a lab purge makes a new token: source {lab_dir}/liftoff.env again)" if lab_dir else ""
+    return (f"the ops GitLab at {gitlab_url} refused liftoff's token (HTTP 401) when {what}: "
+            f"check the {connection} connection's password{lab}")
+
+
 def _http_reason(exc: Exception) -> str:
-    if isinstance(exc, gitlab.exceptions.GitlabAuthenticationError):
+    if is_auth_refused(exc):
         return "authentication refused (HTTP 401): check the gitlab connection's token"
     if isinstance(exc, gitlab.exceptions.GitlabError):
         code = getattr(exc, "response_code", None)
@@ -121,7 +137,7 @@ class QAClient:
 
     def __init__(self, gitlab_url: str, private_token: str | None, trigger_token: str | None = None,
                  project: str = "gitlab-org/quality/gitlab-qa-runner", ref: str = "main",
-                 *, timeout: float = 30.0, ssl_verify: bool = True):
+                 *, timeout: float = 30.0, ssl_verify: bool = True, connection: str = "gitlab"):
         if not isinstance(gitlab_url, str) or not gitlab_url.startswith(("http://", "https://")):
             raise InvalidInput(f"GitLab URL must start with http:// or https://, got {gitlab_url!r}")
         if not private_token and not trigger_token:
@@ -130,6 +146,7 @@ class QAClient:
         self.gitlab_url = gitlab_url.rstrip("/")
         self.project_path = project
         self.ref = ref
+        self.connection = connection  # the Airflow connection id, named in errors
         self._trigger_token = trigger_token
         self._gl = gitlab.Gitlab(self.gitlab_url, private_token=private_token or None, timeout=timeout,
                                  ssl_verify=ssl_verify, retry_transient_errors=False)
@@ -140,13 +157,19 @@ class QAClient:
 
     @classmethod
     def from_settings(cls, inventory=None) -> QAClient:
-        from liftoff.settings import gitlab_settings
+        from liftoff.settings import conn_id_for, gitlab_settings
 
         s = gitlab_settings(inventory)
-        return cls(s.url, s.private_token, s.trigger_token, s.project, s.ref, ssl_verify=s.ssl_verify)
+        return cls(s.url, s.private_token, s.trigger_token, s.project, s.ref, ssl_verify=s.ssl_verify,
+                   connection=conn_id_for("gitlab", inventory))
 
-    def _fail(self, what: str, exc: Exception) -> QAError:
-        return QAError(f"QA on {self.gitlab_url} ({self.project_path}): {what} failed: {_http_reason(exc)}")
+    def _fail(self, what: str, exc: Exception, if_not_found: str = "") -> QAError:
+        if is_auth_refused(exc):
+            return QAError(token_refused(self.gitlab_url, self.connection, what))
+        reason = _http_reason(exc)
+        if if_not_found and getattr(exc, "response_code", None) == 404:
+            reason += f"; {if_not_found}"
+        return QAError(f"QA on {self.gitlab_url} ({self.project_path}): {what} failed: {reason}")
 
     def trigger(self, env: str, url: str, version: str,
                 canary_cookie: str | None = None, expect_version: bool = True) -> TriggeredPipeline:
@@ -159,7 +182,9 @@ class QAClient:
                 pipeline = self._project.pipelines.create(
                     {"ref": self.ref, "variables": [{"key": k, "value": v} for k, v in variables.items()]})
         except (gitlab.exceptions.GitlabError, requests.RequestException) as exc:
-            raise self._fail("triggering the pipeline", exc) from None
+            hint = (f"the QA project or the trigger token (extra.trigger_token of the {self.connection} "
+                    "connection) is wrong") if self._trigger_token else ""
+            raise self._fail("triggering the pipeline", exc, hint) from None
         attrs = pipeline.attributes
         if not isinstance(attrs.get("id"), int):
             raise QAError(f"QA on {self.gitlab_url}: the trigger answer has no pipeline id")

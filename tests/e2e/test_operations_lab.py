@@ -167,7 +167,7 @@ def test_rollback_after_a_bad_canary_restores_every_host_fleet_before_gitaly(lab
     assert set(installs) == set(canary)  # every canary host (and its deploy node) was rolled back
     gitaly = [h for h in installs if h.startswith("gitaly-")]
     fleet = [h for h in installs if not h.startswith(("gitaly-", "deploy-"))]
-    assert gitaly and len(fleet) == 7
+    assert gitaly and len(fleet) == 8  # web 3, api 2, git 2, sidekiq 1
     assert max(installs[h] for h in fleet) < min(installs[h] for h in gitaly)
 
     s = store()
@@ -230,7 +230,8 @@ def test_patch_halts_deploy_canary_until_a_build_includes_it(lab, dagbag, capfd)
         "reason": "security fix for issue 42"})
     assert applied.state == "success" and applied.task("lift_halt_on_purpose") == "skipped"
     patched = {n for n, h in hosts(lab, "gprd-cny").items() if PATCH in h["patches"]}
-    assert patched == {"web-cny-01-sv-gprd", "web-cny-02-sv-gprd", "api-cny-01-sv-gprd", "api-cny-02-sv-gprd"}
+    assert patched == {"web-cny-01-sv-gprd", "web-cny-02-sv-gprd", "web-cny-03-sv-gprd",
+                       "api-cny-01-sv-gprd", "api-cny-02-sv-gprd"}
     s = store()
     record = s.patches("gprd-cny")[0]
     assert (record.patch_id, record.status, set(record.hosts)) == (PATCH, "applied", patched)

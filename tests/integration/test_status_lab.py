@@ -24,7 +24,7 @@ pytestmark = pytest.mark.lab
 RUN = "deploy_canary__status_lab_2026-12-02T16:40:00+00:00"  # ':' and '+' kept as they are
 DRAINED = "web-01-sv-gprd"  # drained by a "deploy", with a record
 BY_HAND = "web-02-sv-gprd"  # drained by hand on one LB, no record
-CANARY = ("web-cny-01-sv-gprd", "web-cny-02-sv-gprd")
+CANARY = ("web-cny-01-sv-gprd", "web-cny-02-sv-gprd", "web-cny-03-sv-gprd")  # the default lab's three
 LB1, LB2 = "fe-01-lb-gprd", "fe-02-lb-gprd"
 
 

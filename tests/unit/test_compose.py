@@ -150,6 +150,7 @@ def test_every_airflow_service_shares_one_configuration(services: dict):
     for name in AIRFLOW_SERVICES:
         env = env_of(services[name])
         for key in ("AIRFLOW_CONFIG", "AIRFLOW__CORE__EXECUTOR", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC",
                     "AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "AIRFLOW__CORE__AUTH_MANAGER",
                     "AIRFLOW__CELERY__BROKER_URL", "LIFTOFF_STATE_URL", "LIFTOFF_INVENTORY"):
             assert env.get(key) == base.get(key), (name, key)

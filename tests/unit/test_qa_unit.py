@@ -162,14 +162,41 @@ def test_timeout_cancels_and_fails(gl):
     assert gl.pipelines[result.pipeline_id]["status"] == "canceled"
 
 
-def test_unauthorized_is_a_clear_error_without_the_token(gl):
-    with pytest.raises(QAError, match="authentication refused \\(HTTP 401\\)") as err:
-        QAClient(gl.url, "wrong-token-secret", None, PROJECT).trigger("gstg", "http://a", "16.3.0-ee.0")
+def test_unauthorized_is_a_clear_error_without_the_token(gl, monkeypatch):
+    monkeypatch.delenv("LIFTOFF_LAB_DIR", raising=False)
+    with pytest.raises(QAError) as err:
+        QAClient(gl.url, "wrong-token-secret", None, PROJECT,
+                 connection="liftoff_ops_gitlab").trigger("gstg", "http://a", "16.3.0-ee.0")
+    assert str(err.value) == (f"the ops GitLab at {gl.url} refused liftoff's token (HTTP 401) when "
+                              "triggering the pipeline: check the liftoff_ops_gitlab connection's password")
     assert "wrong-token-secret" not in str(err.value)
 
 
+def test_unauthorized_next_to_a_lab_says_a_purge_made_a_new_token(gl, monkeypatch):
+    """After ``python -m lab down --purge`` and up again, the old token gets 401 (polling too)."""
+    monkeypatch.setenv("LIFTOFF_LAB_DIR", "/srv/liftoff/.lab")
+    c = client(gl)
+    p = c.trigger("gstg", "http://a", "16.3.0-ee.0")
+    stale = QAClient(gl.url, "glpat-old-secret", None, PROJECT, connection="liftoff_ops_gitlab")
+    with pytest.raises(QAError) as err:
+        stale.wait(p, timeout=60, poll=1, max_poll_errors=1, sleep=no_sleep)
+    assert str(err.value) == (
+        f"the ops GitLab at {gl.url} refused liftoff's token (HTTP 401) when reading pipeline {p.id}: "
+        "check the liftoff_ops_gitlab connection's password "
+        "(a lab purge makes a new token: source /srv/liftoff/.lab/liftoff.env again)")
+    assert "\n" not in str(err.value) and "glpat-old-secret" not in str(err.value)
+
+
+def test_401_on_any_gitlab_error_is_the_token_sentence(gl):
+    gl.fail_with = 401
+    with pytest.raises(QAError, match=r"^the ops GitLab at .* refused liftoff's token \(HTTP 401\) when "
+                                      r"triggering the pipeline: check the gitlab connection's password"):
+        client(gl).trigger("gstg", "http://a", "16.3.0-ee.0")
+
+
 def test_bad_trigger_token_and_unknown_project(gl):
-    with pytest.raises(QAError, match="HTTP 404"):
+    with pytest.raises(QAError, match=r"HTTP 404.*; the QA project or the trigger token "
+                                      r"\(extra.trigger_token of the gitlab connection\) is wrong$"):
         client(gl, trigger="bad-trigger").trigger("gstg", "http://a", "16.3.0-ee.0")
     with pytest.raises(QAError, match="not found"):
         QAClient(gl.url, TOKEN, None, "no/such").trigger("gstg", "http://a", "16.3.0-ee.0")
@@ -224,3 +251,13 @@ def test_qa_variables():
     assert qa_variables("gstg", "https://staging.gitlab.com", "16.3.0-ee.0", None) == {
         "QA_ENVIRONMENT": "gstg", "QA_URL": "https://staging.gitlab.com",
         "QA_EXPECTED_VERSION": "16.3.0-ee.0", "QA_CANARY": "false"}
+
+
+def test_from_settings_names_the_connection_liftoff_read(gl, monkeypatch):
+    monkeypatch.delenv("LIFTOFF_LAB_DIR", raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_OPS_GITLAB", json.dumps(
+        {"conn_type": "http", "host": gl.url, "password": "glpat-stale-secret",
+         "extra": {"qa_project": PROJECT}}))
+    with pytest.raises(QAError) as err:
+        QAClient.from_settings().trigger("gstg", "http://a", "16.3.0-ee.0")
+    assert str(err.value).endswith("check the liftoff_ops_gitlab connection's password")
