@@ -38,7 +38,7 @@ LAB_SERVICES = {"lab", "lab-demo"}
 RUNTIME_DIRS = {"logs", "config"}
 # Variables the file may take from the shell or .env (documented in its header).
 VARIABLES = {"POSTGRES_PASSWORD", "AIRFLOW_UID", "LIFTOFF_IMAGE", "LIFTOFF_LAB_IMAGE", "LIFTOFF_INVENTORY",
-             "LIFTOFF_CONNECTIONS", "LIFTOFF_CANARY_CRON"}
+             "LIFTOFF_CONNECTIONS", "LIFTOFF_CANARY_CRON", "LIFTOFF_AIRFLOW_API_PASSWORD"}
 # Top-level and service keys of the Compose specification (a typo is otherwise ignored by nobody).
 TOP_KEYS = {"version", "name", "services", "networks", "volumes", "configs", "secrets", "include", "models"}
 SERVICE_KEYS = {
