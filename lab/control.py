@@ -2,7 +2,8 @@
 
 ``GET /health``, ``GET /status``, ``GET /builds``, ``POST /builds``,
 ``PATCH /builds/{version}`` (change a build's faults), ``POST /faults/host-down`` and
-``POST /faults/host-up`` (``{"host": NAME}``).
+``POST /faults/host-up`` (``{"host": NAME}``); the apt repositories of the builds at
+``GET /apt/public/...`` and ``GET /apt/internal/...`` (:mod:`lab.apt_repo`).
 
 When a host's reachability changes, every function in :data:`REACHABILITY_HOOKS` is called
 with the world (``async def`` on the loop, plain functions in a thread); the first, default
@@ -16,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from lab import apt_repo
 from lab.model import VERSION_RE, Build, HostState, World
 
 log = logging.getLogger("lab.control")
@@ -37,7 +40,10 @@ BUILD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "migration_fails": bool,
     "qa_fails": bool,
     "includes_patches": list,
+    "internal": bool,
+    "sha": str,
 }
+SHA_RE = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 def denied_addresses_path(world: World) -> Path:
@@ -156,6 +162,8 @@ def validate_build(world: World, data: object, *, new: bool) -> dict:
     unknown_hosts = sorted(set(attrs.get("install_fails_on", [])) - set(world.hosts))
     if unknown_hosts:
         raise ValueError(f"'install_fails_on' names unknown hosts: {unknown_hosts}")
+    if "sha" in attrs and not SHA_RE.match(attrs["sha"]):
+        raise ValueError("'sha' must be 7 to 40 lowercase hex digits")
     if "error_rate" in attrs:
         attrs["error_rate"] = float(attrs["error_rate"])
     if new:
@@ -238,6 +246,7 @@ def make_app(world: World) -> web.Application:
 
     app = web.Application()
     app.add_routes(routes)
+    apt_repo.add_routes(app, world)  # GET /apt/{public,internal}/...: the apt repositories
     app["world"] = world
     return app
 

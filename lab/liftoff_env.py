@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from lab import chat, configs
+from lab import apt_repo, chat, configs
 from lab.config import LabConfig
 from lab.topology import DATABASE, ENVIRONMENTS, Topology
 
@@ -25,6 +25,7 @@ CONNECTIONS = {
     "prometheus": "liftoff_prometheus",
     "state": "liftoff_state",
     "builds": "liftoff_builds",
+    "builds_internal": "liftoff_builds_internal",
     "chat": "liftoff_chat",
 }
 QA_PROJECT = "gitlab-org/quality/gitlab-qa-runner"
@@ -115,10 +116,15 @@ def exports(config: LabConfig) -> dict[str, str]:
         "AIRFLOW_CONN_LIFTOFF_PUSHGATEWAY": {"conn_type": "http", "host": f"http://{config.pushgateway_addr}"},
         "AIRFLOW_CONN_LIFTOFF_PROMETHEUS": {"conn_type": "http", "host": f"http://{config.prometheus_addr}"},
     }
-    # The build source: the lab's build catalog (JSON list of builds).
+    # The build source: the lab's apt repositories (lab.apt_repo), the internal one (internal
+    # builds only) behind the credentials in secrets/apt.json.
+    apt = apt_repo.ensure_credentials(config)
     conns["AIRFLOW_CONN_LIFTOFF_BUILDS"] = {
-        "conn_type": "http", "host": f"http://{config.control_addr}:{config.control_port}",
-        "extra": {"path": "builds"},
+        "conn_type": "http", "host": apt_repo.repo_url(config, "public"), "extra": {"suite": apt_repo.SUITE},
+    }
+    conns["AIRFLOW_CONN_LIFTOFF_BUILDS_INTERNAL"] = {
+        "conn_type": "http", "host": apt_repo.repo_url(config, "internal"), "login": apt["login"],
+        "password": apt["password"], "extra": {"suite": apt_repo.SUITE},
     }
     # The state store (locks, drain records, audit): a SQLite file in the lab unless
     # LIFTOFF_STATE_URL points elsewhere (PostgreSQL in the distributed setup).

@@ -51,6 +51,8 @@ class Build:
     qa_fails: bool = False
     includes_patches: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    internal: bool = False  # an undisclosed security build: in the internal apt repository only
+    sha: str | None = None  # the application commit, when the version does not carry it
 
     @property
     def regular_migration(self) -> str:

@@ -1,7 +1,9 @@
 """Alertmanager (API v2) gates: active alerts for an environment, and quiet periods.
 
-Everything fails closed: an unreachable Alertmanager, an HTTP error or an answer that is
-not the expected JSON makes a check *not* pass, with the reason. Severity order is
+Requests go through the http provider: ``HttpHook`` (sync gates) and ``HttpAsyncHook`` (the
+deferrable quiet period) on the ``alertmanager`` connection, with its credentials, headers and
+``extra.timeout``. Everything fails closed: an unreachable Alertmanager, an HTTP error or an
+answer that is not the expected JSON makes a check *not* pass, with the reason. Severity order is
 ``critical > warning > info > none``; GitLab's ``s1``/``s2``/``page`` count as critical,
 ``s3`` as warning, ``s4`` as info, and an alert with a missing or unknown severity counts as
 critical (never silently ignored).
@@ -18,11 +20,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from liftoff.errors import AlertsUnavailable, InvalidInput
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
 
 log = logging.getLogger(__name__)
 
@@ -183,24 +186,56 @@ def unavailable(matchers: Mapping[str, str], error: str) -> GateResult:
                       (), error)
 
 
-# -- sync client -------------------------------------------------------------------------------------
+# -- clients: the http provider's hooks on the Alertmanager connection -----------------------------
+
+def _base_of(alertmanager: str | Connection) -> str:
+    from liftoff.settings import base_url
+
+    url = alertmanager if isinstance(alertmanager, str) else base_url(alertmanager)
+    if not url.startswith(("http://", "https://")):
+        raise InvalidInput(f"Alertmanager URL must start with http:// or https://, got {url!r}")
+    return url.rstrip("/")
+
+
+def _timeout_of(alertmanager: str | Connection, timeout: float | None) -> float:
+    """``timeout``, else the connection's ``extra.timeout``, else DEFAULT_TIMEOUT."""
+    if timeout is not None:
+        return float(timeout)
+    extra = {} if isinstance(alertmanager, str) or not alertmanager.extra else alertmanager.extra_dejson
+    return float(extra.get("timeout") or DEFAULT_TIMEOUT)
+
 
 class AlertClient:
-    """Reads alerts from Alertmanager's API v2 at ``base_url``."""
+    """Reads alerts from Alertmanager's API v2 through ``HttpHook`` (GET) on the Alertmanager
+    connection (or a bare base URL: no credentials). A request that cannot connect is tried
+    ``attempts`` times in all, within about ``timeout`` seconds."""
 
-    def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT,
-                 session: requests.Session | None = None):
-        if not base_url.startswith(("http://", "https://")):
-            raise InvalidInput(f"Alertmanager URL must start with http:// or https://, got {base_url!r}")
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.session = session or requests.Session()
+    def __init__(self, alertmanager: str | Connection, timeout: float | None = None, attempts: int = 3):
+        self.base_url = _base_of(alertmanager)
+        self.connection = alertmanager
+        self.timeout = _timeout_of(alertmanager, timeout)
+        self.attempts = max(1, attempts)
 
     @classmethod
-    def from_settings(cls, inventory=None, timeout: float = DEFAULT_TIMEOUT) -> AlertClient:
-        from liftoff.settings import alertmanager_url
+    def from_settings(cls, inventory=None, timeout: float | None = None) -> AlertClient:
+        """On the inventory's ``alertmanager`` connection (default ``liftoff_alertmanager``)."""
+        from liftoff.settings import connection_for
 
-        return cls(alertmanager_url(inventory), timeout)
+        return cls(connection_for("alertmanager", inventory), timeout)
+
+    def _get(self, params: list[tuple[str, str]]) -> Any:
+        import tenacity
+        from requests.exceptions import ConnectionError as CannotConnect
+
+        from liftoff.settings import bound_hook
+
+        hook = bound_hook(self.connection, method="GET", tcp_keep_alive=False)
+        retry = {"stop": tenacity.stop_after_attempt(self.attempts) | tenacity.stop_after_delay(self.timeout),
+                 "wait": tenacity.wait_exponential(multiplier=0.2, max=2.0),
+                 "retry": tenacity.retry_if_exception_type(CannotConnect), "reraise": True}
+        return hook.run_with_advanced_retry(retry, endpoint="/api/v2/alerts", data=params,
+                                            headers={"Accept": "application/json"},
+                                            extra_options={"timeout": self.timeout, "check_response": False})
 
     def active_alerts(self, matchers: Mapping[str, str], min_severity: str | None = None) -> list[Alert]:
         """Active, unsilenced, uninhibited alerts matching ``matchers`` at ``min_severity`` or above.
@@ -208,11 +243,9 @@ class AlertClient:
         Raises AlertsUnavailable when Alertmanager is unreachable or answers badly."""
         params = alerts_query(matchers)
         floor = _min_rank(min_severity)
-        url = f"{self.base_url}/api/v2/alerts"
         try:
-            resp = self.session.get(url, params=params, timeout=self.timeout,
-                                    headers={"Accept": "application/json"})
-        except requests.RequestException as exc:
+            resp = self._get(params)
+        except Exception as exc:  # cannot connect, timed out, refused: fail closed
             raise AlertsUnavailable(
                 f"Alertmanager at {self.base_url} unreachable: {type(exc).__name__}") from None
         if resp.status_code != 200:
@@ -235,43 +268,48 @@ class AlertClient:
         return evaluate(alerts, matchers, severities)
 
 
-# -- async client (for deferrable triggers) -------------------------------------------------------
-
-async def fetch_alerts_async(base_url: str, matchers: Mapping[str, str], min_severity: str | None = None,
-                             timeout: float = DEFAULT_TIMEOUT, session: Any = None) -> list[Alert]:
-    """Async ``AlertClient.active_alerts`` over aiohttp; raises AlertsUnavailable."""
+async def _get_async(alertmanager: str | Connection, params: list[tuple[str, str]], timeout: float) -> Any:
+    """The JSON answer of ``GET /api/v2/alerts`` through ``HttpAsyncHook``; AlertsUnavailable."""
     import aiohttp
+    from airflow.providers.http.hooks.http import HttpAsyncHook
 
+    from liftoff.settings import bound_hook
+
+    base = _base_of(alertmanager)
+    hook = bound_hook(alertmanager, HttpAsyncHook, method="GET", retry_limit=1)
+    try:
+        async with hook.session() as http:
+            resp = await http.run(endpoint="/api/v2/alerts", data=params,
+                                  headers={"Accept": "application/json"},
+                                  extra_options={"timeout": aiohttp.ClientTimeout(total=timeout),
+                                                 "check_response": False})
+            if resp.status != 200:
+                raise AlertsUnavailable(f"Alertmanager at {base} answered HTTP {resp.status}")
+            try:
+                return await resp.json(content_type=None)
+            except ValueError:
+                raise AlertsUnavailable(f"malformed Alertmanager answer from {base}: not JSON") from None
+    except AlertsUnavailable:
+        raise
+    except Exception as exc:  # cannot connect, timed out: fail closed
+        raise AlertsUnavailable(f"Alertmanager at {base} unreachable: {type(exc).__name__}") from None
+
+
+async def fetch_alerts_async(alertmanager: str | Connection, matchers: Mapping[str, str],
+                             min_severity: str | None = None, timeout: float | None = None) -> list[Alert]:
+    """Async ``AlertClient.active_alerts`` (``HttpAsyncHook``); raises AlertsUnavailable."""
     params = alerts_query(matchers)
     floor = _min_rank(min_severity)
-    base = base_url.rstrip("/")
-    own = session is None
-    if own:
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
-    try:
-        try:
-            async with session.get(f"{base}/api/v2/alerts", params=params,
-                                   headers={"Accept": "application/json"}) as resp:
-                if resp.status != 200:
-                    raise AlertsUnavailable(f"Alertmanager at {base} answered HTTP {resp.status}")
-                try:
-                    payload = await resp.json(content_type=None)
-                except ValueError:
-                    raise AlertsUnavailable(f"malformed Alertmanager answer from {base}: not JSON") from None
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise AlertsUnavailable(f"Alertmanager at {base} unreachable: {type(exc).__name__}") from None
-    finally:
-        if own:
-            await session.close()
+    payload = await _get_async(alertmanager, params, _timeout_of(alertmanager, timeout))
     return [a for a in parse_alerts(payload, matchers) if SEVERITY_RANK[a.severity] >= floor]
 
 
-async def check_async(base_url: str, matchers: Mapping[str, str],
+async def check_async(alertmanager: str | Connection, matchers: Mapping[str, str],
                       severities: Iterable[str] | str | None = ("critical",),
-                      timeout: float = DEFAULT_TIMEOUT, session: Any = None) -> GateResult:
+                      timeout: float | None = None) -> GateResult:
     _severity_filter(severities)
     try:
-        alerts = await fetch_alerts_async(base_url, matchers, timeout=timeout, session=session)
+        alerts = await fetch_alerts_async(alertmanager, matchers, timeout=timeout)
     except AlertsUnavailable as exc:
         return unavailable(matchers, str(exc))
     return evaluate(alerts, matchers, severities)
@@ -393,15 +431,15 @@ def run_quiet_period(client: AlertClient, matchers: Mapping[str, str], period: Q
     return period
 
 
-async def run_quiet_period_async(base_url: str, matchers: Mapping[str, str], period: QuietPeriod,
-                                 severities: Iterable[str] | str | None = ("critical",),
-                                 timeout: float = DEFAULT_TIMEOUT,
+async def run_quiet_period_async(alertmanager: str | Connection, matchers: Mapping[str, str],
+                                 period: QuietPeriod, severities: Iterable[str] | str | None = ("critical",),
+                                 timeout: float | None = None,
                                  clock: Callable[[], float] = time.time,
                                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                                  on_poll: Callable[[QuietPeriod], None] | None = None) -> QuietPeriod:
     """Async version for triggers; ``on_poll`` sees the state after each poll (e.g. to persist it)."""
     while not period.done:
-        result = await check_async(base_url, matchers, severities, timeout=timeout)
+        result = await check_async(alertmanager, matchers, severities, timeout=timeout)
         period.observe(clock(), result)
         if on_poll is not None:
             on_poll(period)

@@ -81,7 +81,7 @@ class ChangeSource:
         from liftoff.settings import connection_for, gitlab_settings
 
         s = gitlab_settings(inventory)
-        project = str(connection_for("gitlab", inventory).extra.get(PROJECT_EXTRA) or DEFAULT_PROJECT)
+        project = str(connection_for("gitlab", inventory).extra_dejson.get(PROJECT_EXTRA) or DEFAULT_PROJECT)
         if not _PROJECT_RE.fullmatch(project) or ".." in project:
             raise ValueError(f"extra.{PROJECT_EXTRA} is not a project path like {DEFAULT_PROJECT}")
         return cls(s.url.rstrip("/"), s.private_token, project, s.ssl_verify, timeout, inventory)

@@ -15,16 +15,34 @@ Groups (grouping keys under job ``liftoff``):
   with each ``deployed_version`` (a deploy or rollback finished on the environment).
 
 ``pipeline`` is the pipeline's name (e.g. the DAG id), not a run id, so series stay few.
-Counters are read back from the gateway and pushed incremented. A failed push is logged
-(without credentials) and returns False: metrics never break a deploy.
+
+Counters (``liftoff_pipelines_total``, ``liftoff_rollbacks_total``, ``liftoff_fast_deploys_total``;
+subclasses count with :meth:`PipelineMetrics._count`) are a read-modify-write of the gateway
+done under one lock: :func:`counter_lock` holds, for the whole read (``GET /metrics`` through
+the http provider's ``HttpHook``), increment and push, a process-local lock and a lock in
+liftoff's state store that every worker and host shares: a PostgreSQL advisory transaction
+lock on the group (``pg_advisory_xact_lock``), or SQLite's database write lock (the store's
+transactions begin ``IMMEDIATE``). The Pushgateway applies a push before it answers, so each
+increment reads the value the previous one pushed and N concurrent increments add exactly N
+(tests/integration/test_pushgateway_lab.py: 8 processes against the lab's gateway). Series stay
+one per group and label, as before; the alternatives were rejected: a group per run
+(``{pipeline, run_id}``, summed in PromQL) grows without bound and deleting old groups makes
+the sums go down, and totals computed from the store need records the store does not keep
+(notification failures, pipeline outcomes). Without a state store (an instance made by hand,
+a test) increments are serialised within the process only. A gateway that restarts without its
+persistence file starts counters again at 0, which ``rate()``/``increase()`` read as a reset.
+
+Pushes use prometheus-client with its ``basic_auth_handler`` when the connection has a login.
+A failed push is logged (without credentials) and returns False: metrics never break a deploy.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import logging
+import os
+import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -32,7 +50,7 @@ from urllib.parse import quote, urlsplit
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.exposition import default_handler, pushadd_to_gateway
+from prometheus_client.exposition import basic_auth_handler, default_handler, pushadd_to_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
@@ -53,6 +71,52 @@ class _Families:
         return iter(self._families)
 
 
+_process_lock = threading.Lock()
+_engines: dict[tuple[int, str], Any] = {}
+
+
+def _store_engine(state_url: str) -> Any:
+    """The state store's engine (its SQLite transactions begin IMMEDIATE), one per process."""
+    key = (os.getpid(), state_url)
+    if key not in _engines:
+        from liftoff.store import Store
+
+        _engines[key] = Store(state_url, create=False).engine
+    return _engines[key]
+
+
+def _lock_id(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def counter_lock(state_url: str | None, name: str) -> Iterator[None]:
+    """Hold the lock of counter group ``name`` for the block: in this process, and in the state
+    store at ``state_url`` across processes and hosts (PostgreSQL: an advisory lock until the
+    transaction ends; SQLite: the database write lock). Without ``state_url``, in this process only."""
+    with _process_lock:
+        if not state_url:
+            yield
+            return
+        with _store_engine(state_url).begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(id)s)", {"id": _lock_id(name)})
+            else:  # SQLite: BEGIN IMMEDIATE took the write lock; make sure the transaction began
+                conn.exec_driver_sql("SELECT 1")
+            yield
+
+
+def _state_url_of(inventory: Any) -> str | None:
+    """The state store that serialises counters, or None (then only within this process)."""
+    try:
+        from liftoff.settings import state_url
+
+        return state_url(inventory)
+    except Exception as exc:  # no store: counters still count, serialised in this process only
+        log.debug("metrics counters without a state store lock: %s", type(exc).__name__)
+        return None
+
+
 def _safe(url: str) -> str:
     parts = urlsplit(url)
     if parts.username or parts.password:
@@ -65,7 +129,8 @@ class PipelineMetrics:
 
     def __init__(self, gateway_url: str | None, pipeline: str, *, timeout: float = 5.0,
                  redact_version: bool = False, login: str | None = None, password: str | None = None,
-                 job: str = JOB, pressure_after_deploy: bool = False, inventory: Any = None):
+                 job: str = JOB, pressure_after_deploy: bool = False, inventory: Any = None,
+                 state_url: str | None = None):
         self.gateway_url = (gateway_url or "").rstrip("/")
         self.pressure_after_deploy = pressure_after_deploy  # deployed_version pushes the pressure too
         self.inventory = inventory
@@ -73,6 +138,7 @@ class PipelineMetrics:
         self.timeout = timeout
         self.redact_version = redact_version
         self.job = job
+        self.state_url = state_url  # the store whose lock serialises counter increments
         self._auth = (login, password) if login else None
 
     def __repr__(self) -> str:
@@ -86,13 +152,14 @@ class PipelineMetrics:
     def from_settings(cls, pipeline: str, inventory=None, **kwargs: Any) -> PipelineMetrics:
         """From the ``pushgateway`` connection; when it is missing, a disabled instance whose
         pushes log a warning and return False (metrics never stop a deploy)."""
-        from liftoff.settings import connection_for
+        from liftoff.settings import base_url, connection_for
 
         kwargs.setdefault("pressure_after_deploy", True)
         kwargs.setdefault("inventory", inventory)
         try:
             conn = connection_for("pushgateway", inventory)
-            return cls(conn.base_url(), pipeline, login=conn.login, password=conn.password, **kwargs)
+            kwargs.setdefault("state_url", _state_url_of(inventory))
+            return cls(base_url(conn), pipeline, login=conn.login, password=conn.password, **kwargs)
         except Exception as exc:
             log.warning("metrics disabled: no usable pushgateway connection (%s)", exc)
             return cls(None, pipeline, **kwargs)
@@ -177,9 +244,23 @@ class PipelineMetrics:
     # -- implementation --------------------------------------------------------------------------
     def _handler(self, url, method, timeout, headers, data):
         if self._auth:
-            token = base64.b64encode(f"{self._auth[0]}:{self._auth[1] or ''}".encode()).decode()
-            headers = [*headers, ("Authorization", f"Basic {token}")]
+            return basic_auth_handler(url, method, timeout, headers, data, self._auth[0], self._auth[1] or "")
         return default_handler(url, method, timeout, headers, data)
+
+    def _count(self, name: str, doc: str, grouping: dict[str, str], label: str | None = None,
+               value: str = "", registry: CollectorRegistry | None = None, replace: bool = False) -> None:
+        """Add 1 to counter ``<name>_total`` (``{label=value}`` when labelled) in the group, pushed
+        with ``registry``'s other metrics: under :func:`counter_lock`, read the group's values back
+        from the gateway and push them with this one incremented."""
+        with counter_lock(self.state_url, f"{self.gateway_url}{group_path(grouping, self.job)}"):
+            totals = self._read_counter(f"{name}_total", grouping, label)
+            totals[value] = totals.get(value, 0.0) + 1
+            family = CounterMetricFamily(name, doc, labels=[label] if label else None)
+            for label_value, total in sorted(totals.items()):
+                family.add_metric([label_value] if label else [], total)
+            registry = registry or CollectorRegistry()
+            registry.register(_Families(family))
+            self._push(registry, grouping, replace)
 
     def _push(self, registry: CollectorRegistry, grouping: dict[str, str], replace: bool) -> None:
         from prometheus_client.exposition import push_to_gateway
@@ -214,13 +295,9 @@ class PipelineMetrics:
         if end is not None:
             Gauge("liftoff_pipeline_end_timestamp_seconds", "Pipeline end.", registry=reg).set(end)
         if count and status != "running":
-            totals = self._read_counter("liftoff_pipelines_total", grouping, "status")
-            totals[status] = totals.get(status, 0.0) + 1
-            fam = CounterMetricFamily("liftoff_pipelines", "Finished pipelines by status.", labels=["status"])
-            for s, value in sorted(totals.items()):
-                fam.add_metric([s], value)
-            reg.register(_Families(fam))
-        self._push(reg, grouping, replace=False)
+            self._count("liftoff_pipelines", "Finished pipelines by status.", grouping, "status", status, reg)
+        else:
+            self._push(reg, grouping, replace=False)
 
     def _deployed_version(self, env: str, version: str, redact: bool | None, at: float | None) -> None:
         redact = self.redact_version if redact is None else redact
@@ -239,34 +316,31 @@ class PipelineMetrics:
         self._push(reg, {"env": env}, replace=False)
 
     def _rollback(self, env: str) -> None:
-        grouping = {"env": env}
-        current = self._read_counter("liftoff_rollbacks_total", grouping)
-        reg = CollectorRegistry()
-        fam = CounterMetricFamily("liftoff_rollbacks", "Rollbacks started.", value=current.get("", 0.0) + 1)
-        reg.register(_Families(fam))
-        self._push(reg, grouping, replace=False)
+        self._count("liftoff_rollbacks", "Rollbacks started.", {"env": env})
 
     def _fast_deploy(self, env: str, version: str, reason: str) -> None:
         grouping = {"pipeline": "fast_deploy", "env": env}
-        current = self._read_counter("liftoff_fast_deploys_total", grouping)
-        total = CounterMetricFamily("liftoff_fast_deploys", "Fast deploys.", value=current.get("", 0.0) + 1)
         reg = CollectorRegistry()
-        reg.register(_Families(total))
         Gauge("liftoff_fast_deploy_info", "The last fast deploy: version and reason.", ["version", "reason"],
               registry=reg).labels(version, reason).set(1)
         Gauge("liftoff_fast_deploy_timestamp_seconds", "When the last fast deploy finished.",
               registry=reg).set(time.time())
-        self._push(reg, grouping, replace=True)
+        self._count("liftoff_fast_deploys", "Fast deploys.", grouping, registry=reg, replace=True)
 
     def _read_counter(self, sample: str, grouping: Mapping[str, str],
                       label: str | None = None) -> dict[str, float]:
-        """Current values of a counter in our group on the gateway (by ``label`` value)."""
-        req = urllib.request.Request(f"{self.gateway_url}/metrics")
-        if self._auth:
-            token = base64.b64encode(f"{self._auth[0]}:{self._auth[1] or ''}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - configured URL
-            text = resp.read().decode("utf-8", "replace")
+        """Current values of a counter in our group on the gateway (by ``label`` value), read
+        with ``HttpHook`` (GET ``/metrics``, the connection's credentials)."""
+        from airflow.sdk import Connection
+
+        from liftoff.settings import bound_hook
+
+        login, password = self._auth or (None, None)
+        gateway = Connection(conn_id="liftoff_pushgateway", conn_type="http", host=self.gateway_url,
+                             login=login, password=password)
+        resp = bound_hook(gateway, method="GET", tcp_keep_alive=False).run(
+            "/metrics", extra_options={"timeout": self.timeout})
+        text = resp.text
         want = {"job": self.job, **grouping}
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from liftoff.errors import ConfigError
-from liftoff.settings import resolve_connection
+from liftoff.settings import base_url, resolve_connection
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def _client():
     info = resolve_connection(CONN_ID)
     if not (info.login and info.password):
         raise ConfigError(f"connection {CONN_ID} has no login and password")
-    timeout = float(info.extra.get("timeout", 10))
-    creds = Credentials(url=normalize_url(info.base_url()), user=info.login, password=info.password)
+    timeout = float(info.extra_dejson.get("timeout", 10))
+    creds = Credentials(url=normalize_url(base_url(info)), user=info.login, password=info.password)
     return AirflowClient(creds, timeout=timeout)
 
 

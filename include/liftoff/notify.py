@@ -43,7 +43,7 @@ from urllib.parse import quote, urlsplit
 
 from liftoff.errors import ConnectionNotFound, RollbackRefused
 from liftoff.metrics import REDACTED, PipelineMetrics
-from liftoff.settings import ConnInfo, resolve_connection
+from liftoff.settings import Connection, base_url, resolve_connection
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def approval_link(dag_id: str, run_id: str, task_id: str, map_index: int = -1) -
 class Chat:
     """One chat webhook: where, which events, how long a post may take."""
 
-    conn: ConnInfo | None
+    conn: Connection | None
     events: frozenset[str] = field(default_factory=lambda: frozenset(EVENTS))
     timeout: float = DEFAULT_TIMEOUT_S
     pipeline: str = "liftoff"
@@ -185,7 +185,7 @@ class Chat:
         if not conn.host:
             log.warning("notify: connection %s has no host; no chat notifications", conn_id)
             return cls(None, frozenset(), pipeline=pipeline, inventory=inventory)
-        extra = dict(conn.extra or {})
+        extra = dict(conn.extra_dejson)
         events = parse_events(os.environ.get(EVENTS_ENV) or None)  # set but empty: as if unset
         if events is None:
             events = parse_events(extra.get("events"))
@@ -201,13 +201,13 @@ class Chat:
 
     # where the post goes
     def base_url(self) -> str:
-        return self.conn.base_url() if self.conn else ""
+        return base_url(self.conn) if self.conn else ""
 
     def endpoint(self) -> str:
         c = self.conn
         if c is None:
             return ""
-        extra = c.extra or {}
+        extra = c.extra_dejson
         path = extra.get("endpoint") or extra.get("webhook_path") or (c.password if not c.login else None)
         return str(path or "").strip()
 
@@ -234,7 +234,7 @@ class Chat:
         from airflow.sdk import Connection
 
         c = self.conn
-        headers = {k: v for k, v in (c.extra or {}).items() if k not in OWN_EXTRA}
+        headers = {k: v for k, v in c.extra_dejson.items() if k not in OWN_EXTRA}
         connection = Connection(conn_id=c.conn_id or DEFAULT_CONN_ID, conn_type="http", host=self.base_url(),
                                 login=c.login, password=c.password if c.login else None,
                                 extra=json.dumps(headers) if headers else None)
@@ -312,29 +312,8 @@ class NotifyMetrics(PipelineMetrics):
         return self._guard("notification_failed", self._notification_failed, event)
 
     def _notification_failed(self, event: str) -> None:
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.core import CounterMetricFamily
-
-        grouping = {"pipeline": self.pipeline}
-        totals = self._read_counter("liftoff_notifications_failed_total", grouping, "event")
-        totals[event] = totals.get(event, 0.0) + 1
-        fam = CounterMetricFamily("liftoff_notifications_failed", "Chat notifications that failed, by event.",
-                                  labels=["event"])
-        for name, value in sorted(totals.items()):
-            fam.add_metric([name], value)
-        reg = CollectorRegistry()
-        reg.register(_OneFamily(fam))
-        self._push(reg, grouping, replace=False)
-
-
-class _OneFamily:
-    """A collector of one ready-made family (a counter without ``_created`` series)."""
-
-    def __init__(self, family: Any):
-        self.family = family
-
-    def collect(self) -> Iterator[Any]:
-        yield self.family
+        self._count("liftoff_notifications_failed", "Chat notifications that failed, by event.",
+                    {"pipeline": self.pipeline}, "event", event)
 
 
 def _push_failure(chat: Chat, event: str, timeout: float) -> None:
@@ -434,7 +413,7 @@ def payload(event: str, headline: str, o: Origin, *, lines: Iterable[str] = (),
         "ts": int(time.time()),
     }
     body: dict[str, Any] = {"text": text, "attachments": [attachment]}
-    extra = (chat.conn.extra if chat and chat.conn else None) or {}
+    extra = (chat.conn.extra_dejson if chat and chat.conn else None) or {}
     for key in ("channel", "username", "icon_emoji", "icon_url"):
         if extra.get(key):
             body[key] = str(extra[key])

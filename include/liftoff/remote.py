@@ -250,7 +250,7 @@ class Remote:
         from liftoff.settings import resolve_connection
 
         info = resolve_connection(self.conn_id)
-        extra = dict(info.extra or {})
+        extra = dict(info.extra_dejson)
         check_host_key_policy(extra, self.conn_id)
         opts: dict[str, Any] = {"port": info.port or SSH_PORT, "username": info.login,
                                 "keepalive_interval": self.keepalive_interval,

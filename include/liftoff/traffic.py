@@ -152,10 +152,10 @@ class Pusher:
 
     @classmethod
     def from_settings(cls, inventory: Inventory | None = None) -> Pusher:
-        from liftoff.settings import connection_for
+        from liftoff.settings import base_url, connection_for
 
         conn = connection_for("pushgateway", inventory)
-        return cls(conn.base_url(), conn.login, conn.password)
+        return cls(base_url(conn), conn.login, conn.password)
 
     def _handler(self, url, method, timeout, headers, data):
         from prometheus_client.exposition import default_handler

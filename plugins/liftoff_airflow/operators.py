@@ -71,7 +71,7 @@ class QuietPeriodSensor(BaseSensorOperator):
             return {"dry_run": True, "env": self.env}
         from liftoff.alerts import QuietPeriod
         from liftoff.inventory import load_inventory
-        from liftoff.settings import alertmanager_url
+        from liftoff.settings import alertmanager_url, conn_id_for
 
         inventory = load_inventory()
         environment = inventory.env(self.env)
@@ -85,7 +85,8 @@ class QuietPeriodSensor(BaseSensorOperator):
                       dict(environment.alert_matchers))
         self.defer(
             trigger=QuietPeriodTrigger(alertmanager_url(inventory), dict(environment.alert_matchers),
-                                       period.to_dict(), self.severities, env=self.env),
+                                       period.to_dict(), self.severities, env=self.env,
+                                       conn_id=conn_id_for("alertmanager", inventory)),
             method_name="execute_complete",
         )
 

@@ -27,29 +27,43 @@ _MODULE = "liftoff_airflow.triggers"
 
 
 class QuietPeriodTrigger(BaseTrigger):
-    """Polls Alertmanager until the environment has been quiet for a whole window.
+    """Polls Alertmanager (``HttpAsyncHook``) until the environment has been quiet for a whole window.
 
     ``period`` is the QuietPeriod as it was at deferral (not started): re-created after a
-    triggerer restart, the trigger starts a whole new window.
+    triggerer restart, the trigger starts a whole new window. With ``conn_id`` the triggerer
+    resolves that connection when it runs (credentials never sit in the trigger's kwargs);
+    without it (a trigger deferred before ``conn_id`` existed) it polls ``alertmanager_url``.
+    A connection that cannot be resolved fails the gate closed.
     """
 
     def __init__(self, alertmanager_url: str, matchers: dict[str, str], period: dict[str, Any],
-                 severities: list[str] | None = None, env: str = ""):
+                 severities: list[str] | None = None, env: str = "", conn_id: str = ""):
         super().__init__()
         self.alertmanager_url = alertmanager_url
         self.matchers = dict(matchers)
         self.period = dict(period)
         self.severities = list(severities or ["critical", "warning"])
         self.env = env
+        self.conn_id = conn_id
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{_MODULE}.QuietPeriodTrigger", {
             "alertmanager_url": self.alertmanager_url, "matchers": self.matchers,
-            "period": self.period, "severities": self.severities, "env": self.env,
+            "period": self.period, "severities": self.severities, "env": self.env, "conn_id": self.conn_id,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        period = await run_quiet_period_async(self.alertmanager_url, self.matchers,
+        from liftoff.alerts import unavailable
+        from liftoff.settings import resolve_connection
+
+        try:
+            alertmanager = (await asyncio.to_thread(resolve_connection, self.conn_id) if self.conn_id
+                            else self.alertmanager_url)
+        except Exception as exc:  # noqa: BLE001 - no usable connection: the gate fails closed
+            yield TriggerEvent({"env": self.env, "ok": False, "alerts": [], "polls": 0,
+                                "reason": unavailable(self.matchers, f"{type(exc).__name__}: {exc}").reason})
+            return
+        period = await run_quiet_period_async(alertmanager, self.matchers,
                                               QuietPeriod.from_dict(self.period), self.severities)
         yield TriggerEvent({"env": self.env, "ok": period.ok, "reason": period.reason,
                             "alerts": period.alerts, "polls": period.polls})

@@ -339,7 +339,7 @@ def leak_in_an_error():
     from liftoff.settings import resolve_connection
 
     conn = resolve_connection("liftoff_ops_gitlab")
-    raise RuntimeError(f"probe failure carrying {conn.password} and {conn.extra['trigger_token']}")
+    raise RuntimeError(f"probe failure carrying {conn.password} and {conn.extra_dejson['trigger_token']}")
 
 
 @dag(dag_id="liftoff_mask_probe", schedule=None, start_date=datetime(2024, 1, 1), catchup=False,

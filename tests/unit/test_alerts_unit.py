@@ -1,6 +1,7 @@
 """Alert client and quiet-period logic against a tiny fake Alertmanager (real HTTP, fake answers)."""
 
 import asyncio
+import base64
 import json
 from urllib.parse import parse_qs, urlsplit
 
@@ -42,12 +43,14 @@ class FakeAM:
         self.body: object = []
         self.raw: bytes | None = None
         self.queries: list[dict] = []
+        self.auth: list[str | None] = []
         fake = self
 
         class Handler(QuietHandler):
             def do_GET(self):  # noqa: N802
                 parts = urlsplit(self.path)
                 fake.queries.append({"path": parts.path, **parse_qs(parts.query)})
+                fake.auth.append(self.headers.get("Authorization"))
                 self.reply(fake.status, fake.raw if fake.raw is not None else fake.body)
 
         self._http = LocalServer(Handler)
@@ -170,6 +173,24 @@ def test_async_fetch_and_check(am, dead_url):
     am.raw = b"not json"
     bad = asyncio.run(check_async(am.url, {"env": "gstg"}))
     assert not bad.ok and "not JSON" in bad.reason
+
+
+@pytest.mark.parametrize("no_airflow", ["1", ""])
+def test_clients_use_the_alertmanager_connection(am, monkeypatch, no_airflow):
+    """HttpHook and HttpAsyncHook on ``liftoff_alertmanager``: its path, credentials, timeout."""
+    monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", no_airflow)
+    host, port = am.url.removeprefix("http://").split(":")
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_ALERTMANAGER", json.dumps(
+        {"conn_type": "http", "host": host, "port": int(port), "login": "am", "password": "am-secret-pw",
+         "extra": {"path": "/proxy", "timeout": 3}}))
+    am.body = [am_alert("HighErrorRate")]
+    client = AlertClient.from_settings()
+    assert (client.base_url, client.timeout) == (f"{am.url}/proxy", 3.0)
+    assert not client.check({"env": "gstg"}).ok
+    result = asyncio.run(check_async(client.connection, {"env": "gstg"}))
+    assert not result.ok and "HighErrorRate" in result.reason
+    basic = "Basic " + base64.b64encode(b"am:am-secret-pw").decode()
+    assert [q["path"] for q in am.queries] == ["/proxy/api/v2/alerts"] * 2 and am.auth == [basic] * 2
 
 
 def test_parse_alerts_keeps_details():

@@ -18,6 +18,7 @@ from liftoff import builds, changes
 from liftoff.changes import ChangeRange, ChangeSource
 from liftoff.metrics import PipelineMetrics
 from liftoff.versions import commit_sha
+from tests.unit.apt_fakes import INDEX, packages_index
 from tests.unit.http_fakes import FakeGateway, LocalServer, QuietHandler
 
 PROJECT = "gitlab-org/gitlab"
@@ -33,8 +34,8 @@ NEWEST = f"17.9.0+rnightly.102.{HISTORY[11][:8]}-0"
 
 class FakeGitLab:
     """``GET /api/v4/projects/:path/repository/compare`` over HISTORY like GitLab (404 for an
-    unknown ref), and the build list at ``/builds``. Records every request and its token;
-    ``delay`` holds compare answers."""
+    unknown ref), and the build source: an apt repository's ``Packages`` index at ``INDEX``.
+    Records every request and its token; ``delay`` holds compare answers."""
 
     def __init__(self):
         self.requests: list[tuple[str, dict, str | None]] = []
@@ -46,8 +47,8 @@ class FakeGitLab:
         class Handler(QuietHandler):
             def do_GET(self):  # noqa: N802
                 parts = urlsplit(self.path)
-                if parts.path == "/builds":
-                    self.reply(200, fake.builds)
+                if parts.path == INDEX:
+                    self.reply(200, packages_index(fake.builds).encode(), "text/plain")
                     return
                 query = {k: v[0] for k, v in parse_qs(parts.query).items()}
                 fake.requests.append((unquote(parts.path), query, self.headers.get("PRIVATE-TOKEN")))
@@ -86,7 +87,7 @@ def gitlab(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_OPS_GITLAB", json.dumps(
         {"conn_type": "http", "host": fake.url, "password": TOKEN, "extra": {"qa_project": "qa/runner"}}))
     monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_BUILDS", json.dumps(
-        {"conn_type": "http", "host": fake.url, "extra": {"path": "builds"}}))
+        {"conn_type": "http", "host": fake.url}))
     yield fake
     fake.close()
 

@@ -460,9 +460,9 @@ def test_lab_connections_snippet_writes_what_liftoff_reads(services: dict, tmp_p
     for key in [k for k in os.environ if k.startswith("AIRFLOW_CONN_")]:
         monkeypatch.delenv(key)
     found = {purpose: resolve_connection(conn_id) for purpose, conn_id in CONNECTIONS.items()}
-    assert found["ssh"].extra["known_hosts"].startswith(str(lab_dir))
+    assert found["ssh"].extra_dejson["known_hosts"].startswith(str(lab_dir))
     assert found["gitlab"].password == "glpat-unit"
-    assert found["state"].extra["url"] == "postgresql+psycopg2://airflow:airflow@postgres/liftoff"
+    assert found["state"].extra_dejson["url"] == "postgresql+psycopg2://airflow:airflow@postgres/liftoff"
     assert env_of(services["airflow-worker"])["LIFTOFF_CONNECTIONS"] == "${LIFTOFF_CONNECTIONS:-" + \
         env["LIFTOFF_CONNECTIONS"] + "}"
 

@@ -185,3 +185,52 @@ def test_a_finished_deploy_pushes_the_pressure_from_its_version(gw, monkeypatch)
     assert PipelineMetrics.from_settings("deploy_canary").deployed_version("gstg", "17.8.0-ee.0")
     assert PipelineMetrics(gw.url, "deploy_canary").deployed_version("gstg", "17.8.0-ee.0")
     assert len(gw.pushes) == 4 and asked == [("gstg", "17.8.0-ee.0")]
+
+
+def test_counter_lock_holds_the_state_store_write_lock(tmp_path):
+    """While a counter is read, incremented and pushed, no other process can take the store's
+    lock: a second SQLite writer is refused until the block ends."""
+    import sqlite3
+
+    from liftoff.metrics import counter_lock
+
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+
+    def other_writer() -> str:
+        conn = sqlite3.connect(db, timeout=0.2, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return "free"
+        except sqlite3.OperationalError as exc:
+            return str(exc)
+        finally:
+            conn.close()
+
+    with counter_lock(url, "/metrics/job/liftoff/env/gstg"):
+        assert other_writer() == "database is locked"
+    assert other_writer() == "free"
+    with counter_lock(None, "x"):  # no store: this process only
+        pass
+
+
+def test_from_settings_serialises_counters_in_the_state_store(gw, monkeypatch):
+    monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", "1")
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_PUSHGATEWAY", gw.url)
+    monkeypatch.setenv("LIFTOFF_STATE_URL", "sqlite:////tmp/liftoff-metrics-unit.db")
+    assert PipelineMetrics.from_settings("deploy_canary").state_url == "sqlite:////tmp/liftoff-metrics-unit.db"
+    monkeypatch.delenv("LIFTOFF_STATE_URL")
+    monkeypatch.delenv("AIRFLOW_CONN_LIFTOFF_STATE", raising=False)
+    m = PipelineMetrics.from_settings("deploy_canary")
+    assert m.enabled and m.state_url is None and m.rollback("gstg")  # counts, locked in-process only
+
+
+def test_counter_reads_back_then_pushes_with_basic_auth(gw):
+    gw.exposition = 'liftoff_rollbacks_total{env="gstg",instance="",job="liftoff"} 4\n'
+    reads: list[str | None] = []
+    m = PipelineMetrics(gw.url, "rollback", login="pusher", password="pw-read-123")
+    m._read_counter = lambda *a, orig=m._read_counter: reads.append("read") or orig(*a)
+    assert m.rollback("gstg") and reads == ["read"]
+    assert samples(gw.pushes[-1][2]) == {("liftoff_rollbacks_total", ()): 5.0}
+    assert gw.pushes[-1][3] == "Basic " + base64.b64encode(b"pusher:pw-read-123").decode()

@@ -1,22 +1,25 @@
+import base64
 import dataclasses
 import json
 import logging
 
 import pytest
+from airflow.sdk import Connection
 from sqlalchemy.engine import make_url
 
 from liftoff.errors import ConfigError, ConnectionNotFound
 from liftoff.inventory import QAConfig, parse_inventory
 from liftoff.settings import (
-    ConnInfo,
     alertmanager_url,
+    base_url,
+    bound_hook,
     gitlab_settings,
-    parse_connection,
     prometheus_url,
     pushgateway_url,
     resolve_connection,
     state_url,
 )
+from tests.unit.http_fakes import LocalServer, QuietHandler
 
 
 @pytest.fixture(autouse=True)
@@ -50,14 +53,16 @@ def test_json_connection_from_env(monkeypatch, mode):
         {"conn_type": "http", "host": "127.56.0.9", "port": 9093, "login": "u", "password": "s3cret-pw",
          "extra": {"path": "/am"}}))
     info = resolve_connection("t_am")
+    assert isinstance(info, Connection) and info.conn_id == "t_am" and info.conn_type == "http"
     assert (info.host, info.port, info.login, info.password) == ("127.56.0.9", 9093, "u", "s3cret-pw")
-    assert info.base_url() == "http://127.56.0.9:9093/am"
-    assert "s3cret-pw" not in repr(info)
+    assert info.extra_dejson == {"path": "/am"}
+    assert base_url(info) == "http://127.56.0.9:9093/am"
+    assert "s3cret-pw" not in repr(info) and "/am" not in repr(info)
 
 
 def test_uri_connection_from_env(monkeypatch, mode):
     monkeypatch.setenv("AIRFLOW_CONN_T_PGW", "http://127.56.0.9:9091")
-    assert resolve_connection("t_pgw").base_url() == "http://127.56.0.9:9091"
+    assert base_url(resolve_connection("t_pgw")) == "http://127.56.0.9:9091"
 
 
 def test_purpose_helpers_follow_the_inventory(monkeypatch, mode):
@@ -97,12 +102,31 @@ def test_missing_connection_is_a_clear_error(mode):
 
 def test_connections_file_fallback(tmp_path, monkeypatch, mode):
     f = tmp_path / "conns.yml"
-    f.write_text("file_am: {host: 127.0.0.9, port: 9093}\nfile_uri: http://127.0.0.10:1\n")
+    f.write_text("file_am: {host: 127.0.0.9, port: 9093, extra: {path: am}}\nfile_uri: http://127.0.0.10:1\n")
     monkeypatch.setenv("LIFTOFF_CONNECTIONS", str(f))
-    assert resolve_connection("file_am").base_url() == "http://127.0.0.9:9093"
-    assert resolve_connection("file_uri").base_url() == "http://127.0.0.10:1"
+    found = resolve_connection("file_am")
+    assert isinstance(found, Connection) and found.conn_id == "file_am"
+    assert base_url(found) == "http://127.0.0.9:9093/am"
+    assert base_url(resolve_connection("file_uri")) == "http://127.0.0.10:1"
     with pytest.raises(ConnectionNotFound):
         resolve_connection("file_none")
+    j = tmp_path / "conns.json"  # what the lab writes: the JSON form, by id
+    j.write_text(json.dumps({"file_json": {"conn_type": "http", "host": "http://127.0.0.11:2",
+                                           "password": "pw", "extra": {"timeout": 5}}}))
+    monkeypatch.setenv("LIFTOFF_CONNECTIONS", str(j))
+    found = resolve_connection("file_json")
+    assert (base_url(found), found.password) == ("http://127.0.0.11:2", "pw")
+    assert found.extra_dejson == {"timeout": 5}
+
+
+def test_a_bad_connections_file_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", "1")
+    for name, text in (("conns.yaml", "a: [unclosed, secret-in-file\n"), ("conns.txt", "a: {host: h}\n")):
+        (tmp_path / name).write_text(text)
+        monkeypatch.setenv("LIFTOFF_CONNECTIONS", str(tmp_path / name))
+        with pytest.raises(ConfigError, match="LIFTOFF_CONNECTIONS file .* is unreadable") as err:
+            resolve_connection("a")
+        assert "secret-in-file" not in str(err.value)
 
 
 def test_state_url(monkeypatch, mode):
@@ -121,23 +145,64 @@ def test_state_url(monkeypatch, mode):
         ("postgresql+psycopg2", "postgres", "p w", "127.0.0.1", 5432, "liftoff")
 
 
-def test_parse_connection_errors():
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        parse_connection("c", "{nope")
-    with pytest.raises(ConfigError, match="port 'x' is not a number"):
-        parse_connection("c", {"host": "h", "port": "x"})
-    with pytest.raises(ConfigError, match="not a connection URI"):
-        parse_connection("c", "just-text")
-    with pytest.raises(ConfigError, match="has no host"):
-        ConnInfo(conn_id="c").base_url()
+@pytest.mark.parametrize("value,message", [
+    ("{nope", "AIRFLOW_CONN_C is not valid JSON"),
+    (json.dumps({"host": "h", "port": "x"}), "Expected integer value for `port`, but got 'x'"),
+    ("just-text", "AIRFLOW_CONN_C is not a connection URI or JSON"),
+])
+def test_bad_env_values_are_config_errors(monkeypatch, value, message):
+    monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", "1")
+    monkeypatch.setenv("AIRFLOW_CONN_C", value)
+    with pytest.raises(ConfigError, match=message):
+        resolve_connection("c")
 
 
-def test_uri_with_extra_and_credentials():
-    info = parse_connection("c", "https://user:pa%40ss@host.example:8443/schema?__extra__=%7B%22a%22%3A+1%7D")
-    assert (info.login, info.password, info.host, info.port, info.schema) == \
-        ("user", "pa@ss", "host.example", 8443, "schema")
-    assert info.extra == {"a": 1}
-    assert info.base_url() == "https://host.example:8443"
+def test_base_url_as_http_hook_builds_it():
+    with pytest.raises(ConfigError, match="connection c has no host"):
+        base_url(Connection(conn_id="c"))
+    assert base_url(Connection(conn_id="c", host="::1", port=9093)) == "http://[::1]:9093"
+    assert base_url(Connection(conn_id="c", host="h", schema="https")) == "https://h"
+    assert base_url(Connection(conn_id="c", host="https://h/x/", port=8443)) == "https://h:8443/x"
+    assert base_url(Connection(conn_id="c", host="h", conn_type="generic"), default_scheme="https") == "https://h"
+
+
+def test_uri_with_extra_and_credentials(monkeypatch):
+    monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", "1")
+    monkeypatch.setenv("AIRFLOW_CONN_C",
+                       "https://user:pa%40ss@host.example:8443/schema?__extra__=%7B%22a%22%3A+1%7D")
+    info = resolve_connection("c")
+    assert (info.login, info.password, info.host, info.port, info.schema, info.conn_type) == \
+        ("user", "pa@ss", "host.example", 8443, "schema", "https")
+    assert info.extra_dejson == {"a": 1}
+    assert base_url(info) == "https://host.example:8443"
+    assert "pa@ss" not in repr(info) and "pa%40ss" not in repr(info)
+
+
+def test_bound_hook_uses_the_resolved_connection(monkeypatch, mode):
+    """The HttpHook asks nothing of Airflow again: the URL with extra.path, Basic auth from
+    login/password, the extra's other keys as headers, liftoff's own keys not sent."""
+    seen: list[tuple[str, str | None, str | None, str | None]] = []
+
+    class Handler(QuietHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization"), self.headers.get("X-Team"),
+                         self.headers.get("path")))
+            self.reply(200, {"ok": True})
+
+    server = LocalServer(Handler)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        monkeypatch.setenv("AIRFLOW_CONN_T_BOUND", json.dumps(
+            {"conn_type": "http", "host": host, "port": int(port), "login": "u", "password": "pw-bound",
+             "extra": {"path": "/api", "X-Team": "delivery"}}))
+        hook = bound_hook(resolve_connection("t_bound"), method="GET")
+        assert hook.run("/v2/alerts", data={"a": "1"}, extra_options={"timeout": 5}).json() == {"ok": True}
+        hook = bound_hook(server.url, method="GET")
+        hook.run("/plain")
+    finally:
+        server.close()
+    basic = "Basic " + base64.b64encode(b"u:pw-bound").decode()
+    assert seen == [("/api/v2/alerts?a=1", basic, "delivery", None), ("/plain", None, None, None)]
 
 
 def test_secrets_not_logged(monkeypatch, caplog, mode):

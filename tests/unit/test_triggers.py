@@ -3,6 +3,8 @@ class), and the operators really defer to them instead of waiting in a worker.""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import importlib
 import json
 import time
@@ -15,11 +17,15 @@ from airflow.sdk.exceptions import TaskDeferred
 from liftoff.alerts import QuietPeriod
 from liftoff_airflow import operators
 from liftoff_airflow.triggers import QAPipelineTrigger, QuietPeriodTrigger
+from tests.unit.http_fakes import LocalServer, QuietHandler
 
 TRIGGERS = {
     "quiet_period": lambda: QuietPeriodTrigger(
         "http://127.0.0.1:9093", {"env": "gstg", "stage": "main"},
         QuietPeriod(window_s=60, interval_s=5, fail_on_alert=True).to_dict(), ["critical"], env="gstg"),
+    "quiet_period_by_connection": lambda: QuietPeriodTrigger(
+        "http://127.0.0.1:9093", {"env": "gstg"}, QuietPeriod(window_s=0, interval_s=1).to_dict(),
+        ["critical"], env="gstg", conn_id="liftoff_alertmanager"),
     "quiet_period_defaults": lambda: QuietPeriodTrigger(
         "http://127.0.0.1:9093", {"env": "gprd-cny"}, QuietPeriod(window_s=0, interval_s=1).to_dict()),
     "qa_pipeline": lambda: QAPipelineTrigger(
@@ -53,6 +59,44 @@ def test_quiet_period_kwargs_are_the_period_at_deferral():
     period = QuietPeriod.from_dict(trigger.serialize()[1]["period"])
     assert period.started_at is None and period.quiet_since is None and period.polls == 0
     assert (period.window_s, period.interval_s, period.fail_on_alert) == (60, 5, True)
+
+
+def _first_event(trigger: QuietPeriodTrigger) -> dict[str, Any]:
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("no event")
+
+    return asyncio.run(first())
+
+
+def test_quiet_period_trigger_polls_through_the_connection(monkeypatch: pytest.MonkeyPatch):
+    """The triggerer resolves ``conn_id`` (credentials never in the kwargs) and polls with
+    HttpAsyncHook; a connection it cannot resolve fails the gate closed."""
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(QuietHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path.split("?")[0], self.headers.get("Authorization")))
+            self.reply(200, [])
+
+    server = LocalServer(Handler)
+    monkeypatch.setenv("LIFTOFF_NO_AIRFLOW", "1")
+    monkeypatch.setenv("AIRFLOW_CONN_T_AM_TRIGGER", json.dumps(
+        {"conn_type": "http", "host": server.url, "login": "am", "password": "am-trigger-pw"}))
+    period = QuietPeriod(window_s=0, interval_s=1).to_dict()
+    try:
+        trigger = QuietPeriodTrigger("http://127.0.0.1:1", {"env": "gstg"}, period, env="gstg",
+                                     conn_id="t_am_trigger")
+        assert "am-trigger-pw" not in json.dumps(trigger.serialize())
+        event = _first_event(trigger)
+    finally:
+        server.close()
+    assert event["ok"] is True and event["polls"] == 1 and event["env"] == "gstg"
+    assert seen == [("/api/v2/alerts", "Basic " + base64.b64encode(b"am:am-trigger-pw").decode())]
+    missing = _first_event(QuietPeriodTrigger("", {"env": "gstg"}, period, env="gstg", conn_id="t_am_none"))
+    assert missing["ok"] is False and missing["polls"] == 0
+    assert "alerts for env=gstg unknown (fail closed): ConnectionNotFound" in missing["reason"]
 
 
 class FakeInventory:
@@ -89,6 +133,7 @@ def test_quiet_period_sensor_defers_to_the_quiet_period_trigger(inventory: FakeI
     trigger = _deferral(sensor).trigger
     assert isinstance(trigger, QuietPeriodTrigger)
     assert trigger.alertmanager_url == "http://am.example:9093"
+    assert trigger.conn_id == "liftoff_alertmanager"  # the inventory's default: resolved by the triggerer
     assert trigger.matchers == {"env": "gstg"} and trigger.env == "gstg"
     assert trigger.severities == ["critical", "warning"]
     period = QuietPeriod.from_dict(trigger.period)
