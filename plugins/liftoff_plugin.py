@@ -135,6 +135,15 @@ class LiftoffPlugin(AirflowPlugin):
         "url_prefix": "/liftoff",
         "name": "liftoff",
     }]
+    # The fleet page (liftoff_airflow.fleet_page) in the UI's navigation, and a tab with it on a
+    # run's page (Airflow 3.3 ExternalViewResponse: name, href, destination, url_route). A nav view
+    # without url_route is a link that opens href in a new tab; a dag_run view needs a url_route
+    # (the UI shows it inside the run's page, an iframe) and gets {DAG_ID}/{RUN_ID} filled in.
+    external_views = [
+        {"name": "liftoff fleet", "href": "/liftoff/fleet", "destination": "nav"},
+        {"name": "liftoff fleet", "href": "/liftoff/fleet?dag={DAG_ID}&run={RUN_ID}",
+         "destination": "dag_run", "url_route": "liftoff-fleet-run"},
+    ]
     fastapi_root_middlewares = [{
         "middleware": OneLineParamErrors,
         "args": [],

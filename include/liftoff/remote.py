@@ -1,12 +1,12 @@
 """SSH fan-out to the fleet: one connection per host, a concurrency limit, audited commands.
 
-Connections come from the SSH provider's async hook (``SSHHookAsync``, asyncssh underneath)
-with the inventory's ``ssh`` connection (``AIRFLOW_CONN_LIFTOFF_SSH`` works without a
-metadata DB: ``get_async_connection`` reads the env var through the secrets backends). Each
-host gets one connection, opened on first use and reused for all its commands. When Airflow
-is not importable, or does not know the connection (e.g. it is only in a
-``LIFTOFF_CONNECTIONS`` file), the same asyncssh options are built from
-``liftoff.settings.resolve_connection`` the way ``SSHHookAsync._get_conn`` builds them.
+Connections go through :class:`FleetSSHHook`, a small subclass of the SSH provider's async
+hook (``SSHHookAsync``, asyncssh underneath), built once per fan-out from the inventory's
+``ssh`` connection: looked up through Airflow (``AIRFLOW_CONN_LIFTOFF_SSH`` works without a
+metadata DB: ``get_async_connection`` reads the env var through the secrets backends), or,
+when Airflow is not importable or does not know it (a ``LIFTOFF_CONNECTIONS`` file), through
+``liftoff.settings.resolve_connection`` (the same ``airflow.sdk.Connection``). Each host gets
+one connection, opened on first use and reused for all its commands.
 
 Host keys are always verified against the connection's ``known_hosts`` (or ``host_key``);
 a connection with ``no_host_key_check`` is refused. Every command (and every failed
@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from airflow.providers.ssh.hooks.ssh import SSHHookAsync
 
 from liftoff.errors import ConfigError, RemoteError
 from liftoff.inventory import HostRef
@@ -141,6 +143,91 @@ def check_host_key_policy(extra: dict, conn_id: str) -> None:
                               "(set known_hosts or host_key instead)")
 
 
+async def lookup_connection(conn_id: str) -> tuple[Any, str]:
+    """The SSH connection, once: through Airflow's async lookup (``AIRFLOW_CONN_*`` and the
+    secrets backends, no metadata DB needed), else ``liftoff.settings.resolve_connection``
+    (outside Airflow, or a connection only in a ``LIFTOFF_CONNECTIONS`` file)."""
+    if not _truthy(os.environ.get("LIFTOFF_NO_AIRFLOW", "")):
+        try:
+            from airflow.providers.common.compat.connection import get_async_connection
+        except ImportError:
+            pass
+        else:
+            try:
+                return await get_async_connection(conn_id), "airflow"
+            except Exception as exc:  # not found, no Airflow context, ...
+                log.info("Airflow cannot resolve %s (%s); using liftoff.settings", conn_id,
+                         type(exc).__name__)
+    from liftoff.settings import resolve_connection
+
+    return resolve_connection(conn_id), "settings"
+
+
+def _host_key_line(value: Any) -> str:
+    parts = str(value).strip().split()
+    return " ".join(parts[:2]) if len(parts) >= 2 else f"ssh-rsa {parts[0]}"
+
+
+def _load_known_hosts(path: str, conn_id: str) -> Any:
+    """Parse the known_hosts file once for all hosts (asyncssh would re-read and re-parse it
+    on every connection: O(hosts^2) key decodings for a large fleet)."""
+    import asyncssh
+
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"connection {conn_id}: known_hosts file {path} does not exist; "
+                          "host keys must be verifiable")
+    return asyncssh.read_known_hosts(path)
+
+
+class FleetSSHHook(SSHHookAsync):
+    """The SSH provider's async hook for a fleet: the connection's settings go through the
+    hook's own constructor once (user, password, key file, private key and passphrase,
+    known_hosts, keepalive), then :meth:`connect` opens each host with them. What liftoff adds:
+    known_hosts parsed once for every host, a pinned ``host_key`` bound to each host's address,
+    AES-GCM preferred, and no way to switch host-key checking off."""
+
+    def __init__(self, *, ssh_conn_id: str, host_key: str | None = None, known_hosts_parsed: Any = None,
+                 **kwargs: Any):
+        super().__init__(ssh_conn_id=ssh_conn_id, **kwargs)
+        self.host_key = host_key
+        self.known_hosts_parsed = known_hosts_parsed
+
+    @classmethod
+    def from_connection(cls, conn: Any, conn_id: str, keepalive_interval: int = 30) -> FleetSSHHook:
+        extra = dict(conn.extra_dejson or {})
+        check_host_key_policy(extra, conn_id)
+        host_key = _host_key_line(extra["host_key"]) if extra.get("host_key") else None
+        known = extra.get("known_hosts") or cls.default_known_hosts
+        return cls(ssh_conn_id=conn_id, port=conn.port or SSH_PORT, username=conn.login,
+                   password=conn.password or None, key_file=extra.get("key_file") or "",
+                   passphrase=extra.get("passphrase") or extra.get("private_key_passphrase") or "",
+                   private_key=extra.get("private_key") or "", known_hosts=known,
+                   keepalive_interval=keepalive_interval, host_key=host_key,
+                   known_hosts_parsed=None if host_key else _load_known_hosts(known, conn_id))
+
+    def connect_options(self) -> dict[str, Any]:
+        """asyncssh.connect options for every host (the address and a pinned key added per host)."""
+        opts: dict[str, Any] = {"port": self.port, "username": self.username,
+                                "keepalive_interval": self.keepalive_interval,
+                                "encryption_algs": preferred_ciphers()}
+        if self.password:
+            opts["password"] = self.password
+        if self.key_file:
+            opts["client_keys"] = self.key_file
+        if self.private_key:
+            import asyncssh
+
+            opts["client_keys"] = [asyncssh.import_private_key(self.private_key, self.passphrase or None)]
+        elif self.passphrase:
+            opts["passphrase"] = self.passphrase
+        if self.host_key:
+            opts["host_key"] = self.host_key
+        else:
+            opts["known_hosts"] = self.known_hosts_parsed
+        return opts
+
+
 class Remote:
     """Run commands on hosts over SSH; ``async with Remote(...) as r: await r.run(host, cmd)``."""
 
@@ -162,8 +249,9 @@ class Remote:
         self._connect_slots = asyncio.Semaphore(max_connecting)
         self._conns: dict[str, asyncio.Task] = {}
         self._audit = _AuditSink(store, audit_flush_s)
-        self._mode: str | None = None  # "hook" or "settings"
-        self._options: dict | None = None  # asyncssh options for the "settings" mode
+        self._mode: str | None = None  # where the connection came from: "airflow" or "settings"
+        self._hook: FleetSSHHook | None = None
+        self._options: dict | None = None  # asyncssh options, host excepted
         self._mode_lock = asyncio.Lock()
         self.commands_run = 0
         self.connections_opened = 0
@@ -177,102 +265,14 @@ class Remote:
 
     # -- connections ---------------------------------------------------------------------------------
     async def _choose_mode(self) -> None:
+        """Look the connection up once per fan-out (inside a task, many concurrent lookups from
+        the event loop deadlock the task's channel to its supervisor) and build the hook."""
         async with self._mode_lock:
-            if self._mode is not None:
+            if self._hook is not None:
                 return
-            if not _truthy(os.environ.get("LIFTOFF_NO_AIRFLOW", "")):
-                try:
-                    from airflow.providers.common.compat.connection import get_async_connection
-                    from airflow.providers.ssh.hooks.ssh import SSHHookAsync  # noqa: F401
-                except ImportError:
-                    pass
-                else:
-                    try:
-                        conn = await get_async_connection(self.conn_id)
-                    except Exception as exc:  # not found, no Airflow context, ...
-                        log.info("Airflow cannot resolve %s (%s); using liftoff.settings", self.conn_id,
-                                 type(exc).__name__)
-                    else:
-                        self._options = self._options_from_hook(conn)
-                        self._mode = "hook"
-                        return
-            self._options = self._options_from_settings()
-            self._mode = "settings"
-
-    def _preload_known_hosts(self, extra: dict) -> Any:
-        """Parse the known_hosts file once for all hosts (asyncssh would re-read and re-parse
-        it on every connection: O(hosts^2) key decodings for a large fleet). None when the
-        connection pins a ``host_key`` instead (the hook handles that per host)."""
-        if extra.get("host_key"):
-            return None
-        import asyncssh
-
-        path = os.path.expanduser(extra.get("known_hosts") or "~/.ssh/known_hosts")
-        if not os.path.isfile(path):
-            raise ConfigError(f"connection {self.conn_id}: known_hosts file {path} does not exist; "
-                              "host keys must be verifiable")
-        return asyncssh.read_known_hosts(path)
-
-    def _options_from_hook(self, conn: Any) -> dict:
-        """asyncssh.connect options from the Airflow connection, parsed once by SSHHookAsync.
-
-        The connection is looked up once per Remote, not once per host: inside a task, many
-        concurrent lookups (and the secret masking they trigger) from the event loop deadlock
-        the task's channel to its supervisor."""
-        from airflow.providers.ssh.hooks.ssh import SSHHookAsync
-
-        extra = conn.extra_dejson or {}
-        check_host_key_policy(extra, self.conn_id)
-        hook = SSHHookAsync(ssh_conn_id=self.conn_id, keepalive_interval=self.keepalive_interval)
-        hook._parse_extras(conn)
-        opts: dict[str, Any] = {"port": conn.port or SSH_PORT, "username": conn.login,
-                                "keepalive_interval": self.keepalive_interval,
-                                "encryption_algs": preferred_ciphers()}
-        if conn.password:
-            opts["password"] = conn.password
-        if hook.key_file:
-            opts["client_keys"] = hook.key_file
-        if hook.private_key:
-            import asyncssh
-
-            opts["client_keys"] = [asyncssh.import_private_key(hook.private_key, hook.passphrase or None)]
-        elif hook.passphrase:
-            opts["passphrase"] = hook.passphrase
-        if extra.get("host_key"):
-            parts = str(extra["host_key"]).strip().split()
-            opts["host_key"] = " ".join(parts[:2]) if len(parts) >= 2 else f"ssh-rsa {parts[0]}"
-        else:
-            opts["known_hosts"] = self._preload_known_hosts(extra)
-        return opts
-
-    def _options_from_settings(self) -> dict:
-        """asyncssh.connect options as SSHHookAsync._get_conn builds them, from resolve_connection."""
-        from liftoff.settings import resolve_connection
-
-        info = resolve_connection(self.conn_id)
-        extra = dict(info.extra_dejson)
-        check_host_key_policy(extra, self.conn_id)
-        opts: dict[str, Any] = {"port": info.port or SSH_PORT, "username": info.login,
-                                "keepalive_interval": self.keepalive_interval,
-                                "encryption_algs": preferred_ciphers()}
-        if info.password:
-            opts["password"] = info.password
-        if extra.get("key_file"):
-            opts["client_keys"] = extra["key_file"]
-        if extra.get("private_key"):
-            import asyncssh
-
-            passphrase = extra.get("passphrase") or extra.get("private_key_passphrase") or None
-            opts["client_keys"] = [asyncssh.import_private_key(extra["private_key"], passphrase)]
-        elif extra.get("passphrase") or extra.get("private_key_passphrase"):
-            opts["passphrase"] = extra.get("passphrase") or extra.get("private_key_passphrase")
-        if extra.get("host_key"):
-            parts = str(extra["host_key"]).strip().split()
-            key = " ".join(parts[:2]) if len(parts) >= 2 else f"ssh-rsa {parts[0]}"
-            opts["host_key"] = key  # bound to each host's address in _open
-        else:
-            opts["known_hosts"] = self._preload_known_hosts(extra)
-        return opts
+            conn, self._mode = await lookup_connection(self.conn_id)
+            self._hook = FleetSSHHook.from_connection(conn, self.conn_id, self.keepalive_interval)
+            self._options = self._hook.connect_options()
 
     async def _open(self, host: HostRef) -> Any:
         await self._choose_mode()

@@ -9,10 +9,11 @@ import shlex
 
 import asyncssh
 import pytest
+from airflow.providers.ssh.hooks.ssh import SSHHookAsync
 
 from liftoff.errors import ConfigError
 from liftoff.inventory import HostRef
-from liftoff.remote import CommandFailed, Remote
+from liftoff.remote import CommandFailed, FleetSSHHook, Remote
 from liftoff.store import Store
 
 
@@ -103,10 +104,11 @@ def test_one_connection_per_host_and_every_command_audited(tmp_path, monkeypatch
             bad = await remote.run(HOST, "explode", 60)
             both = await asyncio.gather(remote.run(HOST, "sleep 0.2", 60), remote.run(HOST, "sleep 0.2", 60))
             mode = remote._mode
+            assert isinstance(remote._hook, FleetSSHHook) and isinstance(remote._hook, SSHHookAsync)
         return server, ok, bad, both, mode
 
     server, ok, bad, both, mode = run(tmp_path, monkeypatch, body, airflow=airflow)
-    assert mode == ("hook" if airflow else "settings")
+    assert mode == ("airflow" if airflow else "settings")
     assert (ok.exit_code, ok.stdout, ok.ok) == (0, "hello\n", True)
     assert (bad.exit_code, bad.stderr) == (3, "boom\n") and "exit 3: boom" in bad.describe()
     assert all(r.ok for r in both) and server.max_running == 2
