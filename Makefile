@@ -3,10 +3,12 @@ SHELL := /bin/bash
 ROOT := $(shell pwd)
 VENV := $(ROOT)/.venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := openssh-server openssh-client haproxy prometheus prometheus-alertmanager prometheus-pushgateway
+LAB_PACKAGES := openssh-server openssh-client haproxy prometheus prometheus-alertmanager prometheus-pushgateway
+BROWSER_PACKAGES := chromium chromium-driver  # the browser tests (tests/browser.py), not the lab
+APT_PACKAGES := $(LAB_PACKAGES) $(BROWSER_PACKAGES)
 ENV := source $(ROOT)/scripts/env.sh &&
 
-.PHONY: setup apt venv airflow-db demo test test-e2e test-unit lint bench lab-up lab-down lab-status clean
+.PHONY: setup apt venv airflow-db demo demo-stop test test-e2e test-unit lint bench lab-up lab-down lab-status clean
 
 setup: apt venv airflow-db
 
@@ -34,8 +36,14 @@ airflow-db: venv
 	@$(ENV) mkdir -p "$$AIRFLOW_HOME" && airflow db migrate >"$$AIRFLOW_HOME/db-migrate.log" 2>&1 \
 	  || { tail -30 "$$AIRFLOW_HOME/db-migrate.log"; exit 1; }
 
+# Leaves the lab and an Airflow api-server on the demo's DB running (URLs printed); `make demo-stop`.
 demo: setup
-	$(ENV) python -m lab up && python scripts/demo.py 2>&1 | tee .lab/demo.log | grep -v "^20[0-9][0-9]-" ; exit $${PIPESTATUS[0]}
+	$(ENV) python scripts/demo_api.py stop --quiet && python -m lab up
+	$(ENV) python scripts/demo.py 2>&1 | tee .lab/demo.log | grep -v "^20[0-9][0-9]-" ; status=$${PIPESTATUS[0]}; \
+	  python scripts/demo_api.py start || status=1; exit $$status
+
+demo-stop: venv
+	$(ENV) python scripts/demo_api.py stop; status=$$?; python -m lab down || status=1; exit $$status
 
 test: setup
 	$(ENV) python -m pytest -q tests
@@ -51,6 +59,9 @@ lint: venv
 
 bench: setup
 	$(ENV) python bench/fleet_rollout.py
+
+bench-fleet-view: setup
+	$(ENV) python bench/fleet_view.py
 
 lab-up: setup
 	$(ENV) python -m lab up

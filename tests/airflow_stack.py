@@ -527,6 +527,9 @@ def airflow_env(home: Path, db_url: str, port: int, password_file: Path, stack_i
         # liftoff's documented setting (README "Stuck tasks"): a lost task fails after 60 s, not 300
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+        # a deferring task tells the scheduler within 1 s (default 5): a trigger that fires before
+        # the deferral is known has its task failed ("finished with state success, but ... queued")
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "PYTHONPATH": _pythonpath(),

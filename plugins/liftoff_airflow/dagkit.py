@@ -192,14 +192,6 @@ def stage_done(pipeline: str, env: str, stage: str, check: dict) -> dict:
     return {"stage": stage, "env": env, "duration_s": round(time.time() - start, 1)}
 
 
-def quiet_window() -> str:
-    return "{{ params.quiet_period_seconds }}"
-
-
-def dry_run_flag() -> str:
-    return "{{ params.dry_run }}"
-
-
 @task.branch(trigger_rule=TriggerRule.ONE_FAILED)
 def on_failure() -> str:
     """A gate failed: roll the failed environment back, or halt, as the run asked."""
@@ -408,13 +400,10 @@ def finish_env(pipeline: str, env: str, version: str) -> dict:
 def gate(env: str, version: str, qa: bool, expect_version: bool = True):
     """QA (optional) then the quiet period (a window below the inventory's minimum passes only
     with the run's allow_precheck_failure reason); returns (first, last) of the chain."""
-    quiet = QuietPeriodSensor(task_id="quiet_period", env=env, window_s=quiet_window(),
-                              dry_run=dry_run_flag(),
-                              override_reason="{{ params.get('allow_precheck_failure') or '' }}")
+    quiet = QuietPeriodSensor(task_id="quiet_period", env=env)  # params: quiet_period_seconds, dry_run, ...
     if not qa:
         return quiet, quiet
-    qa_task = QAGateOperator(task_id="qa", env=env, version=version, expect_version=expect_version,
-                             dry_run=dry_run_flag())
+    qa_task = QAGateOperator(task_id="qa", env=env, version=version, expect_version=expect_version)
     qa_task >> quiet
     return qa_task, quiet
 

@@ -1,4 +1,8 @@
-"""Thin deferrable operators over the engine: the alert quiet period and the QA gate."""
+"""Thin deferrable operators over the engine: the alert quiet period and the QA gate.
+
+They read the run's params natively from ``context["params"]`` (named by the ``*_param``
+arguments: an integer stays an integer, a boolean a boolean, an empty optional None), never
+from Jinja-rendered strings."""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ DEFAULT_WINDOW_S = 60.0
 DEFAULT_INTERVAL_S = 5.0
 
 
-def _is_true(value: Any) -> bool:
-    return str(value).strip().lower() in ("true", "1", "yes")
+def _param(context: Any, name: str | None) -> Any:
+    """A param of the run as its type says (None when the DAG has no such param)."""
+    return (context.get("params") or {}).get(name) if name else None
 
 
 def _quiet_settings(env_extra: dict[str, Any], window_s: float | None) -> tuple[float, float]:
@@ -23,12 +28,6 @@ def _quiet_settings(env_extra: dict[str, Any], window_s: float | None) -> tuple[
     window = float(window_s if window_s is not None else quiet.get("window_s", DEFAULT_WINDOW_S))
     interval = float(quiet.get("interval_s", DEFAULT_INTERVAL_S))
     return window, min(interval, max(window / 2, 0.5))
-
-
-def _given(value: Any) -> str | None:
-    """A templated optional value: None for what Jinja renders of nothing ("", "None")."""
-    text = "" if value is None else str(value).strip()
-    return None if text in ("", "None") else text
 
 
 def check_window(env: str, window: float, env_extra: dict[str, Any],
@@ -53,20 +52,20 @@ class QuietPeriodSensor(BaseSensorOperator):
     """Passes once the environment had no matching alert for a whole window; fails at the first
     alert (or when Alertmanager cannot be read). Always deferred: no worker slot while waiting."""
 
-    template_fields = ("env", "window_s", "dry_run", "override_reason")
+    template_fields = ("env",)
 
-    def __init__(self, *, env: str, window_s: Any = None,
-                 severities: tuple[str, ...] = ("critical", "warning"), dry_run: Any = False,
-                 override_reason: Any = None, **kwargs: Any):
+    def __init__(self, *, env: str, window_param: str | None = "quiet_period_seconds",
+                 severities: tuple[str, ...] = ("critical", "warning"), dry_run_param: str | None = "dry_run",
+                 override_param: str | None = "allow_precheck_failure", **kwargs: Any):
         super().__init__(**kwargs)
         self.env = env
-        self.window_s = window_s
+        self.window_param = window_param  # the run's window in seconds; None: the inventory's
         self.severities = list(severities)
-        self.dry_run = dry_run
-        self.override_reason = override_reason  # lets a window below the inventory's minimum pass
+        self.dry_run_param = dry_run_param
+        self.override_param = override_param  # its reason lets a window below the minimum pass
 
     def execute(self, context: Any) -> Any:
-        if _is_true(self.dry_run):
+        if _param(context, self.dry_run_param) is True:
             self.log.info("dry run: the quiet period on %s is not evaluated", self.env)
             return {"dry_run": True, "env": self.env}
         from liftoff.alerts import QuietPeriod
@@ -75,9 +74,10 @@ class QuietPeriodSensor(BaseSensorOperator):
 
         inventory = load_inventory()
         environment = inventory.env(self.env)
-        given = _given(self.window_s)
+        given = _param(context, self.window_param)
         window, interval = _quiet_settings(dict(environment.extra), None if given is None else float(given))
-        overridden = check_window(self.env, window, dict(environment.extra), _given(self.override_reason))
+        overridden = check_window(self.env, window, dict(environment.extra),
+                                  _param(context, self.override_param) or None)
         if overridden:
             self.log.warning("%s", overridden)
         period = QuietPeriod(window_s=window, interval_s=interval, fail_on_alert=True)
@@ -100,19 +100,19 @@ class QuietPeriodSensor(BaseSensorOperator):
 class QAGateOperator(BaseOperator):
     """Triggers GitLab-QA against an environment on the ops instance and defers until it ends."""
 
-    template_fields = ("env", "version", "dry_run")
+    template_fields = ("env", "version")
 
     def __init__(self, *, env: str, version: str, expect_version: bool = True, timeout_s: float | None = None,
-                 dry_run: Any = False, **kwargs: Any):
+                 dry_run_param: str | None = "dry_run", **kwargs: Any):
         super().__init__(**kwargs)
         self.expect_version = expect_version
         self.env = env
         self.version = version
         self.timeout_s = timeout_s
-        self.dry_run = dry_run
+        self.dry_run_param = dry_run_param
 
     def execute(self, context: Any) -> Any:
-        if _is_true(self.dry_run):
+        if _param(context, self.dry_run_param) is True:
             self.log.info("dry run: no QA pipeline triggered for %s", self.env)
             return {"dry_run": True, "env": self.env}
         from liftoff.inventory import load_inventory

@@ -332,8 +332,8 @@ def test_copy_sources_exist(services: dict):
 # -- consistency with the Makefile path --------------------------------------------------------------
 
 def makefile_apt_packages() -> set[str]:
-    m = re.search(r"^APT_PACKAGES := (.+)$", (ROOT / "Makefile").read_text(), re.M)
-    assert m, "APT_PACKAGES not found in the Makefile"
+    m = re.search(r"^LAB_PACKAGES := (.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert m, "LAB_PACKAGES not found in the Makefile"
     return set(m.group(1).split())
 
 

@@ -119,9 +119,9 @@ def inventory(monkeypatch: pytest.MonkeyPatch) -> FakeInventory:
     return inv
 
 
-def _deferral(task: Any) -> TaskDeferred:
+def _deferral(task: Any, params: dict | None = None) -> TaskDeferred:
     with pytest.raises(TaskDeferred) as deferred:
-        task.execute({})
+        task.execute({"params": params or {}})
     assert deferred.value.method_name == "execute_complete"
     _, kwargs = deferred.value.trigger.serialize()
     json.dumps(kwargs)  # storable as it is
@@ -129,8 +129,8 @@ def _deferral(task: Any) -> TaskDeferred:
 
 
 def test_quiet_period_sensor_defers_to_the_quiet_period_trigger(inventory: FakeInventory):
-    sensor = operators.QuietPeriodSensor(task_id="quiet_period", env="gstg", window_s="30", dry_run="False")
-    trigger = _deferral(sensor).trigger
+    sensor = operators.QuietPeriodSensor(task_id="quiet_period", env="gstg")
+    trigger = _deferral(sensor, {"quiet_period_seconds": 30, "dry_run": False}).trigger
     assert isinstance(trigger, QuietPeriodTrigger)
     assert trigger.alertmanager_url == "http://am.example:9093"
     assert trigger.conn_id == "liftoff_alertmanager"  # the inventory's default: resolved by the triggerer
@@ -142,8 +142,8 @@ def test_quiet_period_sensor_defers_to_the_quiet_period_trigger(inventory: FakeI
 
 
 def test_quiet_period_sensor_takes_the_inventory_window_when_none_is_given(inventory: FakeInventory):
-    sensor = operators.QuietPeriodSensor(task_id="quiet_period", env="gstg", window_s="None")
-    period = QuietPeriod.from_dict(_deferral(sensor).trigger.period)
+    sensor = operators.QuietPeriodSensor(task_id="quiet_period", env="gstg")
+    period = QuietPeriod.from_dict(_deferral(sensor, {"quiet_period_seconds": None}).trigger.period)
     assert (period.window_s, period.interval_s) == (120.0, 10.0)
 
 
@@ -169,12 +169,12 @@ def test_qa_gate_triggers_qa_then_defers_to_the_pipeline_trigger(inventory: Fake
 
 
 @pytest.mark.parametrize("task", [
-    lambda: operators.QuietPeriodSensor(task_id="quiet_period", env="gstg", dry_run="True"),
-    lambda: operators.QAGateOperator(task_id="qa", env="gstg", version="17.6.0-ee.0", dry_run="True"),
+    lambda: operators.QuietPeriodSensor(task_id="quiet_period", env="gstg"),
+    lambda: operators.QAGateOperator(task_id="qa", env="gstg", version="17.6.0-ee.0"),
 ])
 def test_a_dry_run_does_not_defer(task, monkeypatch: pytest.MonkeyPatch):
     def refuse(*_a, **_k):
         raise AssertionError("a dry run read the inventory")
 
     monkeypatch.setattr("liftoff.inventory.load_inventory", refuse)
-    assert task().execute({}) == {"dry_run": True, "env": "gstg"}
+    assert task().execute({"params": {"dry_run": True}}) == {"dry_run": True, "env": "gstg"}

@@ -55,52 +55,68 @@ def _inventory(monkeypatch: pytest.MonkeyPatch, quiet: dict[str, Any]) -> None:
     monkeypatch.setattr("liftoff.settings.alertmanager_url", lambda inventory=None: "http://am.example:9093")
 
 
-def _sensor(window: Any, reason: Any = "") -> operators.QuietPeriodSensor:
-    return operators.QuietPeriodSensor(task_id="quiet_period", env="gprd", window_s=window, dry_run="False",
-                                       override_reason=reason)
+def _sensor() -> operators.QuietPeriodSensor:
+    return operators.QuietPeriodSensor(task_id="quiet_period", env="gprd")
 
 
-def _window(sensor: operators.QuietPeriodSensor) -> float:
+def _params(window: Any, reason: Any = None, dry_run: Any = False) -> dict[str, Any]:
+    """The run's params as Airflow gives them to a task: native types."""
+    return {"params": {"quiet_period_seconds": window, "allow_precheck_failure": reason, "dry_run": dry_run}}
+
+
+def _window(sensor: operators.QuietPeriodSensor, context: dict[str, Any]) -> float:
     with pytest.raises(TaskDeferred) as deferred:
-        sensor.execute({})
+        sensor.execute(context)
     return QuietPeriod.from_dict(deferred.value.trigger.period).window_s
 
 
 def test_a_window_below_the_minimum_is_refused_in_one_sentence(monkeypatch):
     _inventory(monkeypatch, {"window_s": 300, "interval_s": 10, "min_window_s": 120})
     with pytest.raises(AirflowException) as refused:
-        _sensor("30", "None").execute({})
+        _sensor().execute(_params(30, None))
     assert str(refused.value) == ("quiet period on gprd: a window of 30s is shorter than the inventory's "
                                   "minimum of 120s; give allow_precheck_failure a reason to override it")
 
 
 def test_a_window_below_the_minimum_passes_with_a_reason_and_is_logged(monkeypatch, capsys):
     _inventory(monkeypatch, {"window_s": 300, "interval_s": 10, "min_window_s": 120})
-    assert _window(_sensor("30", "incident 42: alerts are known noise")) == 30.0
+    assert _window(_sensor(), _params(30, "incident 42: alerts are known noise")) == 30.0
     out = capsys.readouterr().out  # the task logger (structlog) writes to stdout here
     assert ("quiet period on gprd: a window of 30s, shorter than the inventory's minimum of 120s, "
             "overridden: incident 42: alerts are known noise") in out
 
 
 @pytest.mark.parametrize(("quiet", "window", "expected"), [
-    ({"window_s": 300, "min_window_s": 120}, "120", 120.0),  # at the minimum
-    ({"window_s": 300, "min_window_s": 120}, "None", 300.0),  # the inventory's window
-    ({"window_s": 300}, "0", 0.0),  # no minimum: 0 is allowed
+    ({"window_s": 300, "min_window_s": 120}, 120, 120.0),  # at the minimum
+    ({"window_s": 300, "min_window_s": 120}, None, 300.0),  # the inventory's window
+    ({"window_s": 300}, 0, 0.0),  # no minimum: 0 is allowed (not taken for "not given")
 ])
 def test_windows_at_or_above_the_minimum_pass(monkeypatch, quiet, window, expected):
     _inventory(monkeypatch, quiet)
-    assert _window(_sensor(window)) == expected
+    assert _window(_sensor(), _params(window)) == expected
 
 
 def test_the_sensor_refuses_a_negative_window_even_with_a_reason(monkeypatch):
     _inventory(monkeypatch, {"window_s": 300})
     with pytest.raises(AirflowException, match="must be 0 seconds or more, got -5"):
-        _sensor("-5", "a reason given").execute({})
+        _sensor().execute(_params(-5, "a reason given"))
 
 
-def test_the_gate_passes_the_runs_reason_to_the_sensor(production):
+def test_a_dry_run_is_a_boolean_param_not_a_string(monkeypatch):
+    _inventory(monkeypatch, {"window_s": 300})
+    assert _sensor().execute(_params(None, dry_run=True)) == {"dry_run": True, "env": "gprd"}
+    assert _window(_sensor(), _params(None, dry_run="True")) == 300.0  # only a real True skips the gate
+
+
+def test_the_gates_read_the_runs_params_natively(production):
     sensor = production.get_task("stage_8_production_fleet.quiet_period")
-    assert "allow_precheck_failure" in sensor.override_reason and "override_reason" in sensor.template_fields
+    assert (sensor.window_param, sensor.override_param, sensor.dry_run_param) == (
+        "quiet_period_seconds", "allow_precheck_failure", "dry_run")
+    assert sensor.template_fields == ("env",)
+    bag = DagBag(dag_folder=str(DAGS / "rollback.py"))
+    rollback = bag.dags["rollback"]
+    assert rollback.get_task("quiet_period").override_param == "override_reason"
+    assert "override_reason" in rollback.params
 
 
 # -- the approval request's evidence ---------------------------------------------------------------
