@@ -19,7 +19,7 @@
   each with links into the Airflow UI.
 
 :func:`host_audit` is one host's audit trail. A version in ``internal`` (an internal build's)
-is shown as ``internal`` everywhere, in free text too. No Airflow import here.
+is shown as ``internal-<short hash>`` everywhere, in free text too. No Airflow import here.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from urllib.parse import quote
 from liftoff import status
 from liftoff.checks import in_weekly_change_lock
 from liftoff.inventory import Environment, Inventory, Role
+from liftoff.status import internal_label
 from liftoff.store import Deployment, HostProgress, Store
 
-REDACTED = "internal"
 LIST_MAX = 200  # exceptional hosts listed per list; the rest are counted
 AUDIT_LIMIT = 200
 OUTPUT_TAIL_SHOWN = 400
@@ -70,7 +70,7 @@ def view(inventory: Inventory, store: Store, *, lbs: bool = True, runs: Iterable
     """The fleet view (see the module's doc), JSON-able. ``runs``/``approvals``: Airflow's (see
     :func:`runs_section`, :func:`approvals_section`); ``internal``: versions shown as
     ``internal``; the other arguments are :func:`liftoff.status.snapshot`'s."""
-    hidden = {v: REDACTED for v in internal if v}
+    hidden = {v: internal_label(v) for v in internal if v}
 
     def redact(version: str) -> str:
         return hidden.get(version, version)
@@ -250,7 +250,7 @@ def host_audit(store: Store, host: str, limit: int = AUDIT_LIMIT, internal: Iter
                         "duration_s": round(r.duration_s, 3),
                         "output_tail": "" if r.exit_code == 0 else r.output_tail[-OUTPUT_TAIL_SHOWN:]}
                        for r in shown]}
-    hidden = {v: REDACTED for v in internal if v}
+    hidden = {v: internal_label(v) for v in internal if v}
     return status._scrub(out, hidden) if hidden else out
 
 

@@ -172,6 +172,20 @@ def host_versions(store: Store, env: Environment, deployments: Sequence[Deployme
 
 # -- the snapshot -----------------------------------------------------------------------------------
 
+def internal_label(version: str) -> str:
+    """How an internal build's version is shown: ``internal-`` and a short hash of it, so two
+    internal builds can be told apart without the version leaving liftoff."""
+    import hashlib
+
+    return f"internal-{hashlib.sha256(str(version).encode()).hexdigest()[:8]}"
+
+
+def internal_redactor(internal: Iterable[str]) -> Redact:
+    """``redact`` for :func:`snapshot`: the versions in ``internal`` as :func:`internal_label`."""
+    hidden = frozenset(v for v in internal if v)
+    return lambda version: internal_label(version) if version in hidden else version
+
+
 def snapshot(inventory: Inventory, store: Store, *, lbs: bool = True, now: datetime | float | None = None,
              redact: Redact = _identity, read: LbReader | None = None,
              deployments_shown: int = DEPLOYMENTS_SHOWN, pressure: bool | None = None,

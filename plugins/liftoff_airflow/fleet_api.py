@@ -51,7 +51,7 @@ from liftoff import fleetview
 from liftoff import status as status_mod
 from liftoff.errors import InvalidInput, LiftoffError
 from liftoff.inventory import Inventory, load_inventory
-from liftoff.status import snapshot
+from liftoff.status import internal_redactor, snapshot
 from liftoff.store import Store
 from liftoff.versions import parse_version, validate_name
 from liftoff_airflow import fleet_page
@@ -280,12 +280,12 @@ Internal = Annotated[set[str], Depends(internal_versions)]
 
 def _json_routes(app: FastAPI, readers: list) -> None:
     @app.get("/api/status", dependencies=readers)
-    def status(response: Response, src: Sources, lbs: Lbs = True) -> dict[str, Any]:
-        """Every environment's state (liftoff.status.snapshot)."""
+    def status(response: Response, src: Sources, internal: Internal, lbs: Lbs = True) -> dict[str, Any]:
+        """Every environment's state (liftoff.status.snapshot), internal builds as ``internal-<hash>``."""
         inventory, store = src
         response.headers["Cache-Control"] = "no-store"
         try:
-            return snapshot(inventory, store, lbs=lbs)
+            return snapshot(inventory, store, lbs=lbs, redact=internal_redactor(internal))
         except LiftoffError as exc:
             raise HTTPException(status_code=503, detail=f"liftoff status failed: {exc}") from None
 

@@ -1,18 +1,25 @@
 """The browser harness (tests/browser.py) against a real api-server (tests/airflow_stack.py)
 with a lab of its own (octet 61, ``LIFTOFF_BROWSER_LAB_OCTET``): log in through the real
 SimpleAuthManager form, see deploy_canary in the DAG list, take a screenshot; a wrong password
-does not log in."""
+does not log in. Then liftoff's fleet view (issue #12) in the same browser: the versions after a
+deploy, a halted stage's drained host with its record and a lock holder (whose ``<script>``
+reason is shown as text), the canary weight after a change; its routes refuse strangers."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.airflow_stack import Stack, airflow_stack
@@ -29,7 +36,7 @@ from tests.browser import (
     token_cookie,
     wait_testid,
 )
-from tests.labkit import running_lab
+from tests.labkit import Lab, running_lab
 
 pytestmark = [pytest.mark.airflow, pytest.mark.lab]
 
@@ -40,12 +47,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def lab_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Stack]]:
     with running_lab(tmp_path_factory.mktemp("browser-lab"), OCTET, "--install-seconds", "0.2") as lab:
         with airflow_stack(tmp_path_factory.mktemp("browser-airflow"), lab.env) as running:
             running.wait_until_dag_parsed(DAG)
-            yield running
+            yield lab, running
         assert running.leftovers() == [], "the airflow stack left something behind"
+
+
+@pytest.fixture(scope="module")
+def stack(lab_stack: tuple[Lab, Stack]) -> Stack:
+    return lab_stack[1]
 
 
 def dag_ids_shown(driver: WebDriver) -> list[str]:
@@ -89,3 +101,96 @@ def test_login_helper_reports_a_refusal(stack: Stack, tmp_path: Path):
     with browser(tmp_path) as driver, pytest.raises(BrowserError, match="refused user 'admin'") as refused:
         login(driver, impostor, timeout=30)
     assert "401" in str(refused.value) and WRONG not in str(refused.value)
+
+
+# -- liftoff's fleet view (issue #12) --------------------------------------------------------------
+
+FIRST = "17.6.0+rnightly.6101.a61a61a-0"  # fast_deploy to gstg: the versions shown
+HALTED = "17.6.1+rnightly.6102.b61b61b-0"  # deploy_canary: staging's fleet stage halts on FAULTY
+FAULTY = "web-01-sv-gstg"
+XSS = "<script>alert(1)</script>"
+LIFTOFF = str(Path(sys.executable).parent / "liftoff")
+
+
+def fleet_page(driver: WebDriver, stack: Stack, shot: Path) -> WebElement:
+    """Open the fleet view, wait for its first load of the JSON, screenshot it; the page's own
+    error element and the browser console must be empty."""
+    driver.get(f"{stack.base_url}/liftoff/fleet")
+    root = wait_testid(driver, "fleet-root")
+    wait_until(driver, "the fleet JSON", lambda d: root.get_attribute("data-state") in ("ok", "error"), 60)
+    screenshot(driver, shot)
+    assert root.get_attribute("data-state") == "ok", wait_testid(driver, "fleet-error").text
+    assert page_errors(driver) == []
+    return root
+
+
+def text_of(driver: WebDriver, testid: str) -> str:
+    return wait_testid(driver, testid).text
+
+
+def run_to_end(stack: Stack, dag_id: str, conf: dict) -> str:
+    run_id = stack.trigger(dag_id, conf)["dag_run_id"]
+    stack.wait_run(dag_id, run_id, timeout=600)
+    return run_id
+
+
+def gstg_web(lab: Lab) -> list[str]:
+    hosts = lab.status()["environments"]["gstg"]["hosts"]
+    return sorted(h["name"] for h in hosts if h["name"].startswith("web-"))
+
+
+def test_the_fleet_view_refuses_strangers(stack: Stack):
+    url = f"{stack.base_url}/liftoff/api/fleet"
+    assert requests.get(url, timeout=30).status_code == 401
+    forged = "eyJhbGciOiJIUzUxMiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhZG1pbiJ9.c2lnbmVkLWJ5LW5vYm9keQ"
+    assert requests.get(url, headers={"Authorization": f"Bearer {forged}"}, timeout=30).status_code == 403
+    page = requests.get(f"{stack.base_url}/liftoff/fleet", timeout=30, allow_redirects=False)
+    assert page.status_code in (302, 303, 307) and "/auth/login" in page.headers["location"], page.status_code
+    owner = {"Authorization": f"Bearer {stack.token()}"}
+    assert requests.post(url, headers=owner, timeout=30).status_code == 405
+
+
+def test_the_fleet_view_shows_versions_a_halted_stage_a_lock_and_the_canary_weight(lab_stack, tmp_path: Path):
+    lab, stack = lab_stack
+    from liftoff.store import Store
+
+    for dag_id in ("fast_deploy", "canary_weight"):
+        stack.wait_until_dag_parsed(dag_id)
+    lab.build_add(FIRST, nightly=True)
+    run_to_end(stack, "fast_deploy", {"environment": "gstg", "version": FIRST, "reason": "browser test"})
+    web = gstg_web(lab)
+    with browser(tmp_path) as driver:
+        login(driver, stack)
+        page_errors(driver)  # what the login page logged
+        fleet_page(driver, stack, tmp_path / "1-deployed.png")
+        assert text_of(driver, "env-gstg-version") == FIRST
+        assert f"{len(web)}x {FIRST}" in text_of(driver, "role-gstg-web")
+
+        # a halted stage: the failed host stays drained with its record; someone locks staging
+        lab.build_add(HALTED, nightly=True, install_fails_on=[FAULTY])
+        halted = run_to_end(stack, DAG, {"version": HALTED, "on_failure": "halt", "quiet_period_seconds": 4})
+        state = json.loads(lab.env["AIRFLOW_CONN_LIFTOFF_STATE"])["extra"]["url"]
+        Store(state).acquire("gstg", "manual-mallory", "mallory", XSS)
+        fleet_page(driver, stack, tmp_path / "2-halted.png")
+        drained = text_of(driver, f"oos-gstg-{FAULTY}")
+        assert halted in drained and "NO RECORD" not in drained, drained
+        assert FAULTY in text_of(driver, f"failed-gstg-{FAULTY}")
+        assert FAULTY in text_of(driver, "chef-gstg")
+        lock = wait_testid(driver, "lock-gstg")
+        assert "mallory" in lock.text and XSS in lock.text, lock.text  # shown as text
+        assert "&lt;script&gt;" in lock.get_attribute("innerHTML")
+        assert driver.find_elements(By.CSS_SELECTOR, '[data-testid="lock-gstg"] script') == []
+        assert f"run-{DAG}-{halted}" in driver.page_source
+        Store(state).force_release("gstg", "browser-test", "done looking")
+
+        # the canary weight after a change, on every production LB
+        out = subprocess.run([LIFTOFF, "canary", "weight", "25", "--watch", "--interval", "1"],
+                             env=stack.cli_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        fleet_page(driver, stack, tmp_path / "3-canary.png")
+        weights = [e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid^="canary-gprd-cny-"]')
+                   if e.get_attribute("data-testid") != "canary-agree-gprd-cny"]
+        assert len(weights) >= 2 and {e.text for e in weights} == {"25"}, [e.text for e in weights]
+        assert text_of(driver, "canary-agree-gprd-cny") == "yes"
+    for shot in ("1-deployed.png", "2-halted.png", "3-canary.png"):
+        assert (tmp_path / shot).read_bytes().startswith(PNG_MAGIC)

@@ -20,6 +20,7 @@ import pytest
 
 from liftoff import fleetview, status
 from liftoff.inventory import parse_inventory
+from liftoff.status import internal_label
 from liftoff.store import Deployment, HostProgress, Store
 from tests.unit.test_operations_unit import INVENTORY
 from tests.unit.test_status import LBS, FakeLBs
@@ -200,12 +201,14 @@ def test_internal_versions_are_shown_as_internal_everywhere(inventory, store, lb
     text = json.dumps(v)
     assert SECRET_BUILD not in text
     gprd = v["environments"]["gprd"]
-    assert v["progress"][0]["version"] == "internal" and gprd["lock"]["reason"] == "fast_deploy internal: fix"
-    assert gprd["failed_hosts"][0]["reason"] == "install of gitlab-ee=internal failed"
-    assert v["runs"][0]["note"] == "deploying internal"
+    shown = internal_label(SECRET_BUILD)  # internal-<short hash>
+    assert re.fullmatch(r"internal-[0-9a-f]{8}", shown) and shown != internal_label(V1)
+    assert v["progress"][0]["version"] == shown and gprd["lock"]["reason"] == f"fast_deploy {shown}: fix"
+    assert gprd["failed_hosts"][0]["reason"] == f"install of gitlab-ee={shown} failed"
+    assert v["runs"][0]["note"] == f"deploying {shown}"
     audit = fleetview.host_audit(store, "web-01-sv-gprd", internal={SECRET_BUILD})
     assert SECRET_BUILD not in json.dumps(audit)
-    assert audit["records"][0]["command"] == "apt-get install -y gitlab-ee=internal"
+    assert audit["records"][0]["command"] == f"apt-get install -y gitlab-ee={shown}"
     # without the internal set it shows (what status does)
     assert SECRET_BUILD in json.dumps(fleetview.view(inventory, store, read=lbs, pressure=False))
 
@@ -440,7 +443,7 @@ def test_fleet_json_through_the_app(api, store, lbs):
     assert resp.status_code == 200 and resp.headers["cache-control"] == "no-store"
     data = resp.json()
     assert SECRET_BUILD not in resp.text
-    assert data["environments"]["gprd"]["lock"]["reason"] == "fast_deploy internal: x"
+    assert data["environments"]["gprd"]["lock"]["reason"] == f"fast_deploy {internal_label(SECRET_BUILD)}: x"
     assert data["environments"]["gprd"]["out_of_service"][0]["record"]["reason"] == XSS  # as it is: text
     assert data["runs"][0]["url"].startswith("/dags/deploy_production/runs/")
     assert data["weekly_change_lock"]["window"] == fleetview.WEEKLY_WINDOW
@@ -453,7 +456,8 @@ def test_audit_json_through_the_app(api, store):
     store.audit(RUN, "gprd", "web-01-sv-gprd", f"apt-get install -y gitlab-ee={SECRET_BUILD}", 0, 3.0, "")
     resp = api.get("/liftoff/api/hosts/web-01-sv-gprd/audit?limit=5", headers=bearer())
     assert resp.status_code == 200 and SECRET_BUILD not in resp.text
-    assert resp.json()["records"][0]["command"] == "apt-get install -y gitlab-ee=internal"
+    command = resp.json()["records"][0]["command"]
+    assert command == f"apt-get install -y gitlab-ee={internal_label(SECRET_BUILD)}"
     assert api.get("/liftoff/api/hosts/web-01-sv-gprd/audit?limit=0", headers=bearer()).status_code == 422
     assert api.get("/liftoff/api/hosts/a;b/audit", headers=bearer()).status_code == 400
 

@@ -536,6 +536,7 @@ def api(monkeypatch, inventory, store, lbs):
     RevokedToken.__table__.create(settings.engine, checkfirst=True)  # the test DB is not migrated
     monkeypatch.setattr(status, "read_lbs", lbs)
     fleet_api.app.dependency_overrides[fleet_api.sources] = lambda: (inventory, store)
+    fleet_api.app.dependency_overrides[fleet_api.internal_versions] = lambda: set()
     # mounted by Airflow's own init_plugins from the plugin's fastapi_apps
     monkeypatch.setattr("airflow.plugins_manager.get_fastapi_plugins",
                         lambda: (LiftoffPlugin.fastapi_apps, []))
@@ -597,6 +598,21 @@ def test_api_serves_the_snapshot_to_a_viewer(api, store, lbs):
     api.cookies.set("_token", token())  # the UI's session cookie
     resp = api.get("/liftoff/api/status?lbs=false")
     assert resp.status_code == 200 and resp.json()["lbs_read"] is False and len(lbs.reads) == 1
+
+
+def test_api_shows_an_internal_build_as_internal_and_a_short_hash(api, store):
+    from liftoff.status import internal_label
+    from liftoff_airflow import fleet_api
+
+    secret = "17.9.3+rnightly.77.abcdef7-0"
+    store.record_deployment("gprd", secret, RUN, status="success")
+    store.acquire("gprd", RUN, "alice", f"fast_deploy begin {secret}")
+    fleet_api.app.dependency_overrides[fleet_api.internal_versions] = lambda: {secret}
+    resp = api.get("/liftoff/api/status?lbs=false", headers={"Authorization": f"Bearer {token()}"})
+    assert resp.status_code == 200 and secret not in resp.text and "abcdef7" not in resp.text
+    gprd = resp.json()["environments"]["gprd"]
+    shown = internal_label(secret)
+    assert gprd["current_version"] == shown and shown in gprd["lock"]["reason"]
 
 
 def test_api_says_why_when_liftoff_state_is_not_readable(monkeypatch, api):
