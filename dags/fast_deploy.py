@@ -19,8 +19,10 @@ PIPELINE = "fast_deploy"
 
 
 def _conf() -> tuple[str, str, str, bool]:
+    """The run's conf; an internal build's version is masked in this task's logs from here on."""
     p = dagkit.params()
-    return p["environment"], p["version"], p["reason"], bool(p["internal"])
+    dagkit.hide_internal(p["version"], p["internal"] is True)
+    return p["environment"], p["version"], p["reason"], p["internal"] is True
 
 
 @task
@@ -28,8 +30,9 @@ def precheck() -> dict:
     from liftoff.checks import fast_precheck
 
     dagkit.refuse_unknown_conf()
-    env, version, reason, _ = _conf()
-    return fast_precheck(dagkit.run_handle(PIPELINE), env, version, reason)
+    env, version, reason, internal = _conf()
+    result = fast_precheck(dagkit.run_handle(PIPELINE), env, version, reason)
+    return dagkit.scrub_internal(result, version, internal)
 
 
 @task
@@ -39,25 +42,30 @@ def begin_env(check: dict) -> dict:
 
     env, version, reason, internal = _conf()
     run = dagkit.run_handle(PIPELINE)
-    result = begin_fast_deploy(run, env, version, reason, internal, check.get("previous_version"))
+    previous = check.get("previous_version")
+    if internal and previous and "internal-" in previous:  # scrubbed in the precheck's XCom
+        previous = None
+    result = begin_fast_deploy(run, env, version, reason, internal, previous)
     notify.fast_deploy(run, env, version, reason, internal)
-    return result
+    return dagkit.scrub_internal(result, version, internal)
 
 
 @task
 def regular_migrations() -> dict:
     from liftoff.deploy import migrate
 
-    env, version, _, _ = _conf()
-    return migrate(dagkit.run_handle(PIPELINE), env, version, post=False)
+    env, version, _, internal = _conf()
+    result = migrate(dagkit.run_handle(PIPELINE), env, version, post=False)
+    return dagkit.scrub_internal(result, version, internal)
 
 
 @task
 def deploy(stage: str) -> dict:
     from liftoff.deploy import roll_stage
 
-    env, version, _, _ = _conf()
-    return roll_stage(dagkit.run_handle(PIPELINE), env, version, stage, "fast")
+    env, version, _, internal = _conf()
+    result = roll_stage(dagkit.run_handle(PIPELINE), env, version, stage, "fast")
+    return dagkit.scrub_internal(result, version, internal)
 
 
 @task
@@ -65,7 +73,8 @@ def finish_env() -> dict:
     from liftoff.deploy import finish_fast_deploy
 
     env, version, reason, internal = _conf()
-    return finish_fast_deploy(dagkit.run_handle(PIPELINE), env, version, reason, internal)
+    result = finish_fast_deploy(dagkit.run_handle(PIPELINE), env, version, reason, internal)
+    return dagkit.scrub_internal(result, version, internal)
 
 
 @dag(
@@ -84,7 +93,7 @@ def finish_env() -> dict:
                                       "as a metric), e.g. a security issue or incident URL.", required=True),
         "internal": Param(False, type="boolean", title="Internal build",
                           description="An undisclosed security build: its version is left out of metric "
-                                      "labels and notifications."),
+                                      "labels, notifications, task logs and XComs."),
     },
     doc_md=__doc__,
 )
