@@ -180,6 +180,17 @@ def internal_label(version: str) -> str:
     return f"internal-{hashlib.sha256(str(version).encode()).hexdigest()[:8]}"
 
 
+def internal_traces(version: str) -> list[str]:
+    """Every form an internal build's version could leak in: the version, its safe-name form,
+    the part after the '+', its commit, its base version (longest first; 5 characters or more)."""
+    from liftoff.versions import commit_sha
+
+    text = str(version)
+    forms = {text, text.replace("+", "_"), text.split("+", 1)[1] if "+" in text else "",
+             commit_sha(text) or "", text.split("+", 1)[0] if "+" in text else ""}
+    return sorted((f for f in forms if len(f) >= 5), key=lambda f: (-len(f), f))
+
+
 def internal_redactor(internal: Iterable[str]) -> Redact:
     """``redact`` for :func:`snapshot`: the versions in ``internal`` as :func:`internal_label`."""
     hidden = frozenset(v for v in internal if v)
@@ -226,7 +237,7 @@ def snapshot(inventory: Inventory, store: Store, *, lbs: bool = True, now: datet
     }
     if pending is not None:
         _add_pressure(envs, pending, redact, seen)
-    hidden = {v: redact(v) for v in seen if redact(v) != v}
+    hidden = {trace: redact(v) for v in seen if redact(v) != v for trace in internal_traces(v)}
     if hidden:  # also where a version stands in free text (a reason, a failed host's detail)
         out = _scrub(out, hidden)
     out["duration_ms"] = round((time.monotonic() - started) * 1000, 1)

@@ -165,23 +165,14 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._@+-" else "_" for c in name)[:120]
 
 
-def internal_traces(version: str) -> list[str]:
-    """Every form an internal build's version could leak in: the version, its safe-name form,
-    the part after the '+', its commit, its base version (longest first)."""
-    from liftoff.versions import commit_sha
-
-    text = str(version)
-    forms = {text, text.replace("+", "_"), text.split("+", 1)[1] if "+" in text else "",
-             commit_sha(text) or "", text.split("+", 1)[0] if "+" in text else ""}
-    return sorted((f for f in forms if len(f) >= 5), key=len, reverse=True)
-
-
 def hide_internal(version: str, internal: bool) -> None:
     """In a run of an internal build, Airflow's secrets masker hides the version (every form
     of it) in this task's log lines, as it hides a password."""
     if not internal:
         return
     from airflow.sdk.log import mask_secret
+
+    from liftoff.status import internal_traces
 
     for trace in internal_traces(version):
         mask_secret(trace)
@@ -192,7 +183,7 @@ def scrub_internal(value: Any, version: str, internal: bool) -> Any:
     ``internal-<short hash>``."""
     if not internal:
         return value
-    from liftoff.status import internal_label
+    from liftoff.status import internal_label, internal_traces
 
     shown = internal_label(version)
 
