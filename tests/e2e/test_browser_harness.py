@@ -2,8 +2,9 @@
 with a lab of its own (octet 61, ``LIFTOFF_BROWSER_LAB_OCTET``): log in through the real
 SimpleAuthManager form, see deploy_canary in the DAG list, take a screenshot; a wrong password
 does not log in. Then liftoff's fleet view (issue #12) in the same browser: the versions after a
-deploy, a halted stage's drained host with its record and a lock holder (whose ``<script>``
-reason is shown as text), the canary weight after a change; its routes refuse strangers."""
+deploy, a halted stage's drained host with its record, a lock holder, a drain record whose
+``<script>`` reason is shown as text, the canary weight after a change; its routes refuse
+strangers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -124,6 +126,10 @@ def fleet_page(driver: WebDriver, stack: Stack, shot: Path) -> WebElement:
     return root
 
 
+def body_text(driver: WebDriver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
 def text_of(driver: WebDriver, testid: str) -> str:
     return wait_testid(driver, testid).text
 
@@ -170,18 +176,31 @@ def test_the_fleet_view_shows_versions_a_halted_stage_a_lock_and_the_canary_weig
         lab.build_add(HALTED, nightly=True, install_fails_on=[FAULTY])
         halted = run_to_end(stack, DAG, {"version": HALTED, "on_failure": "halt", "quiet_period_seconds": 4})
         state = json.loads(lab.env["AIRFLOW_CONN_LIFTOFF_STATE"])["extra"]["url"]
-        Store(state).acquire("gstg", "manual-mallory", "mallory", XSS)
+        store = Store(state)
+        store.acquire("gstg", "manual-mallory", "mallory", "locked by hand: incident 4242")
+        other = next(h for h in web if h != FAULTY)  # a drain reason is free text: HTML in it
+        store.record_drained("gstg", other, "manual-mallory", XSS)
         fleet_page(driver, stack, tmp_path / "2-halted.png")
         drained = text_of(driver, f"oos-gstg-{FAULTY}")
         assert halted in drained and "NO RECORD" not in drained, drained
         assert FAULTY in text_of(driver, f"failed-gstg-{FAULTY}")
         assert FAULTY in text_of(driver, "chef-gstg")
-        lock = wait_testid(driver, "lock-gstg")
-        assert "mallory" in lock.text and XSS in lock.text, lock.text  # shown as text
-        assert "&lt;script&gt;" in lock.get_attribute("innerHTML")
-        assert driver.find_elements(By.CSS_SELECTOR, '[data-testid="lock-gstg"] script') == []
+        lock = text_of(driver, "lock-gstg")
+        assert "mallory" in lock and "incident 4242" in lock, lock
+        shown = wait_testid(driver, f"oos-gstg-{other}")
+        assert XSS in shown.text and "&lt;script&gt;" in shown.get_attribute("innerHTML"), shown.text
+        assert driver.find_elements(By.CSS_SELECTOR, f'[data-testid="oos-gstg-{other}"] script') == []
         assert f"run-{DAG}-{halted}" in driver.page_source
-        Store(state).force_release("gstg", "browser-test", "done looking")
+        # the Airflow UI's own run page shows the run's note: why it failed, not only task names
+        note = stack.dag_run(DAG, halted)["note"]
+        assert note.startswith(f"{DAG} failed at stage_3_staging_fleet.deploy (first): "), note
+        driver.get(f"{stack.base_url}/dags/{DAG}/runs/{quote(halted, safe='')}")
+        why = "failed at stage_3_staging_fleet.deploy"
+        wait_until(driver, "the run's note on its page",
+                   lambda d: why in body_text(d) and FAULTY in body_text(d), 60)
+        screenshot(driver, tmp_path / "2b-run-note.png")
+        store.clear_drained("gstg", other)
+        store.force_release("gstg", "browser-test", "done looking")
 
         # the canary weight after a change, on every production LB
         out = subprocess.run([LIFTOFF, "canary", "weight", "25", "--watch", "--interval", "1"],
