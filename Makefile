@@ -63,6 +63,11 @@ bench: setup
 bench-fleet-view: setup
 	$(ENV) python bench/fleet_view.py
 
+# The rollout engine alone at 1,000 and 10,000 hosts on a simulated transport; FULL=1 adds 50,000.
+.PHONY: bench-scale
+bench-scale: venv
+	$(ENV) python bench/fleet_scale.py $(if $(FULL),--full)
+
 lab-up: setup
 	$(ENV) python -m lab up
 
