@@ -15,6 +15,8 @@ Endpoints (under ``/api/v4``): ``GET /user``, ``GET /version``, ``GET /projects`
 ``POST /projects/:id/pipelines/:pid/cancel|retry``, ``GET /projects/:id/jobs[/:jid[/trace]]``,
 ``POST /projects/:id/jobs/:jid/cancel|retry``. ``:id`` is the number or the URL-encoded path.
 Plain HTML views answer at the ``web_url`` of pipelines and jobs.
+Issues of ``gitlab-com/gl-infra/production`` (incidents, change requests: labels):
+``GET|POST /projects/:id/issues``, ``GET|PUT /projects/:id/issues/:iid``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from lab.repository import REPO_PROJECT_ID, REPO_PROJECT_PATH, Repository
 
 QA_PROJECT_ID = 1
 QA_PROJECT_PATH = "gitlab-org/quality/gitlab-qa-runner"
+PRODUCTION_PROJECT_ID = 7  # incidents and change requests (issues with labels)
+PRODUCTION_PROJECT_PATH = "gitlab-com/gl-infra/production"
 SERVER_VERSION = "17.6.0-ee"  # the ops instance's own version, not the fleet's
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 100
@@ -241,6 +245,20 @@ def parse_variables(data) -> dict[str, str]:
     return variables
 
 
+def parse_labels(raw) -> list[str]:
+    """GitLab's ``labels``: a comma-separated string or a list."""
+    items = raw if isinstance(raw, list) else str(raw or "").split(",")
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
+def issue_json(base: str, iid: int, title: str, labels: list[str], description: str, now: str | None) -> dict:
+    """An issue of the production project as GitLab's API shows it."""
+    return {"id": PRODUCTION_PROJECT_ID * 1000 + iid, "iid": iid, "project_id": PRODUCTION_PROJECT_ID,
+            "title": title, "description": description, "state": "opened", "labels": labels,
+            "created_at": now, "updated_at": now, "closed_at": None,
+            "author": user_json(base), "web_url": f"{base}/{PRODUCTION_PROJECT_PATH}/-/issues/{iid}"}
+
+
 # -- the server --------------------------------------------------------------------------
 class GitlabApi:
     """The QA GitLab instance; ``close()`` stops it and its running jobs."""
@@ -279,6 +297,7 @@ class GitlabApi:
         r.add_get(f"/{QA_PROJECT_PATH}/-/pipelines/{{pid}}", self.pipeline_page)
         r.add_get(f"/{QA_PROJECT_PATH}/-/jobs/{{jid}}", self.job_page)
         self._repository_routes(proj)
+        self._issue_routes(proj)
 
     async def _start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -534,6 +553,69 @@ class GitlabApi:
         if repo is None or index is None:
             return _error(404, "404 Commit Not Found")
         return web.json_response(repo.commits[index].to_json(self.url))
+
+    # -- the production project's issues: incidents and change requests -----------------
+    def _issue_routes(self, proj: str) -> None:
+        """Issues of ``gitlab-com/gl-infra/production`` (incidents, change requests), in memory:
+        ``GET /projects/:id/issues?labels=a,b&state=opened`` (every label must match),
+        ``POST /projects/:id/issues`` (title, labels, description), ``GET|PUT .../issues/:iid``
+        (``state_event=close|reopen``, ``labels``). Tests open and close them with python-gitlab."""
+        self.issues: dict[int, dict] = {}
+        r = self.app.router
+        r.add_get(f"{proj}/issues", self.list_issues)
+        r.add_post(f"{proj}/issues", self.create_issue)
+        r.add_get(f"{proj}/issues/{{iid}}", self.get_issue)
+        r.add_put(f"{proj}/issues/{{iid}}", self.update_issue)
+
+    @staticmethod
+    def _production_ok(request: web.Request) -> bool:
+        return request.match_info["project"] in (str(PRODUCTION_PROJECT_ID), PRODUCTION_PROJECT_PATH)
+
+    def _issue(self, request: web.Request) -> dict | None:
+        if not self._production_ok(request):
+            return None
+        return self.issues.get(_int(request.match_info["iid"], -1))
+
+    async def list_issues(self, request: web.Request) -> web.Response:
+        if not self._production_ok(request):
+            return _error(404, "404 Project Not Found")
+        wanted = set(parse_labels(request.query.get("labels")))
+        state = request.query.get("state", "all")
+        found = [i for i in sorted(self.issues.values(), key=lambda i: -i["iid"])
+                 if wanted <= set(i["labels"]) and state in ("all", i["state"])]
+        return paginate(request, found)
+
+    async def create_issue(self, request: web.Request) -> web.Response:
+        if not self._production_ok(request):
+            return _error(404, "404 Project Not Found")
+        data = await self._params(request)
+        title = data.get("title")
+        if not isinstance(title, str) or not title.strip():
+            return _error(400, "title is missing", "error")
+        iid = max(self.issues, default=0) + 1
+        now = iso(time.time())
+        self.issues[iid] = issue_json(self.url, iid, title.strip(), parse_labels(data.get("labels")),
+                                      str(data.get("description") or ""), now)
+        return web.json_response(self.issues[iid], status=201)
+
+    async def get_issue(self, request: web.Request) -> web.Response:
+        issue = self._issue(request)
+        return web.json_response(issue) if issue else _error(404, "404 Not found")
+
+    async def update_issue(self, request: web.Request) -> web.Response:
+        issue = self._issue(request)
+        if issue is None:
+            return _error(404, "404 Not found")
+        data = await self._params(request)
+        now = iso(time.time())
+        event = data.get("state_event")
+        if event in ("close", "reopen"):
+            closed = event == "close"
+            issue.update(state="closed" if closed else "opened", closed_at=now if closed else None)
+        if "labels" in data:
+            issue["labels"] = parse_labels(data["labels"])
+        issue["updated_at"] = now
+        return web.json_response(issue)
 
     # -- HTML views ----------------------------------------------------------------------
     async def pipeline_page(self, request: web.Request) -> web.Response:

@@ -6,8 +6,12 @@ the lock again on every change that follows.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from liftoff import canary, locks
 from liftoff.alerts import AlertClient
@@ -114,10 +118,88 @@ def _canary_failures(run: Run, canary_env: str, env_name: str, version: str) -> 
     return failures
 
 
+# -- GitLab's production checks: incidents and change requests on the ops instance --------------
+
+PRODUCTION_PROJECT = "gitlab-com/gl-infra/production"
+PRODUCTION_PROJECT_EXTRA = "production_project"
+INCIDENT_LABEL = "incident"
+BLOCKING_SEVERITIES = ("severity::1", "severity::2")
+CHANGE_IN_PROGRESS_LABEL = "change::in-progress"
+GITLAB_TIMEOUT_S = 5.0
+_PROJECT_RE = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*|[0-9]+")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class ProductionIssues:
+    """The ops GitLab's production project, whose open issues are incidents (``incident`` and
+    ``severity::N``) and change requests (``change::in-progress``). From the ``gitlab``
+    connection (``liftoff_ops_gitlab``, as QA and :mod:`liftoff.changes` read it); the project
+    is its ``extra.production_project``, by default ``gitlab-com/gl-infra/production``."""
+
+    gitlab_url: str
+    private_token: str | None = field(default=None, repr=False)
+    project: str = PRODUCTION_PROJECT
+    ssl_verify: bool = True
+    timeout: float = GITLAB_TIMEOUT_S
+
+    @classmethod
+    def from_settings(cls, inventory: Any = None) -> ProductionIssues:
+        from liftoff.settings import connection_for, gitlab_settings
+
+        s = gitlab_settings(inventory)
+        extra = connection_for("gitlab", inventory).extra_dejson
+        project = str(extra.get(PRODUCTION_PROJECT_EXTRA) or PRODUCTION_PROJECT)
+        if not _PROJECT_RE.fullmatch(project) or ".." in project:
+            raise ValueError(f"extra.{PRODUCTION_PROJECT_EXTRA} is not a project path like "
+                             f"{PRODUCTION_PROJECT}")
+        return cls(s.url.rstrip("/"), s.private_token, project, s.ssl_verify)
+
+    def opened(self, labels: list[str]) -> list[dict]:
+        """The open issues carrying every one of ``labels`` (python-gitlab, every page)."""
+        import gitlab
+
+        gl = gitlab.Gitlab(self.gitlab_url, private_token=self.private_token or None, timeout=self.timeout,
+                           ssl_verify=self.ssl_verify, retry_transient_errors=False)
+        project = gl.projects.get(self.project, lazy=True)
+        return [dict(i.attributes) for i in project.issues.list(labels=labels, state="opened", get_all=True)]
+
+
+def _issue_text(issue: Mapping[str, Any]) -> str:
+    title = _UNPRINTABLE.sub("?", str(issue.get("title") or ""))[:120]
+    return f"#{issue.get('iid')} \"{title}\" ({issue.get('web_url') or 'no link'})"
+
+
+def _read_blockers(source: ProductionIssues) -> list[str]:
+    incidents: dict[Any, str] = {}
+    for severity in BLOCKING_SEVERITIES:
+        for issue in source.opened([INCIDENT_LABEL, severity]):
+            incidents.setdefault(issue.get("iid"), f"active {severity} incident: {_issue_text(issue)}")
+    changes = [f"change request in progress: {_issue_text(i)}"
+               for i in source.opened([CHANGE_IN_PROGRESS_LABEL])]
+    return list(incidents.values()) + changes
+
+
+def gitlab_production_blockers(run: Run, source: ProductionIssues | None = None) -> list[str]:
+    """GitLab's production checks: one sentence per open severity 1/2 incident and per change
+    request in progress in the ops GitLab's production project; none when production is clear.
+    Fails closed: an unreachable or unreadable GitLab is a sentence too."""
+    project = source.project if source else PRODUCTION_PROJECT
+    try:
+        source = source or ProductionIssues.from_settings(getattr(run, "inventory", None))
+        project = source.project
+        return _read_blockers(source)
+    except Exception as exc:  # no answer is no proof that production is clear
+        why = f"{type(exc).__name__}: {str(exc)[:120]}".rstrip(": ")
+        return [f"ops GitLab: cannot read the incidents and change requests of {project} ({why}); "
+                "production changes stay blocked until it answers"]
+
+
 def production_checks(run: Run, version: str, *, override_reason: str | None = None,
-                      env_name: str = "gprd") -> dict:
+                      env_name: str = "gprd", gitlab: ProductionIssues | None = None) -> dict:
     """Before promotion: the environment's precheck, no canary deploy running, every canary
-    server in service on every LB, and canary running the version."""
+    server in service on every LB, canary running the version, and GitLab's production checks
+    (no active severity 1/2 incident, no change request in progress: :func:`gitlab_production_blockers`)."""
     failures: list[str] = []
     try:
         result = precheck(run, env_name, version)
@@ -127,6 +209,9 @@ def production_checks(run: Run, version: str, *, override_reason: str | None = N
     canary_env = canary.canary_env_of(run.inventory, env_name)
     if canary_env:
         failures += _canary_failures(run, canary_env, env_name, version)
+    blockers = gitlab_production_blockers(run, gitlab)
+    result["gitlab_blockers"] = blockers
+    failures += blockers
     return _decide(run, "production checks", result, failures, override_reason, "reason")
 
 

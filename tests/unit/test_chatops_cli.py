@@ -40,6 +40,7 @@ class FakeAirflow:
         self.health: dict | None = None  # GET /api/v2/monitor/health; None: 404
         self.hitl: list[dict] = []  # GET /api/v2/dags/~/dagRuns/~/hitlDetails
         self.note: str | None = None  # the run's note
+        self.hitl_user = {"id": USER, "name": USER}  # who answers a HITL request (PATCH)
         self.http = LocalServer(self._handler(), poll_interval=0.02)
         self.url = self.http.url
 
@@ -102,6 +103,12 @@ class FakeAirflow:
                     if key in fake.xcoms:
                         return self._answer(200, {"key": x.group(2), "value": fake.xcoms[key]})
                     return self._answer(404, {"detail": "XCom entry not found"})
+                if rest == f"/dagRuns/{RUN}/hitlDetails":
+                    return self._answer(200, self._run_hitl(dag, parse_qs(parts.query)))
+                h = re.fullmatch(rf"/dagRuns/{re.escape(RUN)}/taskInstances/([^/]+)/(-?\d+)/hitlDetails",
+                                 rest)
+                if h:
+                    return self._hitl_one(dag, h.group(1), int(h.group(2)), method, body)
                 if rest == "/clearTaskInstances" and method == "POST":
                     group = {t.split(".")[0] for t in body["task_ids"]}
                     hit = [t for t in fake.task_instances if t["state"] in ("failed", "upstream_failed")
@@ -112,6 +119,39 @@ class FakeAirflow:
                         fake.run_states = ["queued"]
                     return self._answer(200, {"task_instances": hit, "total_entries": len(hit)})
                 return self._answer(404, {"detail": "Not Found"})
+
+            def _run_hitl(self, dag: str, query: dict) -> dict:
+                mine = [d for d in fake.hitl if d["task_instance"]["dag_id"] == dag]
+                if query.get("response_received") == ["false"]:
+                    mine = [d for d in mine if not d["response_received"]]
+                return {"hitl_details": mine, "total_entries": len(mine)}
+
+            def _hitl_one(self, dag: str, task: str, map_index: int, method: str, body: dict | None) -> None:
+                found = [d for d in fake.hitl if (d["task_instance"]["dag_id"], d["task_instance"]["task_id"],
+                                                  d["task_instance"]["map_index"]) == (dag, task, map_index)]
+                if not found:
+                    return self._answer(404, {"detail": "Human-in-the-loop detail does not exist"})
+                detail = found[0]
+                if method == "GET":
+                    return self._answer(200, detail)
+                if detail["response_received"]:
+                    return self._answer(409, {"detail": "Human-in-the-loop detail has already been updated "
+                                                        "for Task Instance with id x and is not allowed to "
+                                                        "write again."})
+                assigned = {u["id"] for u in detail["assigned_users"]}
+                if assigned and fake.hitl_user["id"] not in assigned:
+                    name = fake.hitl_user["name"]
+                    return self._answer(403, {"detail": f"User={name} (id={name}) is not a respondent for "
+                                                        "the task."})
+                if set(body["chosen_options"]) - set(detail["options"]):
+                    return self._answer(400, {"detail": "Invalid options"})
+                at = "2026-12-03T08:10:00Z"
+                detail.update(response_received=True, chosen_options=body["chosen_options"],
+                              params_input=body["params_input"], responded_by_user=fake.hitl_user,
+                              responded_at=at)
+                return self._answer(200, {"responded_by": fake.hitl_user, "responded_at": at,
+                                          "chosen_options": body["chosen_options"],
+                                          "params_input": body["params_input"]})
 
             def _run(self, dag: str, peek: bool = False) -> dict:
                 states = fake.run_states
@@ -125,6 +165,9 @@ class FakeAirflow:
 
             def do_POST(self) -> None:
                 self._do("POST")
+
+            def do_PATCH(self) -> None:
+                self._do("PATCH")
 
         return Handler
 
@@ -1034,3 +1077,151 @@ def test_finalize_inside_a_task_reads_the_context_and_keeps_the_summary(real_dag
         dagkit.finalize_run("deploy_canary", ["gstg", "gprd-cny"])
     assert pushed["summary"]["failed"] == ["stage_3_staging_fleet.deploy", "rollback"]
     assert pushed["summary"]["locks_taken"] == ["gstg"] and pushed["summary"]["released"] == ["gstg"]
+
+
+# -- approve / reject (human in the loop) ----------------------------------------------------
+
+def _request(state: str = "deferred", users: tuple[str, ...] = (), params: dict | None = None,
+             task: str = "approval", map_index: int = -1) -> dict:
+    detail = _hitl(state, "Promote 17.6.0 to production?")
+    detail["assigned_users"] = [{"id": u, "name": u} for u in users]
+    detail["params"] = params or {}
+    detail["task_instance"].update(task_id=task, map_index=map_index)
+    return detail
+
+
+def _patches(fake: FakeAirflow) -> list[dict]:
+    return [r for r in fake.requests if r["method"] == "PATCH"]
+
+
+def test_approve_answers_the_run_s_pending_request(fake):
+    fake.hitl = [_request(users=(USER, "bob"))]
+    code, out, err = run_cli(fake, "approve", RUN, "--reason", "CAB-7 approved in the release call")
+    assert (code, err) == (0, "")
+    [get] = [r for r in fake.requests if r["path"].endswith(f"/dagRuns/{RUN}/hitlDetails")]
+    assert get["path"] == f"/api/v2/dags/deploy_production/dagRuns/{RUN}/hitlDetails"
+    assert get["query"]["response_received"] == ["false"]
+    [patch] = _patches(fake)
+    assert patch["path"] == (f"/api/v2/dags/deploy_production/dagRuns/{RUN}/taskInstances/approval/-1/"
+                             "hitlDetails")
+    assert patch["body"] == {"chosen_options": ["Approve"], "params_input": {}}
+    assert out.splitlines()[0] == (f"approved: Promote 17.6.0 to production?  (deploy_production run {RUN}, "
+                                   f"task approval) as {USER}")
+    assert "  reason: CAB-7 approved in the release call" in out.splitlines()
+
+
+def test_approve_puts_the_reason_in_the_request_s_reason_param(fake):
+    params = {"reason": {"value": "", "description": None, "schema": {}},
+              "ticket": {"value": "CR-1", "description": None, "schema": {}}}
+    fake.hitl = [_request(params=params)]
+    code, out, _ = run_cli(fake, "--json", "approve", RUN, "--reason", "CAB-7")
+    assert code == 0
+    [patch] = _patches(fake)
+    assert patch["body"]["params_input"] == {"reason": "CAB-7", "ticket": "CR-1"}
+    data = json.loads(out)
+    assert (data["chosen_options"], data["reason"], data["responded_by"]) == (["Approve"], "CAB-7", USER)
+
+
+def test_reject_needs_no_reason_and_says_so(fake):
+    fake.hitl = [_request()]
+    code, out, _ = run_cli(fake, "reject", RUN)
+    assert code == 0
+    assert _patches(fake)[0]["body"]["chosen_options"] == ["Reject"]
+    assert out.startswith("rejected: ") and "  reason: none given" in out.splitlines()
+
+
+def test_approve_without_a_reason_is_a_usage_error(fake, capsys):
+    code, _, _ = run_cli(fake, "approve", RUN)
+    assert code == 2 and "the following arguments are required: --reason" in capsys.readouterr().err
+    assert fake.requests == []
+
+
+def test_approve_twice_says_who_answered_first(fake):
+    fake.hitl = [_request()]
+    assert run_cli(fake, "approve", RUN, "--reason", "first")[0] == 0
+    code, _, err = run_cli(fake, "approve", RUN, "--reason", "second")
+    assert code == 5
+    assert err.strip() == (f"liftoff: error: run {RUN} of deploy_production: already answered by {USER}: "
+                           "Approve at 2026-12-03 08:10:00Z")
+    assert len(_patches(fake)) == 1
+
+
+def test_an_answer_racing_another_gets_the_409_as_who_answered(fake, monkeypatch):
+    fake.hitl = [_request()]
+    first = fake.hitl[0].copy()
+    carol = {"id": "carol", "name": "carol"}
+    fake.hitl[0].update(response_received=True, chosen_options=["Reject"],
+                        responded_at="2026-12-03T08:09:00Z", responded_by_user=carol)
+    monkeypatch.setattr(AirflowClient, "run_approvals", lambda *_a, **_k: [first])  # listed before the race
+    code, _, err = run_cli(fake, "approve", RUN, "--reason", "late")
+    assert code == 5
+    assert err.strip() == "liftoff: error: already answered by carol: Reject at 2026-12-03 08:09:00Z"
+
+
+def test_approve_by_someone_not_assigned_names_who_is(fake):
+    fake.hitl = [_request(users=("bob", "carol"))]
+    code, _, err = run_cli(fake, "approve", RUN, "--reason", "CAB-7")
+    assert code == 4
+    assert err.strip() == "liftoff: error: you are not among the assigned users: bob, carol"
+    assert not fake.hitl[0]["response_received"]
+
+
+def test_no_pending_request_exits_5(fake):
+    fake.hitl = [_request(state="failed")]  # timed out: nobody can answer it any more
+    code, _, err = run_cli(fake, "approve", RUN, "--reason", "x")
+    assert code == 5
+    assert err.strip() == f"liftoff: error: run {RUN} of deploy_production has no pending approval request"
+    assert _patches(fake) == []
+    code, _, err = run_cli(fake, "reject", "manual__no-such-run")
+    assert code == 5 and "no run 'manual__no-such-run' of DAG 'deploy_production'" in err
+
+
+def test_two_pending_requests_need_task(fake):
+    fake.hitl = [_request(), _request(task="second_look")]
+    code, _, err = run_cli(fake, "approve", RUN, "--reason", "x")
+    assert code == 2 and "waits for 2 answers (approval, second_look): name one with --task" in err
+    code, _, _ = run_cli(fake, "approve", RUN, "--reason", "x", "--task", "second_look")
+    assert code == 0
+    [patch] = _patches(fake)
+    assert "/taskInstances/second_look/-1/hitlDetails" in patch["path"]
+    code, _, err = run_cli(fake, "reject", RUN, "--task", "nope")
+    assert code == 5 and err.strip().endswith("has no pending approval request of task nope")
+
+
+def test_an_option_the_request_does_not_offer_is_refused_before_answering(fake):
+    fake.hitl = [_request()]
+    fake.hitl[0]["options"] = ["Deploy now", "Wait"]
+    code, _, err = run_cli(fake, "approve", RUN, "--reason", "x")
+    assert code == 2 and "offers Deploy now, Wait, not Approve" in err
+    assert _patches(fake) == []
+
+
+@pytest.mark.parametrize("argv", [["approve", "bad run id", "--reason", "x"],
+                                  ["approve", RUN, "--reason", "x; rm -rf /"],
+                                  ["reject", RUN, "--dag", "../etc"],
+                                  ["reject", RUN, "--task", "a/b"]])
+def test_approve_bad_input_exits_2_before_any_call(fake, argv):
+    assert run_cli(fake, *argv)[0] == 2
+    assert fake.requests == []
+
+
+def test_status_says_how_to_answer_from_chat(fake):
+    fake.hitl = [_request()]
+    out = run_cli(fake, "status")[1]
+    assert (f'  or: liftoff approve {RUN} --dag deploy_production --reason "WHY"  (or liftoff reject ...)'
+            in out.splitlines())
+
+
+def test_a_request_just_made_is_answered_once_airflow_has_parked_its_task(fake, monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(cli, "_sleep", waits.append)
+    fake.hitl = [_request()]
+    fake.hitl[0]["created_at"] = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    assert run_cli(fake, "approve", RUN, "--reason", "fast bot")[0] == 0
+    [waited] = waits
+    assert 3.0 < waited <= cli.HITL_SETTLE_S
+    made = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
+    assert cli.settle({"created_at": "2026-12-03T08:00:00Z"}, now=made + timedelta(seconds=60)) == 0.0
+    assert cli.settle({"created_at": "2026-12-03T08:00:00Z"}, now=made + timedelta(seconds=2)) == 3.0
+    assert cli.settle({"created_at": "2026-12-03T08:00:00Z"}, now=made - timedelta(hours=1)) == 5.0  # skew
+    assert cli.settle({}) == 0.0 and waits == [waited, 3.0, 5.0]

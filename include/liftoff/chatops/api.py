@@ -24,6 +24,8 @@ API_ROOT = "/api/v2"
 LIFTOFF_API_ROOT = "/liftoff/api"  # liftoff's Airflow plugin (plugins/liftoff_airflow/fleet_api.py)
 PAGE_LIMIT = 100
 TERMINAL_STATES = ("success", "failed")
+# The states of a task instance that still waits for a human-in-the-loop answer.
+WAITING_STATES = ("deferred", "awaiting_input", "running", "scheduled", "queued")
 
 
 class ChatOpsError(Exception):
@@ -41,7 +43,13 @@ class ApiUnreachable(ChatOpsError):
 
 
 class AuthFailed(ChatOpsError):
+    """Credentials refused (401) or not allowed (403: ``status`` says which)."""
+
     exit_code = 4
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class ApiError(ChatOpsError):
@@ -216,7 +224,7 @@ class AirflowClient:
         if resp.status_code == 401:
             raise AuthFailed(f"Airflow at {self.base_url} refused the token (HTTP 401): {detail}")
         if resp.status_code == 403:
-            raise AuthFailed(f"not allowed: {message}")
+            raise AuthFailed(f"not allowed: {message}", 403)
         if resp.status_code in (400, 422):
             raise ApiBadRequest(f"Airflow refused the request: {detail}", resp.status_code, detail)
         if resp.status_code == 404:
@@ -274,9 +282,36 @@ class AirflowClient:
         """Human-in-the-loop requests nobody answered yet, of runs still waiting for them."""
         page = self.request("GET", "/dags/~/dagRuns/~/hitlDetails",
                             params={"response_received": "false", "limit": limit, "order_by": "created_at"})
-        waiting = ("deferred", "awaiting_input", "running", "scheduled", "queued")
         return [d for d in page.get("hitl_details", [])
-                if (d.get("task_instance") or {}).get("state") in waiting]
+                if (d.get("task_instance") or {}).get("state") in WAITING_STATES]
+
+    def run_approvals(self, dag_id: str, run_id: str, *, pending: bool = True) -> list[dict]:
+        """The run's human-in-the-loop requests: the unanswered ones of tasks still waiting for
+        them (``pending``), or all of them."""
+        params: dict[str, Any] = {"limit": PAGE_LIMIT, "order_by": "created_at"}
+        if pending:
+            params["response_received"] = "false"
+        page = self.request("GET", f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}/hitlDetails", params=params)
+        details = list((page or {}).get("hitl_details", []))
+        if not pending:
+            return details
+        return [d for d in details if (d.get("task_instance") or {}).get("state") in WAITING_STATES]
+
+    def _hitl_path(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+        run = f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}"
+        return f"{run}/taskInstances/{q(task_id)}/{int(map_index)}/hitlDetails"
+
+    def hitl_detail(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict:
+        """One task instance's human-in-the-loop request, answered or not."""
+        return self.request("GET", self._hitl_path(dag_id, run_id, task_id, map_index)) or {}
+
+    def answer_hitl(self, dag_id: str, run_id: str, task_id: str, map_index: int, *,
+                    chosen_options: list[str], params_input: Mapping[str, Any]) -> dict:
+        """Answer a human-in-the-loop request (Airflow 3.3's UpdateHITLDetailPayload). Airflow
+        answers 409 when it was already answered, 403 when the user is not among its assigned
+        users (or may not answer requests at all)."""
+        body = {"chosen_options": list(chosen_options), "params_input": dict(params_input)}
+        return self.request("PATCH", self._hitl_path(dag_id, run_id, task_id, map_index), body=body) or {}
 
     def set_run_note(self, dag_id: str, run_id: str, note: str) -> dict:
         """The run's note in the Airflow UI (``PATCH`` of the run with ``update_mask=note``)."""

@@ -10,6 +10,8 @@
     liftoff status [--no-lbs]
     liftoff retry RUN_ID stage_3 [--dag deploy_canary] [--dry-run]
     liftoff watch RUN_ID [--dag deploy_canary]
+    liftoff approve RUN_ID --reason R [--dag deploy_production] [--task approval]
+    liftoff reject RUN_ID [--reason R] [--dag deploy_production] [--task approval]
 
 Credentials: LIFTOFF_API_URL (default http://127.0.0.1:8080) with LIFTOFF_API_USER and
 LIFTOFF_API_PASSWORD, or LIFTOFF_API_TOKEN. Inputs are validated before any call. Exit codes:
@@ -36,6 +38,7 @@ from liftoff.chatops.api import (
     AirflowClient,
     ApiError,
     ApiUnreachable,
+    AuthFailed,
     ChatOpsError,
     Credentials,
     NotFound,
@@ -677,6 +680,8 @@ def approvals_report(client: AirflowClient, out: Output) -> list[dict] | dict:
         out.line(f"approval waiting: {_txt(a['subject'])}  run {a['dag_run_id']}  since "
                  f"{_fmt_time(a['since'])}{who}")
         out.line(f"  answer it: {a['url']}")
+        out.line(f"  or: liftoff approve {a['dag_run_id']} --dag {a['dag_id']} --reason \"WHY\"  "
+                 f"(or liftoff reject ...)")
     out.line()
     return waiting
 
@@ -962,6 +967,135 @@ def cmd_watch(client: AirflowClient, out: Output, args: argparse.Namespace) -> i
     return watch_run(client, out, args.dag, args.run_id, interval=args.interval, timeout=args.max_wait)
 
 
+# -- approvals (human in the loop) -------------------------------------------------------------
+
+APPROVE, REJECT = "Approve", "Reject"
+# Airflow 3.3.2: an answer within about a second of the task parking (awaiting_input) can fail
+# the task: the scheduler gets the parked workload's late "success" event once the task already
+# runs again, and marks it failed. A request younger than this is answered when it is this old.
+HITL_SETTLE_S = 5.0
+_sleep = time.sleep  # the tests replace it
+
+
+def settle(detail: Mapping[str, Any], now: datetime | None = None) -> float:
+    """Wait until the request is :data:`HITL_SETTLE_S` old; returns the seconds waited."""
+    created = _parse_time(detail.get("created_at"))
+    if created is None:
+        return 0.0
+    wait = min(HITL_SETTLE_S, HITL_SETTLE_S - ((now or datetime.now(UTC)) - created).total_seconds())
+    if wait <= 0:
+        return 0.0
+    _sleep(wait)
+    return wait
+
+
+def _hitl_task(detail: Mapping[str, Any]) -> tuple[str, int]:
+    ti = detail.get("task_instance") or {}
+    return str(ti.get("task_id", "?")), int(ti.get("map_index", -1))
+
+
+def _user_names(users: Any) -> list[str]:
+    return [_txt(u.get("name") or u.get("id")) for u in users or [] if isinstance(u, dict)]
+
+
+def answered_text(detail: Mapping[str, Any]) -> str:
+    """``already answered by alice: Approve at 2026-12-03 08:10:00Z``."""
+    who = _user_names([detail.get("responded_by_user") or detail.get("responded_by")]) or ["someone"]
+    chosen = ", ".join(map(_txt, detail.get("chosen_options") or [])) or "?"
+    return f"already answered by {who[0]}: {chosen} at {_fmt_time(detail.get('responded_at'))}"
+
+
+def approval_params_input(detail: Mapping[str, Any], reason: str | None) -> dict:
+    """The request's params as answered: Airflow wants all of them or none; the reason goes in
+    its ``reason`` param when it has one."""
+    params = detail.get("params") or {}
+    values = {k: v.get("value") if isinstance(v, dict) else v for k, v in params.items()}
+    if reason is not None and "reason" in values:
+        values["reason"] = reason
+    return values
+
+
+def _no_pending_request(client: AirflowClient, dag_id: str, run_id: str, task_id: str | None) -> ApiError:
+    client.dag_run(dag_id, run_id)  # NotFound (exit 5) when there is no such run
+    answered = [d for d in client.run_approvals(dag_id, run_id, pending=False)
+                if d.get("response_received") and task_id in (None, _hitl_task(d)[0])]
+    if answered:
+        return ApiError(f"run {run_id} of {dag_id}: {answered_text(answered[-1])}", 409)
+    task = f" of task {task_id}" if task_id else ""
+    return ApiError(f"run {run_id} of {dag_id} has no pending approval request{task}", 404)
+
+
+def pending_request(client: AirflowClient, dag_id: str, run_id: str, task_id: str | None) -> dict:
+    """The run's one unanswered human-in-the-loop request (of ``task_id`` when given)."""
+    try:
+        listed = client.run_approvals(dag_id, run_id)
+    except NotFound:
+        client.dag_run(dag_id, run_id)  # "no run X of DAG Y" when that is why
+        raise
+    pending = [d for d in listed if task_id in (None, _hitl_task(d)[0])]
+    if len(pending) == 1:
+        return pending[0]
+    if pending:
+        asking = ", ".join(f"{t}[{i}]" if i >= 0 else t for t, i in map(_hitl_task, pending))
+        raise InvalidInput(f"run {run_id} waits for {len(pending)} answers ({asking}): name one with --task")
+    raise _no_pending_request(client, dag_id, run_id, task_id)
+
+
+def _send_answer(client: AirflowClient, dag_id: str, run_id: str, detail: Mapping[str, Any], option: str,
+                 reason: str | None) -> dict:
+    task_id, map_index = _hitl_task(detail)
+    try:
+        return client.answer_hitl(dag_id, run_id, task_id, map_index, chosen_options=[option],
+                                  params_input=approval_params_input(detail, reason))
+    except AuthFailed as exc:
+        users = _user_names(detail.get("assigned_users"))
+        if exc.status == 403 and users:
+            raise AuthFailed(f"you are not among the assigned users: {', '.join(users)}", 403) from None
+        raise
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+        try:
+            now = client.hitl_detail(dag_id, run_id, task_id, map_index)
+        except ChatOpsError:
+            now = {}
+        raise ApiError(answered_text(now), 409, exc.detail) from None
+
+
+def answer_approval(client: AirflowClient, dag_id: str, run_id: str, option: str, *,
+                    reason: str | None = None, task_id: str | None = None) -> dict:
+    """Answer the run's pending approval request with ``option`` (Approve or Reject)."""
+    detail = pending_request(client, dag_id, run_id, task_id)
+    options = [str(o) for o in detail.get("options") or []]
+    if option not in options:
+        offers = ", ".join(options) or "nothing"
+        raise InvalidInput(f"the request {_txt(detail.get('subject'))!r} offers {offers}, not {option}")
+    settle(detail)
+    answer = _send_answer(client, dag_id, run_id, detail, option, reason)
+    task, map_index = _hitl_task(detail)
+    by = _user_names([answer.get("responded_by")])
+    return {"dag_id": dag_id, "dag_run_id": run_id, "task_id": task, "map_index": map_index,
+            "subject": detail.get("subject"), "chosen_options": answer.get("chosen_options") or [option],
+            "responded_by": by[0] if by else None, "reason": reason, "url": client.ui_url(dag_id, run_id)}
+
+
+def cmd_answer(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    option = APPROVE if args.command == "approve" else REJECT
+    validate_name("name", args.dag)
+    validate_name("run_id", args.run_id)
+    if args.task is not None:
+        validate_name("name", args.task)
+    reason = _reason(args.reason)
+    result = answer_approval(client, args.dag, args.run_id, option, reason=reason, task_id=args.task)
+    by = f" as {result['responded_by']}" if result["responded_by"] else ""
+    out.line(f"{'approved' if option == APPROVE else 'rejected'}: {_txt(result['subject'])}  "
+             f"({args.dag} run {args.run_id}, task {result['task_id']}){by}")
+    out.line(f"  reason: {_txt(reason) if reason else 'none given'}")
+    out.line(f"  {result['url']}")
+    out.data(result)
+    return EXIT_OK
+
+
 # -- argument parsing -------------------------------------------------------------------------
 
 def _positive(value: str) -> float:
@@ -1073,6 +1207,15 @@ def build_parser() -> argparse.ArgumentParser:
     wa.add_argument("--max-wait", type=_positive, default=None, metavar="SECONDS",
                     help="give up after SECONDS (exit 1)")
     wa.set_defaults(func=cmd_watch)
+    for action in ("approve", "reject"):
+        an = sub.add_parser(action, parents=[common],
+                            help=f"{action} the run's pending approval request (human in the loop)")
+        an.add_argument("run_id")
+        an.add_argument("--reason", required=action == "approve", metavar="R",
+                        help="why (printed; in the request's reason param when it has one)")
+        an.add_argument("--dag", default=DAG_PRODUCTION)
+        an.add_argument("--task", help="the task that asks, when the run waits for more than one answer")
+        an.set_defaults(func=cmd_answer)
     return p
 
 
