@@ -20,6 +20,7 @@ from liftoff import deploy, fleetview
 from liftoff.errors import LiftoffError
 from liftoff.inventory import load_inventory
 from liftoff.runs import Run
+from liftoff.status import internal_label
 from liftoff.store import Store
 from tests.labkit import Lab, running_lab
 
@@ -117,7 +118,8 @@ def test_an_internal_build_shows_nowhere(failed_deploy):
     inventory, store, _, _ = failed_deploy
     v = fleetview.view(inventory, store, lbs=False, internal={FAILING})
     assert FAILING not in json.dumps(v)
-    assert v["progress"][0]["version"] == "internal"
+    shown = internal_label(FAILING)  # internal-<short hash>
+    assert v["progress"][0]["version"] == shown
     assert v["environments"]["gprd"]["out_of_service"][0]["record"]["reason"] == \
-        "liftoff deploy internal (batch 2 of web)"
+        f"liftoff deploy {shown} (batch 2 of web)"
     assert FAILING not in json.dumps(fleetview.host_audit(store, WEB[1], internal={FAILING}))
