@@ -370,7 +370,7 @@ class FakeClient:
     def task_instances(self, dag_id, run_id):
         return [{"task_id": "stage_1_staging_migrations.precheck", "state": "success", "map_index": -1}]
 
-    def xcom(self, dag_id, run_id, task_id):
+    def xcom(self, dag_id, run_id, task_id, key="return_value"):
         raise NotFound("no xcom", 404)
 
     def ui_url(self, dag_id, run_id):

@@ -432,8 +432,7 @@ def _triggered(client: AirflowClient, out: Output, args: argparse.Namespace, res
 def _read_xcom(client: AirflowClient, dag_id: str, run_id: str, task_id: str,
                key: str = "return_value") -> Any:
     try:
-        return client.xcom(dag_id, run_id, task_id, key=key) if key != "return_value" else \
-            client.xcom(dag_id, run_id, task_id)
+        return client.xcom(dag_id, run_id, task_id, key=key)
     except ChatOpsError:
         return None
 
