@@ -364,7 +364,7 @@ def checks(results: list[dict]) -> list[tuple[bool, str]]:
     out = []
     for key, what in (("orch_cpu_ms_per_host", "orchestrator CPU per host"),
                       ("peak_rss_kb_per_host", "peak memory per host")):
-        ratio = large[key] / small[key] if small[key] > 0 else float("inf")
+        ratio = _ratio(small[key], large[key])
         out.append((ratio <= RATIO_LIMIT, f"{what}: {small[key]} at {small['hosts']:,} -> {large[key]} at "
                     f"{large['hosts']:,} hosts = {ratio:.2f}x (limit {RATIO_LIMIT}x)"))
     for r in results:
@@ -375,6 +375,14 @@ def checks(results: list[dict]) -> list[tuple[bool, str]]:
                     f"{r['hosts']:,} hosts: an INFO line names at most one host "
                     f"(most: {r['most_host_names_in_a_line']})"))
     return out
+
+
+def _ratio(small: float, large: float) -> float:
+    """large / small; 1 when both are 0 (a peak RSS that did not grow: the process had already
+    been that large, as when the sizes share a process), inf when only the small one is 0."""
+    if small > 0:
+        return large / small
+    return 1.0 if large <= 0 else float("inf")
 
 
 def _tx_check(r: dict) -> tuple[bool, str]:

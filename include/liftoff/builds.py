@@ -201,14 +201,15 @@ def fetch_index(conn_id: str, timeout: float = TIMEOUT_S) -> tuple[str, str]:
 
 
 def read_repository(inventory: Inventory | None, internal: bool = False,
-                    timeout: float = TIMEOUT_S) -> list[dict]:
+                    timeout: float = TIMEOUT_S, fresh: bool = False) -> list[dict]:
     """The build entries of the public (or internal) repository, from a cache younger than
-    :data:`CACHE_S`, else fetched. Raises LiftoffError (ConnectionNotFound: no such connection)."""
+    :data:`CACHE_S` (unless ``fresh``), else fetched. Raises LiftoffError (ConnectionNotFound:
+    no such connection)."""
     conn_id = conn_id_of(inventory, internal)
     key = (conn_id, os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}"))
     with _cache_lock:
         cached = _cache.get(key)
-    if cached and _clock() - cached[0] < CACHE_S:
+    if cached and not fresh and _clock() - cached[0] < CACHE_S:
         return [dict(e) for e in cached[1]]
     url, text = fetch_index(conn_id, timeout)
     entries = entries_of(text, internal, f"the Packages index of {url}")
@@ -222,11 +223,12 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def internal_builds(inventory: Inventory | None, timeout: float = TIMEOUT_S) -> list[dict]:
+def internal_builds(inventory: Inventory | None, timeout: float = TIMEOUT_S,
+                    fresh: bool = False) -> list[dict]:
     """The internal repository's entries; [] when it is not configured or cannot be read (why is
     logged, never a version)."""
     try:
-        return read_repository(inventory, True, timeout)
+        return read_repository(inventory, True, timeout, fresh)
     except ConnectionNotFound:
         log.debug("no internal build repository (%s): internal builds are not known",
                   conn_id_of(inventory, True))
@@ -260,16 +262,22 @@ def newest_nightly(inventory: Inventory) -> str:
 
 def build_info(inventory: Inventory, version: str) -> dict:
     """The entry of one build (``internal: True`` for an internal one), {} when neither
-    repository lists it or it cannot be read."""
+    repository lists it or it cannot be read. A version missing from the cached indexes is
+    looked up again in freshly fetched ones: a build published seconds ago is found."""
+    return _find_build(inventory, version, False) or _find_build(inventory, version, True) or {}
+
+
+def _find_build(inventory: Inventory, version: str, fresh: bool) -> dict | None:
     try:
-        public = read_repository(inventory, False)
+        public = read_repository(inventory, False, fresh=fresh)
     except LiftoffError as exc:
         log.warning("build source unavailable: %s", exc)
         public = []
     found = next((b for b in public if b.get("version") == version), None)
     if found is None:
-        found = next((b for b in internal_builds(inventory) if b.get("version") == version), None)
-    return found or {}
+        internal = internal_builds(inventory, fresh=fresh)
+        found = next((b for b in internal if b.get("version") == version), None)
+    return found
 
 
 def entry_sha(entry: dict) -> str | None:

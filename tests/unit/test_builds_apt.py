@@ -182,6 +182,18 @@ def test_one_fetch_per_repository_within_a_few_seconds(repos, monkeypatch):
     assert len(repos.public.requests) == 3
 
 
+def test_a_build_published_after_the_cached_read_is_found_at_once(repos, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(builds, "_clock", lambda: now[0])
+    fresh = "17.9.1-ee.0"
+    assert builds.build_info(None, OFFICIAL)["sha"] == "0123456789abcdef"
+    repos.public.index = packages_index([*PUBLIC_ENTRIES, {"version": fresh, "includes_patches": ["p-9"]}])
+    assert builds.included_patches(None, fresh) == ("p-9",)  # within CACHE_S: read again on a miss
+    assert builds.build_info(None, "17.9.2-ee.0") == {}
+    assert builds.included_patches(None, OFFICIAL) == ("p-1", "p-2")  # a hit: no request
+    assert len(repos.public.requests) == 3  # the first read, then one per miss
+
+
 def test_a_malformed_or_missing_index_fails_in_one_sentence(repos, monkeypatch, caplog):
     repos.public.index = f"Package: gitlab-ee\nVersion {N1}\n"
     with pytest.raises(LiftoffError) as err:

@@ -75,3 +75,11 @@ def test_tx_counter_sees_a_transaction_per_host_loop(tmp_path):
         store.close()
     assert counter.writes() == {"record_drained_many": 1, "set_host_status": 5}
     assert counter.reads() == {"drained": 1}
+
+
+def test_memory_ratio_of_zero_growth_is_one_and_growth_from_zero_fails(result):
+    flat = dict(result, peak_rss_kb_per_host=0.0)
+    grown = dict(result, peak_rss_kb_per_host=2.0)
+    assert not [line for ok, line in checks([flat, flat]) if not ok]
+    failed = [line for ok, line in checks([flat, grown]) if not ok]
+    assert len(failed) == 1 and failed[0].startswith("peak memory per host") and "infx" in failed[0]
