@@ -60,6 +60,14 @@ lint: venv
 bench: setup
 	$(ENV) python bench/fleet_rollout.py
 
+# liftoff and the Ansible playbook a user would write (bench/ansible/rollout.yml), side by side on
+# the lab at 100 and 1,000 hosts; ansible goes into .bench/ansible on first use.
+# HOSTS=100 for one size; ANSIBLE_BATCHES=1000:2 runs 2 of Ansible's 10 batches there and extrapolates.
+.PHONY: bench-ansible
+COMMA := ,
+bench-ansible: setup
+	$(ENV) python bench/compare_ansible.py --hosts $(or $(HOSTS),100$(COMMA)1000) $(if $(ANSIBLE_BATCHES),--ansible-batches $(ANSIBLE_BATCHES))
+
 bench-fleet-view: setup
 	$(ENV) python bench/fleet_view.py
 
@@ -67,6 +75,14 @@ bench-fleet-view: setup
 .PHONY: bench-scale
 bench-scale: venv
 	$(ENV) python bench/fleet_scale.py $(if $(FULL),--full)
+
+# The chaos soak (issue 14): RUNS runs (default 120) of random pipelines with random faults on a lab
+# of its own (octet 75), the invariants checked after each; SEED=N replays one; MINUTES=M caps it.
+.PHONY: soak
+soak: setup
+	@mkdir -p .lab
+	$(ENV) python bench/soak.py --seed $(or $(SEED),1) --runs $(or $(RUNS),120) \
+	  $(if $(MINUTES),--minutes $(MINUTES)) --json .lab/soak-$(or $(SEED),1).json
 
 lab-up: setup
 	$(ENV) python -m lab up

@@ -188,6 +188,47 @@ def bench_naive(config: LabConfig, hosts: list, install_s: float, samples: int) 
     }
 
 
+def start_lab(lab_dir: Path, hosts: int, install_s: float, octet: int, keep: bool = False) -> bool:
+    """Start a lab of ``hosts`` gprd web hosts in ``lab_dir`` (unless ``keep`` and one is there);
+    returns whether this call started it (then the caller stops it)."""
+    if (lab_dir / "lab.json").exists() and keep:
+        return False
+    print(f"starting a lab: {hosts} {ENV} {ROLE} hosts, install {install_s}s ({lab_dir})")
+    t0 = time.perf_counter()
+    lab_cli(lab_dir, "--octet", str(octet), "up", "--hosts", f"{ENV}:{ROLE}={hosts}",
+            "--install-seconds", str(install_s), "--traffic-rps", "2")
+    print(f"  lab up in {time.perf_counter() - t0:.1f}s")
+    return True
+
+
+def point_liftoff_at(lab_dir: Path, *, as_is: bool = False, app_port: bool = True) -> LabConfig:
+    """Set this process's environment as an Airflow worker's for the lab (connections, inventory
+    with ``app_port`` unless told not to), import what a worker has loaded already, and quiet the
+    lab's login shell (:func:`quiet_login_shell`) unless ``as_is``."""
+    config = LabConfig.load(lab_dir)
+    # what an Airflow worker has loaded already: not part of the rollout's time
+    import airflow.providers.ssh.hooks.ssh  # noqa: F401
+    import asyncssh  # noqa: F401
+    if not as_is and quiet_login_shell(lab_dir):
+        print("  lab sshd: SetEnv SHLVL=1 (bash no longer sources ~/.bashrc per command; --as-is to keep it)")
+    for k, v in exports(config).items():
+        os.environ[k] = v
+    if app_port:  # the inventory field liftoff reads for HTTP version/health checks
+        data = yaml.safe_load(Path(os.environ["LIFTOFF_INVENTORY"]).read_text())
+        data["environments"][ENV].setdefault("extra", {})["app_port"] = config.app_port
+        inventory = lab_dir / "bench-inventory.yaml"
+        inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+        os.environ["LIFTOFF_INVENTORY"] = str(inventory)
+    return config
+
+
+def add_build(lab_dir: Path, tag: int = 0) -> str:
+    """A new build in the lab's catalog (a version no host has yet); returns its version."""
+    version = f"17.9.{int(time.time()) % 100000 + tag}-ee.0"
+    lab_cli(lab_dir, "build", "add", version)
+    return version
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hosts", type=int, default=100)
@@ -203,31 +244,10 @@ def main() -> int:
                    help="keep the login shell's ~/.bashrc on every SSH command (see quiet_login_shell)")
     args = p.parse_args()
     lab_dir = args.lab_dir or Path(f"/tmp/engb-bench-{args.hosts}")
-    started = False
-    if not (lab_dir / "lab.json").exists() or not args.keep:
-        print(f"starting a lab: {args.hosts} {ENV} {ROLE} hosts, install {args.install_seconds}s ({lab_dir})")
-        t0 = time.perf_counter()
-        lab_cli(lab_dir, "--octet", str(args.octet), "up", "--hosts", f"{ENV}:{ROLE}={args.hosts}",
-                "--install-seconds", str(args.install_seconds), "--traffic-rps", "2")
-        started = True
-        print(f"  lab up in {time.perf_counter() - t0:.1f}s")
-    config = LabConfig.load(lab_dir)
-    # what an Airflow worker has loaded already: not part of the rollout's time
-    import airflow.providers.ssh.hooks.ssh  # noqa: F401
-    import asyncssh  # noqa: F401
-    if not args.as_is and quiet_login_shell(lab_dir):
-        print("  lab sshd: SetEnv SHLVL=1 (bash no longer sources ~/.bashrc per command; --as-is to keep it)")
-    for k, v in exports(config).items():
-        os.environ[k] = v
-    if not args.no_app_port:  # the inventory field liftoff reads for HTTP version/health checks
-        data = yaml.safe_load(Path(os.environ["LIFTOFF_INVENTORY"]).read_text())
-        data["environments"][ENV].setdefault("extra", {})["app_port"] = config.app_port
-        inventory = lab_dir / "bench-inventory.yaml"
-        inventory.write_text(yaml.safe_dump(data, sort_keys=False))
-        os.environ["LIFTOFF_INVENTORY"] = str(inventory)
-    version = f"17.9.{int(time.time()) % 100000}-ee.0"
-    lab_cli(lab_dir, "build", "add", version)
+    started = start_lab(lab_dir, args.hosts, args.install_seconds, args.octet, args.keep)
     try:
+        config = point_liftoff_at(lab_dir, as_is=args.as_is, app_port=not args.no_app_port)
+        version = add_build(lab_dir)
         time.sleep(2)  # let HAProxy's first health checks pass
         result = bench_liftoff(config, version, args.install_seconds, args.profile)
         print("\nliftoff.fleet (one asyncio fan-out in one task):")

@@ -3,7 +3,9 @@
 Each stage: a precheck that fails closed, the work, QA where the design says, then an
 alert quiet period (deferred: no worker slot while waiting). A failed gate branches to
 rollback or halt (param ``on_failure``); the run then ends failed with its locks released.
-A verified canary emits the ``liftoff://canary-verified`` Asset event with the version.
+Stage 6 ends with the canary judge (liftoff.analysis) on the synthetic traffic; a marginal or
+inconclusive judgement asks a person. A verified canary emits the ``liftoff://canary-verified``
+Asset event with the version only when the judge passed on its own (auto-promotion).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from airflow.sdk import Metadata, TaskGroup, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from liftoff_airflow import dagkit
+from liftoff_airflow.canary_tasks import judgement
 from liftoff_airflow.dagkit import (
     CANARY_VERIFIED,
     begin_env,
@@ -26,6 +29,7 @@ from liftoff_airflow.dagkit import (
 PIPELINE = "deploy_canary"
 VERSION = "{{ ti.xcom_pull(task_ids='resolve_version') }}"
 ENVS = ["gstg", "gprd-cny"]
+JUDGE = "stage_6_canary_fleet.canary_analysis"
 
 
 @task
@@ -56,17 +60,27 @@ def canary_weight_zero() -> dict:
     return apply_weight(dagkit.run_handle(PIPELINE), 0)
 
 
-@task(outlets=[CANARY_VERIFIED])
-def canary_verified(version: str):
-    """Lift the halts of patches this build includes, and emit the Asset event that may start
-    deploy_production (never for a dry run)."""
+@task
+def canary_verified(version: str) -> dict:
+    """Lift the halts of patches this build includes (never for a dry run)."""
     from liftoff import notify
     from liftoff.patches import lift_halts_included
 
     if dagkit.params()["dry_run"]:
         raise AirflowSkipException("dry run: nothing was verified")
     run = dagkit.run_handle(PIPELINE)
-    notify.canary_verified(run, version, lift_halts_included(run, version))
+    lifted = lift_halts_included(run, version)
+    notify.canary_verified(run, version, lifted)
+    return {"version": version, "halts_lifted": lifted}
+
+
+@task(outlets=[CANARY_VERIFIED])
+def canary_promotable(version: str):
+    """Emit the Asset event that may start deploy_production (auto-promotion) only when the
+    canary judge passed on its own (or is off); skipped when a person had to decide."""
+    from liftoff_airflow.canary_tasks import require_judge_passed
+
+    require_judge_passed(JUDGE)
     yield Metadata(CANARY_VERIFIED, extra={"version": version})
 
 
@@ -123,9 +137,13 @@ def deploy_canary():
     with TaskGroup("stage_6_canary_fleet") as s6:
         check = precheck(PIPELINE, "gprd-cny", version)
         first, quiet = gate("gprd-cny", VERSION, qa=True)
+        # After QA, at weight 0: the judge compares canary with main on the synthetic traffic.
+        judge, judged, _ = judgement(PIPELINE, "stage_6", weight_steps=False)
         check >> canary_weight_zero() >> deploy(PIPELINE, "gprd-cny", version, None) >> first
-        quiet >> finish_env(PIPELINE, "gprd-cny", version) >> canary_verified(version)
-        quiet >> stage_done(PIPELINE, "gprd-cny", "stage_6", check)
+        quiet >> judge
+        verified = finish_env(PIPELINE, "gprd-cny", version) >> canary_verified(version)
+        judged >> verified >> canary_promotable(version)
+        judged >> stage_done(PIPELINE, "gprd-cny", "stage_6", check)
     stages.append(s6)
 
     previous = version

@@ -1,9 +1,17 @@
 """deploy_production: promote the build verified on canary to the main fleet (stages 7-9).
 
 Started by a person or ChatOps with the canary's version, or by the canary's Asset event
-when auto-promotion is on (``LIFTOFF_AUTO_PROMOTE=true``; off by default). Production checks
-come first, then an optional approval (human in the loop). Stage 9's post-deployment
-migrations are the point of no return: after them a rollback needs a reason.
+when auto-promotion is on (``LIFTOFF_AUTO_PROMOTE=true``; off by default; the event comes only
+when canary's judge passed on its own). Stage 7 diverts production traffic to canary in weight
+steps, each held by a deferrable trigger and judged against the main fleet (pass: next step;
+fail: canary weight 0 and on_failure; marginal or inconclusive: a person decides). Production checks
+come first (GitLab's: change lock and freeze windows, alerts, locks, LBs, canary up on every
+LB, open S1/S2 incidents and change requests in progress, deployment health on Prometheus): a
+failed check asks the on-call group (human in the loop, the inventory's ``extra.on_call``) to
+approve with a reason or reject, ``allow_precheck_failure`` being the non-interactive override.
+Then an optional approval by the release manager. Stage 9's post-deployment migrations are the
+point of no return: the production checks run again before them, and after them a rollback
+needs a reason.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, TaskGroup, TriggerRule, dag, get_current_context, task
 
 from liftoff_airflow import dagkit
+from liftoff_airflow.canary_tasks import canary_weight_back, judgement
+from liftoff_airflow.checks_approval import checks_with_approval
 from liftoff_airflow.dagkit import (
     CANARY_VERIFIED,
     begin_env,
@@ -48,6 +58,7 @@ APPROVAL_BODY = (
     "**Canary health and production checks:** {% if checks.get('failures') %}"
     "{{ checks.get('failures') | join('; ') }}"
     "{% if checks.get('overridden') %} (overridden: {{ checks.get('override_reason') }}){% endif %}"
+    "{% if checks.get('needs_approval') %} (approved by the on-call group: see checks_decided){% endif %}"
     "{% else %}all production checks passed{% endif %}\n\n"
     "**Production runs now:** {{ checks.get('previous_version') or 'unknown' }}"
     "{% set versions = (checks.get('versions') or {}).values() | list %}"
@@ -85,29 +96,9 @@ def resolve_version() -> str:
     return version
 
 
-@task
-def production_checks(version: str) -> dict:
-    """No critical alerts, no lock held by another run, canary up in HAProxy and on the version."""
-    from liftoff.checks import production_checks as checks
-
-    return checks(dagkit.run_handle(PIPELINE), version,
-                  override_reason=dagkit.params().get("allow_precheck_failure"))
-
-
 @task.branch
 def needs_approval() -> str:
     return "approval" if dagkit.params().get("approval") else "no_approval_needed"
-
-
-@task
-def canary_weight_up() -> dict:
-    """Divert some production traffic to canary before production changes."""
-    from liftoff.canary import apply_weight
-
-    p = dagkit.params()
-    if p["dry_run"]:
-        return {"dry_run": True, "weight": p["canary_weight"]}
-    return apply_weight(dagkit.run_handle(PIPELINE), int(p["canary_weight"]))
 
 
 @dag(
@@ -129,14 +120,16 @@ def canary_weight_up() -> dict:
                           description="Wait for a release manager to approve in the Airflow UI."),
         "canary_weight": Param(5, type="integer", minimum=0, maximum=100, title="Canary weight",
                                description="Weight of canary servers in production backends during "
-                                           "the promotion (main servers have 100)."),
+                                           "the promotion (main servers have 100) when the canary "
+                                           "judge is off; with it on, the inventory's weight steps "
+                                           "(extra.analysis.steps, default 5, 10, 25) are used."),
         **dagkit.COMMON_PARAMS,
     },
     doc_md=__doc__,
 )
 def deploy_production():
     version = resolve_version()
-    checks = production_checks(version)
+    checks, checked, asked = checks_with_approval(PIPELINE, "gprd", version, "promotion")
     branch = needs_approval()
     approval = ApprovalOperator(
         task_id="approval",
@@ -150,13 +143,17 @@ def deploy_production():
     )
     skip = EmptyOperator(task_id="no_approval_needed")
     approved = EmptyOperator(task_id="approved", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    version >> checks >> branch >> [approval, skip] >> approved
+    version >> checks
+    checked >> branch >> [approval, skip] >> approved
 
     with TaskGroup("stage_7_production_gitaly") as s7:
+        # Divert production traffic to canary in the inventory's weight steps, each held and
+        # judged against the main fleet (a person decides a marginal or inconclusive step).
+        _, judged, watched = judgement(PIPELINE, "stage_7", weight_steps=True)
         check = precheck(PIPELINE, "gprd", version)
         begin = begin_env(PIPELINE, "gprd", version, check)
         first, quiet = gate("gprd", VERSION, qa=True, expect_version=False)
-        canary_weight_up() >> check
+        judged >> check
         begin >> deploy(PIPELINE, "gprd", version, "gitaly") >> first
         quiet >> stage_done(PIPELINE, "gprd", "stage_7", check)
 
@@ -167,15 +164,19 @@ def deploy_production():
         quiet >> stage_done(PIPELINE, "gprd", "stage_8", check)
 
     with TaskGroup("stage_9_post_deployment_migrations") as s9:
+        # GitLab's production checks again: post-deployment migrations are the point of no return
+        first_check, post_checked, post_asked = checks_with_approval(
+            PIPELINE, "gprd", version, "post_migrations", group="stage_9_post_deployment_migrations")
         check = precheck(PIPELINE, "gprd", version)
         work = migrate.override(task_id="post_migrations")(PIPELINE, "gprd", version, True)
         _, quiet = gate("gprd", VERSION, qa=False)
-        check >> work >> quiet >> finish_env(PIPELINE, "gprd", version)
+        post_checked >> check >> work >> quiet >> finish_env(PIPELINE, "gprd", version)
         quiet >> stage_done(PIPELINE, "gprd", "stage_9", check)
 
     approved >> s7 >> s8 >> s9
-    end = dagkit.failure_handling(PIPELINE, ENVS, [version, checks, approval, s7, s8, s9])
+    end = dagkit.failure_handling(PIPELINE, ENVS, [version, checks, asked, checked, approval, s7, s8, s9])
     s9 >> end
+    watched >> canary_weight_back(PIPELINE, [t.task_id for t in watched]) >> end
 
 
 deploy_production()

@@ -71,6 +71,19 @@ def haproxy_config_file(config: LabConfig, lb: LoadBalancer) -> Path:
     return config.path("haproxy", f"{lb.name}.cfg")
 
 
+# HAProxy binds a Unix socket through a temporary "<path>.<pid>.tmp" name and refuses paths
+# longer than about 97 bytes.
+UNIX_SOCKET_MAX = 90
+
+
+def lb_admin_socket(config: LabConfig, lb: LoadBalancer) -> Path | None:
+    """The LB's runtime API as a Unix socket as well (level admin, mode 600), for tools that
+    only speak to a local socket (Ansible's ``community.general.haproxy``); None when the lab
+    directory's path is too long for one."""
+    path = config.path("run", f"haproxy-{lb.name}.sock").absolute()
+    return path if len(str(path).encode()) <= UNIX_SOCKET_MAX else None
+
+
 def prometheus_config_file(config: LabConfig) -> Path:
     return config.path("prometheus", "prometheus.yml")
 
@@ -314,6 +327,7 @@ def haproxy_config(config: LabConfig, topology: Topology, lb: LoadBalancer) -> s
         "    maxconn 5000",
         "    nbthread 1",
         f"    stats socket ipv4@{lb.addr}:{config.lb_admin_port} level admin",
+        *([f"    stats socket {sock} mode 600 level admin"] if (sock := lb_admin_socket(config, lb)) else []),
         "    stats timeout 30s",
         "",
         "defaults",
@@ -494,6 +508,12 @@ def alert_rules(config: LabConfig, topology: Topology) -> dict:
             "for": "5s",
             "labels": {"severity": "warning"},
             "annotations": {"summary": "{{ $labels.env }}: p95 latency {{ $value | humanizeDuration }}"},
+        },
+        {
+            # GitLab's deployment health, as liftoff's production checks read it: per environment
+            # and service (the role), 1 when every host of it is up, 0 when one is not.
+            "record": "gitlab_deployment_health:service",
+            "expr": 'min by (env, type) (label_replace(up{job="app"}, "type", "$1", "role", "(.*)"))',
         },
     ]
     return {"groups": [{"name": "lab", "rules": rules}]}

@@ -62,6 +62,13 @@ def gitlab_secrets(config: LabConfig) -> dict:
     return json.loads(file.read_text())
 
 
+# The canary judge at the lab's pace (Prometheus scrapes every second; the lab's user traffic
+# reaches canary with its cookie): 20 s windows, two weight steps. Off by default so that the
+# pipelines' other tests do not wait for it; a test or a person turns it on in inventory.yaml.
+LAB_ANALYSIS = {"enabled": False, "window_s": 20, "step_s": 2, "rate_window_s": 10, "min_requests": 40,
+                "steps": [5, 25], "interval_s": 20}
+
+
 def inventory(config: LabConfig, topology: Topology | None = None) -> dict:
     topology = topology or Topology(config)
     envs = {}
@@ -86,6 +93,8 @@ def inventory(config: LabConfig, topology: Topology | None = None) -> dict:
             # Lab alert rules fire within ~10 s, so a short window still catches a bad build.
             "extra": {"quiet_period": {"window_s": 20, "interval_s": 2}, "app_port": config.app_port},
         }
+        if env == "gprd-cny":
+            envs[env]["extra"]["analysis"] = dict(LAB_ANALYSIS)
     # The lab's QA jobs finish in seconds: poll often, give up early.
     qa = {"project": QA_PROJECT, "ref": QA_REF, "timeout": 300, "poll": 1}
     return {"connections": dict(CONNECTIONS), "environments": envs, "qa": qa}

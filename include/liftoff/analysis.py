@@ -106,6 +106,17 @@ class AnalysisConfig:
     role_label: str = "role"
     job: str = "app"
     selector: Mapping[str, str] | None = None  # this environment's series; None: its alert_matchers
+    # The pipelines' use of the judge (liftoff.canary): on by default; stage 7's canary weight
+    # steps, each held for interval_s (None: window_s) before the judge looks at that interval.
+    enabled: bool = True
+    steps: tuple[int, ...] = (5, 10, 25)
+    interval_s: float | None = None
+
+    @property
+    def hold_s(self) -> float:
+        """How long each judged step (stage 6, each stage 7 weight) is held: ``interval_s`` or
+        ``window_s``."""
+        return self.window_s if self.interval_s is None else self.interval_s
 
     @classmethod
     def from_environment(cls, env: Environment) -> AnalysisConfig:
@@ -114,7 +125,7 @@ class AnalysisConfig:
 
 _NUMBER_KEYS = {"pass_threshold": (0, 100), "marginal_threshold": (0, 100), "alpha": (0, 1),
                 "min_coverage": (0, 1), "window_s": (0, 86400), "step_s": (0, 3600),
-                "rate_window_s": (0, 86400)}
+                "rate_window_s": (0, 86400), "interval_s": (0, 86400)}
 
 
 def parse_config(data: Any, path: str = "analysis") -> AnalysisConfig:
@@ -123,7 +134,8 @@ def parse_config(data: Any, path: str = "analysis") -> AnalysisConfig:
         return AnalysisConfig()
     if not isinstance(data, Mapping):
         raise InventoryError(f"{path}: expected a mapping, got {type(data).__name__}")
-    allowed = set(_NUMBER_KEYS) | {"min_requests", "roles", "role_label", "job", "selector"}
+    allowed = set(_NUMBER_KEYS) | {"min_requests", "roles", "role_label", "job", "selector", "enabled",
+                                   "steps"}
     unknown = sorted(str(k) for k in data if k not in allowed)
     if unknown:
         raise InventoryError(f"{path}.{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
@@ -144,6 +156,12 @@ def parse_config(data: Any, path: str = "analysis") -> AnalysisConfig:
             values[key] = _label_value(data[key], f"{path}.{key}", pattern)
     if "selector" in data:
         values["selector"] = _selector(data["selector"], f"{path}.selector")
+    if "enabled" in data:
+        if not isinstance(data["enabled"], bool):
+            raise InventoryError(f"{path}.enabled: expected true or false, got {data['enabled']!r}")
+        values["enabled"] = data["enabled"]
+    if "steps" in data:
+        values["steps"] = _steps(data["steps"], f"{path}.steps")
     config = AnalysisConfig(**values)
     if config.marginal_threshold > config.pass_threshold:
         raise InventoryError(f"{path}.marginal_threshold: {config.marginal_threshold:g} is above "
@@ -162,6 +180,16 @@ def _number(value: Any, path: str, low: float, high: float) -> float:
         interval = f"{'[' if inclusive else '('}{low:g}, {high:g}]"
         raise InventoryError(f"{path}: expected a number in {interval}, got {value!r}")
     return float(value)
+
+
+def _steps(value: Any, path: str) -> tuple[int, ...]:
+    """Canary weights, 1..100, rising: [5, 10, 25]."""
+    ok = isinstance(value, list) and 0 < len(value) <= 10 and all(
+        isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 100 for w in value)
+    if not ok or any(a >= b for a, b in zip(value, value[1:], strict=False)):
+        raise InventoryError(f"{path}: expected rising canary weights within 1..100 like [5, 10, 25], "
+                             f"got {value!r}"[:200])
+    return tuple(value)
 
 
 def _roles(value: Any, path: str) -> tuple[str, ...]:
@@ -534,17 +562,23 @@ def exit_code(verdict: Verdict) -> int:
 
 
 def render_table(verdict: Verdict) -> str:
+    return table_of(verdict.to_json())
+
+
+def table_of(data: Mapping[str, Any]) -> str:
+    """The judgement's table for people, from its JSON (:meth:`Verdict.to_json`, as stored)."""
     rows = [("metric", "classification", "p-value", "baseline", "canary")]
-    for name, m in verdict.metrics.items():
-        rows.append((name, m.classification, _fmt(m.p_value, ".4f"), _fmt(m.baseline, ".6g"),
-                     _fmt(m.canary, ".6g")))
+    for name, m in (data.get("metrics") or {}).items():
+        rows.append((str(name), str(m.get("classification")), _fmt(m.get("p_value"), ".4f"),
+                     _fmt(m.get("baseline"), ".6g"), _fmt(m.get("canary"), ".6g")))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    req = verdict.requests
+    req = data.get("requests") or {}
     lines.append(f"requests: baseline {req.get('baseline', '-')}, canary {req.get('canary', '-')}")
-    score = "-" if verdict.score is None else f"{verdict.score:g}"
-    lines.append(f"verdict: {verdict.verdict} (score {score}; pass >= {verdict.config.pass_threshold:g}, "
-                 f"marginal >= {verdict.config.marginal_threshold:g}): {verdict.reason}")
+    score = "-" if data.get("score") is None else f"{data['score']:g}"
+    limits = data.get("thresholds") or {}
+    lines.append(f"verdict: {data.get('verdict')} (score {score}; pass >= {_fmt(limits.get('pass'), 'g')}, "
+                 f"marginal >= {_fmt(limits.get('marginal'), 'g')}): {data.get('reason')}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ canary deploy holding its lock refuses another run's change unless forced; a one
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -189,3 +190,60 @@ def verified_on_canary(run: Run, version: str, override_reason: str | None = Non
         log.warning("promoting %s, not the canary-verified %s: overridden by %s: %s",
                     version, verified, run.who, reason)
     return version
+
+
+# -- promotion on evidence: the canary judge in the pipelines ---------------------------------------
+
+NEXT, ABORT, ASK, ACCEPTED = "next", "abort", "ask", "accepted"
+
+
+def analysis_config(run: Run, canary_env: str = "gprd-cny"):
+    """The canary environment's judge settings (``extra.analysis``; on by default)."""
+    from liftoff.analysis import AnalysisConfig
+
+    return AnalysisConfig.from_environment(run.env(canary_env))
+
+
+def decision_for(verdict: str, accepted: bool = False) -> str:
+    """What the pipeline does with a verdict: pass -> next (the next step, or promotion); fail ->
+    abort (canary weight 0, the run's on_failure); marginal or inconclusive -> ask a person, or
+    go on when a person already accepted this run's canary (``accepted``)."""
+    if verdict == "pass":
+        return NEXT
+    if verdict == "fail":
+        return ABORT
+    return ACCEPTED if accepted else ASK
+
+
+def judge_step(run: Run, canary_env: str, stage: str, weight: int | None, held_from: float, *,
+               accepted: bool = False, now: float | None = None, prometheus=None) -> dict:
+    """Judge the canary over the interval it was just held (``held_from`` .. now) against its
+    main fleet; record the judgement (state store), push it (metrics), announce it (chat).
+    Returns the judgement with the pipeline's decision and the table people read."""
+    from liftoff import notify
+    from liftoff.analysis import analyze, render_table
+
+    end = time.time() if now is None else now
+    window = max(end - held_from, 1.0)
+    verdict = analyze(run.inventory, canary_env, end=end, prometheus=prometheus, window_s=window)
+    decision = decision_for(verdict.verdict, accepted)
+    data = verdict.to_json()
+    run.store.record_analysis(run.run_id, canary_env, stage, weight, verdict.verdict, verdict.score,
+                              decision, json.dumps(data))
+    run.metrics().canary_analysis(canary_env, stage, verdict.verdict, verdict.score)
+    where = f"{stage}" + (f" at weight {weight}" if weight is not None else "")
+    notify.canary_judged(run, canary_env, where, verdict.verdict, verdict.score, verdict.reason, decision)
+    log.info("canary %s judged over %.0fs (%s): %s, score %s; %s", canary_env, window, where,
+             verdict.verdict, verdict.score, decision)
+    return {"env": canary_env, "stage": stage, "weight": weight, "verdict": verdict.verdict,
+            "score": verdict.score, "reason": verdict.reason, "decision": decision,
+            "window_s": round(window, 1), "table": render_table(verdict)}
+
+
+def judgement_sentence(result: dict) -> str:
+    """One sentence for a judgement that stops the run or asks a person."""
+    where = result.get("stage", "?") + (f" at canary weight {result['weight']}"
+                                        if result.get("weight") is not None else "")
+    score = "-" if result.get("score") is None else f"{result['score']:g}"
+    return (f"canary analysis of {result.get('env')} ({where}): {result.get('verdict')} (score {score}): "
+            f"{result.get('reason')}")

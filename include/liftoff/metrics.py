@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 JOB = "liftoff"
 STAGE_STATUSES = ("running", "success", "failed", "skipped", "halted", "rolled_back")
+ANALYSIS_VERDICTS = ("pass", "marginal", "fail", "inconclusive")
 PIPELINE_STATUSES = ("running", "success", "failed", "halted", "canceled", "rolled_back")
 REDACTED = "internal"
 
@@ -225,6 +226,24 @@ class PipelineMetrics:
         ``liftoff_fast_deploy_info{version, reason}`` (the last one; pass version ``internal``
         when undisclosed), ``liftoff_fast_deploy_timestamp_seconds``."""
         return self._guard("fast_deploy", self._fast_deploy, env, version, reason)
+
+    def canary_analysis(self, env: str, stage: str, verdict: str, score: float | None) -> bool:
+        """Group ``{pipeline, env, stage}``: ``liftoff_canary_analysis_verdict{verdict}`` (1 for the
+        last verdict), ``liftoff_canary_analysis_score`` (-1 when there was none) and
+        ``liftoff_canary_analysis_timestamp_seconds``."""
+        return self._guard("canary_analysis", self._canary_analysis, env, stage, verdict, score)
+
+    def _canary_analysis(self, env: str, stage: str, verdict: str, score: float | None) -> None:
+        reg = CollectorRegistry()
+        v = Gauge("liftoff_canary_analysis_verdict", "1 for the canary judge's last verdict.", ["verdict"],
+                  registry=reg)
+        for name in dict.fromkeys((*ANALYSIS_VERDICTS, verdict)):
+            v.labels(name).set(1 if name == verdict else 0)
+        Gauge("liftoff_canary_analysis_score", "The canary judge's last score (0-100; -1: none).",
+              registry=reg).set(-1 if score is None else score)
+        Gauge("liftoff_canary_analysis_timestamp_seconds", "When the canary was last judged.",
+              registry=reg).set(time.time())
+        self._push(reg, {"pipeline": self.pipeline, "env": env, "stage": stage}, replace=True)
 
     def _guard(self, what: str, fn, *args: Any) -> bool:
         if not self.enabled:

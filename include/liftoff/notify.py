@@ -66,11 +66,14 @@ EVENTS: dict[str, str] = {
     "rollback_finished": "a rollback finished",
     "rollback_refused": "a rollback was refused (the guard's sentence)",
     "canary_verified": "canary verified a build",
+    "canary_judged": "the canary judge compared canary with main: verdict, score, what liftoff does",
     "approval_waiting": "a promotion waits for approval, with the link to answer",
     "patch_applied": "a post-deployment patch was applied and canary deploys halted",
     "halt_lifted": "the halt on canary deploys was lifted on purpose",
     "lock_taken": "an environment was locked by hand",
     "lock_force_released": "an environment's lock was removed by hand",
+    "freeze_changed": "an environment's changes were frozen or unfrozen by hand, with the reason",
+    "checks_approved": "a person approved failed production checks, with who and why",
     "fast_deploy": "a fast deploy started, with its reason",
     "run_finished": "a pipeline run ended, with its summary",
 }
@@ -609,6 +612,21 @@ def canary_verified(run: Any, version: str, lifted: Iterable[str] = ()) -> bool:
                 fields={"version": version}, color=GOOD)
 
 
+_JUDGED = {"next": ("goes on", GOOD), "abort": ("canary weight 0, the run stops", BAD),
+           "ask": ("a person decides (continue or abort)", WARN),
+           "accepted": ("goes on: a person accepted this canary", WARN)}
+
+
+@_never_raises
+def canary_judged(run: Any, env: str, where: str, verdict: str, score: float | None, reason: str,
+                  decision: str) -> bool:
+    what, color = _JUDGED.get(decision, (decision, INFO))
+    shown = "-" if score is None else f"{score:g}"
+    return emit("canary_judged", f":scales: canary {env} judged {verdict} (score {shown}) in {where}: {what}",
+                run=run, lines=[_reason(reason)], fields={"environment": env, "verdict": verdict},
+                color=color)
+
+
 @_never_raises
 def approval_waiting(context: Mapping[str, Any]) -> bool:
     """An ApprovalOperator waits: subject, what it says, when it times out, the link to answer."""
@@ -672,6 +690,31 @@ def lock_changed(run: Any, result: Mapping[str, Any]) -> bool:
     return emit("lock_force_released", f":unlock: {env} unlocked by {o.who}: removed {whose}",
                 run=run, lines=[f"held by {removed.get('who')} (run {removed.get('run_id')}, since "
                                 f"{removed.get('since')}): {_reason(removed.get('reason'))}"],
+                fields={"environment": env}, color=WARN)
+
+
+@_never_raises
+def freeze_changed(run: Any, result: Mapping[str, Any]) -> bool:
+    """deploy_lock's freeze or unfreeze: who froze which environment until when, and why."""
+    env = result.get("env")
+    o = origin(run)
+    if result.get("action") == "freeze":
+        return emit("freeze_changed", f":snowflake: {env} frozen by {o.who} until {result.get('until')}",
+                    run=run, lines=[f"reason: {_reason(result.get('reason'))}"],
+                    fields={"environment": env}, color=WARN)
+    lifted = len(result.get("lifted") or [])
+    return emit("freeze_changed", f":sunny: {env} unfrozen by {o.who} ({lifted} freeze(s) lifted)", run=run,
+                lines=[f"reason: {_reason(result.get('reason'))}"], fields={"environment": env}, color=INFO)
+
+
+@_never_raises
+def checks_approved(run: Any, result: Mapping[str, Any]) -> bool:
+    """A person approved failed production checks: who, why and what failed."""
+    env = result.get("env")
+    failures = [str(f) for f in result.get("failures") or []]
+    return emit("checks_approved", f":warning: failed production checks of {env} approved by "
+                f"{result.get('who')} ({result.get('step')})", run=run,
+                lines=[f"reason: {_reason(result.get('reason'))}", *[f"failed: {f}" for f in failures[:10]]],
                 fields={"environment": env}, color=WARN)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 
 from liftoff import builds, guard
@@ -23,17 +24,76 @@ from liftoff.versions import validate_name, validate_reason
 PATCH_DETAIL_CHARS = 2000  # what the store keeps of a patch record's detail
 
 
+ROLLBACKS_BEFORE_HALT = 3  # consecutive automatic rollbacks on an environment that halt canary deploys
+ROLLBACKS_BEFORE_HALT_EXTRA = "halt_after_rollbacks"
+ROLLBACK_HALT_PREFIX = "automatic rollbacks on "
+
+
+def rollbacks_before_halt(inventory, env_name: str) -> int:
+    """The environment's ``extra.halt_after_rollbacks`` (default 3; 0 turns the halt off)."""
+    value = inventory.env(env_name).extra.get(ROLLBACKS_BEFORE_HALT_EXTRA, ROLLBACKS_BEFORE_HALT)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"environment {env_name}: extra.{ROLLBACKS_BEFORE_HALT_EXTRA} must be a whole "
+                           f"number >= 0, got {value!r}")
+    return value
+
+
+def consecutive_automatic_rollbacks(store, env_name: str) -> int:
+    """Automatic rollbacks of ``env_name`` since its last successful deploy and since a person
+    last lifted the halt they caused."""
+    since = 0.0
+    for d in store.deployments(env_name):
+        if d.kind == "deploy" and d.status == "success":
+            since = d.updated.timestamp()
+            break
+    for h in store.halts():
+        if h.lifted_at is not None and h.reason.startswith(f"{ROLLBACK_HALT_PREFIX}{env_name}:"):
+            since = max(since, h.lifted_at.timestamp())
+    return sum(1 for e in store.lock_events(env_name)
+               if e.action == "automatic_rollback" and e.at.timestamp() > since)
+
+
+def count_automatic_rollback(run: Run, env_name: str, target: str) -> dict:
+    """Record an automatic rollback of ``env_name``; after N in a row (the inventory's
+    ``halt_after_rollbacks``) halt canary deploys until a person lifts the halt with a reason."""
+    run.store.record_event(env_name, "automatic_rollback", run.run_id, run.who, f"rolled back to {target}")
+    count = consecutive_automatic_rollbacks(run.store, env_name)
+    limit = rollbacks_before_halt(run.inventory, env_name)
+    out: dict = {"consecutive": count, "limit": limit, "halt": None}
+    if not limit or count < limit:
+        return out
+    prefix = f"{ROLLBACK_HALT_PREFIX}{env_name}:"
+    active = [h for h in run.store.active_halts() if h.reason.startswith(prefix)]
+    why = re.sub(r"[^A-Za-z0-9 .,:_/@+=%-]", "_", f"{prefix} {count} in a row, the last by run {run.run_id} "
+                                                 f"to {target}: a person looks before the next deploy")
+    halt = active[0] if active else run.store.set_halt(why[:500], None, run.who)
+    out["halt"] = {"id": halt.id, "reason": halt.reason}
+    return out
+
+
+def _halt_sentence(halt) -> str:
+    since = f"by {halt.who} since {halt.since:%Y-%m-%d %H:%M}Z"
+    if halt.patch_id:
+        return (f"canary deploys are halted by post-deployment patch {halt.patch_id} ({halt.reason}, "
+                f"{since}): deploy a build that includes it or lift the halt with a reason")
+    return (f"canary deploys are halted: {halt.reason} ({since}). Lift the halt with a reason once the "
+            f"cause is understood (post_deploy_patch, action lift_halt)")
+
+
 def check_halt(run: Run, version: str) -> dict:
-    """Refuse while a post-deployment patch halts canary deploys, unless this build includes
-    the patch (the halt is lifted once the build is verified on canary)."""
-    halt = run.store.active_halt()
-    if halt is None:
+    """Refuse while canary deploys are halted: by a post-deployment patch this build does not
+    include (the halt is lifted once the build is verified on canary), or by consecutive
+    automatic rollbacks (until a person lifts it with a reason)."""
+    halts = run.store.active_halts()
+    if not halts:
         return {"halted": False}
-    if halt.patch_id and halt.patch_id in builds.included_patches(run.inventory, version):
-        return {"halted": True, "lifts_with_this_build": halt.patch_id}
-    raise HaltActive(f"canary deploys are halted by post-deployment patch {halt.patch_id or '?'} "
-                     f"({halt.reason}, by {halt.who} since {halt.since:%Y-%m-%d %H:%M}Z): deploy a build "
-                     f"that includes it or lift the halt with a reason")
+    included: set[str] = set()
+    if any(h.patch_id for h in halts):
+        included = set(builds.included_patches(run.inventory, version))
+    for halt in halts:
+        if not (halt.patch_id and halt.patch_id in included):
+            raise HaltActive(_halt_sentence(halt))
+    return {"halted": True, "lifts_with_this_build": halts[0].patch_id}
 
 
 def lift_halts_included(run: Run, version: str) -> list[str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from liftoff import canary, deploy, guard, locks
+from liftoff import canary, deploy, guard, locks, patches
 from liftoff.errors import LockHeld, RollbackRefused
 from liftoff.inventory import Inventory
 from liftoff.runs import Run, read_installed
@@ -180,5 +180,8 @@ def automatic(run: Run, envs: list[str]) -> dict:
     chef = deploy.restart_chef(run, env, check["target"])
     done = rollback_done(run, env, check["target"])
     deploy.mark_failed(run, [env], "rolled_back")
+    streak = patches.count_automatic_rollback(run, env, check["target"])
+    if streak["halt"]:
+        log.error("canary deploys halted: %s", streak["halt"]["reason"])
     return {"env": env, "version": check["target"], "shield": shield, "lock_reason": begin["lock_reason"],
-            "rollouts": rollouts, "chef": chef["chef"], "released": done["released"]}
+            "rollouts": rollouts, "chef": chef["chef"], "released": done["released"], "streak": streak}

@@ -197,6 +197,30 @@ def internal_redactor(internal: Iterable[str]) -> Redact:
     return lambda version: internal_label(version) if version in hidden else version
 
 
+def freezes(inventory: Inventory, store: Store, t: float) -> list[dict[str, Any]]:
+    """Change freezes in force or to come: ``liftoff freeze``'s (the store) and the inventory's
+    (``extra.freezes``); an inventory entry that cannot be read is an entry with its ``error``."""
+    from liftoff.checks import inventory_freezes
+    from liftoff.errors import InvalidInput
+
+    now = datetime.fromtimestamp(t, tz=UTC)
+    out: list[dict[str, Any]] = []
+    for f in store.freezes():
+        if f.lifted_at is None and f.until > now:
+            out.append({"env": f.env, "source": "liftoff freeze", "who": f.who, "reason": f.reason,
+                        "since": _iso(f.since), "until": _iso(f.until), "active": f.since <= now})
+    for env in inventory.environments.values():
+        try:
+            declared = inventory_freezes(env)
+        except InvalidInput as exc:
+            out.append({"env": env.name, "source": "inventory", "error": str(exc), "active": True})
+            continue
+        out += [{"env": env.name, "source": "inventory", "who": "inventory", "reason": f["reason"],
+                 "since": _iso(f["from"]), "until": _iso(f["until"]), "active": f["from"] <= now}
+                for f in declared if f["until"] > now]
+    return out
+
+
 def snapshot(inventory: Inventory, store: Store, *, lbs: bool = True, now: datetime | float | None = None,
              redact: Redact = _identity, read: LbReader | None = None,
              deployments_shown: int = DEPLOYMENTS_SHOWN, pressure: bool | None = None,
@@ -231,6 +255,8 @@ def snapshot(inventory: Inventory, store: Store, *, lbs: bool = True, now: datet
         "halts": [{"id": h.id, "reason": h.reason, "patch_id": h.patch_id, "who": h.who,
                    "since": _iso(h.since), "age_s": _when(h.since, t)["age_s"]}
                   for h in store.active_halts()],
+        "freezes": freezes(inventory, store, t),
+        "canary_analyses": canary_analyses(inventory, store, t),
         "environments": envs,
         # locks on environments this inventory does not know (a renamed environment, say)
         "other_locks": [_lock(lock, t) for lock in locks.values()],
@@ -241,6 +267,32 @@ def snapshot(inventory: Inventory, store: Store, *, lbs: bool = True, now: datet
     if hidden:  # also where a version stands in free text (a reason, a failed host's detail)
         out = _scrub(out, hidden)
     out["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    return out
+
+
+def analysis_record(record: Any, t: float | None = None) -> dict[str, Any]:
+    """One stored canary judgement as people and pages read it (liftoff.store.AnalysisRecord)."""
+    data = record.verdict_data()
+    out = {"run_id": record.run_id, "env": record.env, "stage": record.stage, "weight": record.weight,
+           "verdict": record.verdict, "score": record.score, "decision": record.decision,
+           "reason": data.get("reason"), "requests": data.get("requests") or {},
+           "metrics": data.get("metrics") or {}, "thresholds": data.get("thresholds") or {},
+           "at": _iso(record.at)}
+    if t is not None:
+        out["age_s"] = _when(record.at, t)["age_s"]
+    return out
+
+
+_TABLE_KEYS = ("metrics", "thresholds")
+
+
+def canary_analyses(inventory: Inventory, store: Store, t: float, shown: int = 3) -> dict[str, list[dict]]:
+    """Per canary environment, its last ``shown`` judgements (newest last), metrics left out."""
+    out = {}
+    for name, env in inventory.environments.items():
+        if env.canary_of:
+            out[name] = [{k: v for k, v in analysis_record(r, t).items() if k not in _TABLE_KEYS}
+                         for r in store.analyses(env=name, limit=shown)]
     return out
 
 

@@ -11,6 +11,7 @@ loser reads the holder back and raises :class:`LockHeld` naming it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -141,6 +142,42 @@ step_failures_t = Table(  # why a task failed, in one sentence: finalize, watch 
     Column("reason", Text, nullable=False),
     Column("at", Float, nullable=False),
 )
+analyses_t = Table(  # every canary judgement (liftoff.analysis): one row per stage and weight step
+    "liftoff_analyses", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("env", String(64), nullable=False, index=True),
+    Column("stage", String(64), nullable=False),
+    Column("weight", Integer, nullable=True),
+    Column("verdict", String(32), nullable=False),
+    Column("score", Float, nullable=True),
+    Column("decision", String(32), nullable=False),
+    Column("verdict_json", Text, nullable=False),
+    Column("at", Float, nullable=False),
+)
+freezes_t = Table(  # ad-hoc change freezes of an environment (liftoff freeze / unfreeze)
+    "liftoff_freezes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("env", String(64), nullable=False, index=True),
+    Column("who", String(128), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("since", Float, nullable=False),
+    Column("until", Float, nullable=False),
+    Column("lifted_by", String(128), nullable=True),
+    Column("lifted_reason", Text, nullable=True),
+    Column("lifted_at", Float, nullable=True),
+)
+check_approvals_t = Table(  # failed production checks a person approved for one run (HITL)
+    "liftoff_check_approvals", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False, index=True),
+    Column("env", String(64), nullable=False),
+    Column("step", String(64), nullable=False),
+    Column("who", String(128), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("failures", Text, nullable=False),  # JSON list of the sentences approved
+    Column("at", Float, nullable=False),
+)
 halts_t = Table(
     "liftoff_halts", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -249,6 +286,58 @@ class Halt:
     @property
     def active(self) -> bool:
         return self.lifted_at is None
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """An ad-hoc change freeze: ``env`` frozen from ``since`` to ``until`` (or until lifted)."""
+
+    id: int
+    env: str
+    who: str
+    reason: str
+    since: datetime
+    until: datetime
+    lifted_by: str | None = None
+    lifted_reason: str | None = None
+    lifted_at: datetime | None = None
+
+    def active_at(self, now: datetime) -> bool:
+        return self.lifted_at is None and self.since <= now < self.until
+
+
+@dataclass(frozen=True)
+class CheckApproval:
+    """A person approved a run's failed production checks (``failures``) with a reason."""
+
+    id: int
+    run_id: str
+    env: str
+    step: str
+    who: str
+    reason: str
+    failures: tuple[str, ...]
+    at: datetime
+
+
+@dataclass(frozen=True)
+class AnalysisRecord:
+    run_id: str
+    env: str
+    stage: str
+    weight: int | None
+    verdict: str
+    score: float | None
+    decision: str
+    verdict_json: str
+    at: datetime
+
+    def verdict_data(self) -> dict:
+        try:
+            data = json.loads(self.verdict_json)
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
 
 
 def _safe_url(url: str) -> str:
@@ -628,6 +717,80 @@ class Store:
             rows = conn.execute(select(halts_t).order_by(halts_t.c.id.desc())).all()
         return [_halt(r) for r in rows]
 
+    # -- change freezes --------------------------------------------------------------------------
+    def add_freeze(self, env: str, who: str, reason: str, since: datetime, until: datetime) -> Freeze:
+        """Freeze ``env``'s changes from ``since`` to ``until`` (recorded with who and why)."""
+        validate_name("env", env)
+        validate_name("who", who)
+        reason = validate_reason(reason)
+        if until <= since:
+            raise InvalidInput(f"a freeze must end after it starts ({until.isoformat()} <= "
+                               f"{since.isoformat()})")
+        with self._tx() as conn:
+            res = conn.execute(insert(freezes_t).values(env=env, who=who, reason=reason,
+                                                        since=since.timestamp(), until=until.timestamp()))
+            pk = res.inserted_primary_key[0]
+        return Freeze(pk, env, who, reason, _dt(since.timestamp()), _dt(until.timestamp()))
+
+    def lift_freezes(self, env: str, who: str, reason: str, now: datetime) -> list[Freeze]:
+        """Lift ``env``'s freezes that are active or still to come at ``now``; returns them lifted."""
+        validate_name("who", who)
+        reason = validate_reason(reason)
+        with self._tx() as conn:
+            rows = conn.execute(select(freezes_t).where(and_(
+                freezes_t.c.env == env, freezes_t.c.lifted_at.is_(None),
+                freezes_t.c.until > now.timestamp())).order_by(freezes_t.c.id)).all()
+            ids = [r.id for r in rows]
+            if ids:
+                conn.execute(update(freezes_t).where(freezes_t.c.id.in_(ids))
+                             .values(lifted_by=who, lifted_reason=reason, lifted_at=now.timestamp()))
+                rows = conn.execute(select(freezes_t).where(freezes_t.c.id.in_(ids))
+                                    .order_by(freezes_t.c.id)).all()
+        return [_freeze(r) for r in rows]
+
+    def freezes(self, env: str | None = None, *, active_at: datetime | None = None) -> list[Freeze]:
+        """Freezes, newest first (only those in force at ``active_at`` when given)."""
+        q = select(freezes_t).order_by(freezes_t.c.id.desc())
+        if env is not None:
+            q = q.where(freezes_t.c.env == env)
+        if active_at is not None:
+            t = active_at.timestamp()
+            q = q.where(and_(freezes_t.c.lifted_at.is_(None), freezes_t.c.since <= t, freezes_t.c.until > t))
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [_freeze(r) for r in rows]
+
+    # -- production checks approved by a person ------------------------------------------------------
+    def record_check_approval(self, run_id: str, env: str, step: str, who: str, reason: str,
+                              failures: Iterable[str]) -> CheckApproval:
+        """Keep a person's approval of a run's failed checks (and add it to the lock history)."""
+        validate_name("run_id", run_id)
+        validate_name("env", env)
+        validate_name("who", who)
+        reason = validate_reason(reason)
+        items = [str(f)[:2000] for f in failures]
+        now = time.time()
+        with self._tx() as conn:
+            res = conn.execute(insert(check_approvals_t).values(
+                run_id=run_id, env=env, step=step[:64], who=who, reason=reason, failures=json.dumps(items),
+                at=now))
+            pk = res.inserted_primary_key[0]
+            self._event(conn, env, "checks_approved", run_id, who,
+                        f"{step}: {reason} (failed: {'; '.join(items)})"[:4000], now)
+        return CheckApproval(pk, run_id, env, step[:64], who, reason, tuple(items), _dt(now))
+
+    def check_approvals(self, run_id: str | None = None, env: str | None = None) -> list[CheckApproval]:
+        """Approvals of failed checks, oldest first."""
+        q = select(check_approvals_t).order_by(check_approvals_t.c.id)
+        if run_id is not None:
+            q = q.where(check_approvals_t.c.run_id == run_id)
+        if env is not None:
+            q = q.where(check_approvals_t.c.env == env)
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [CheckApproval(r.id, r.run_id, r.env, r.step, r.who, r.reason, tuple(json.loads(r.failures)),
+                              _dt(r.at)) for r in rows]
+
     # -- rollout reports ---------------------------------------------------------------------------
     def save_report(self, run_id: str, env: str, rollout: str, report_json: str) -> None:
         """Keep a rollout's full report (JSON); a later attempt of the same run and rollout adds a
@@ -659,6 +822,34 @@ class Store:
                                 .order_by(step_failures_t.c.id)).all()
         return {r.task_id: r.reason for r in rows}
 
+    # -- canary judgements --------------------------------------------------------------------------
+    def record_analysis(self, run_id: str, env: str, stage: str, weight: int | None, verdict: str,
+                        score: float | None, decision: str, verdict_json: str) -> AnalysisRecord:
+        """Keep one judgement of the canary (``verdict_json``: liftoff.analysis.Verdict.to_json())
+        and what liftoff did with it (``decision``: next, promote, abort, ask)."""
+        at = time.time()
+        with self._tx() as conn:
+            conn.execute(insert(analyses_t).values(
+                run_id=run_id, env=env, stage=stage[:64], weight=weight, verdict=verdict, score=score,
+                decision=decision, verdict_json=verdict_json, at=at))
+        return AnalysisRecord(run_id, env, stage, weight, verdict, score, decision, verdict_json, _dt(at))
+
+    def analyses(self, run_id: str | None = None, env: str | None = None,
+                 limit: int | None = None) -> list[AnalysisRecord]:
+        """Judgements, oldest first (of one run, or the newest ``limit`` of an environment)."""
+        q = select(analyses_t)
+        if run_id is not None:
+            q = q.where(analyses_t.c.run_id == run_id)
+        if env is not None:
+            q = q.where(analyses_t.c.env == env)
+        q = q.order_by(analyses_t.c.id.desc())
+        if limit is not None:
+            q = q.limit(limit)
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [AnalysisRecord(r.run_id, r.env, r.stage, r.weight, r.verdict, r.score, r.decision,
+                               r.verdict_json, _dt(r.at)) for r in reversed(rows)]
+
     # -- helpers -----------------------------------------------------------------------------------
     def _upsert_many(self, table: Table, items: list[tuple[dict, dict, dict]]) -> None:
         """Update-or-insert rows ``(key, values, insert_only)``, all in one transaction."""
@@ -686,6 +877,11 @@ def _lock(row) -> Lock:
 def _deployment(row) -> Deployment:
     return Deployment(row.id, row.env, row.version, row.run_id, row.kind, row.status, _dt(row.started),
                       _dt(row.updated))
+
+
+def _freeze(row) -> Freeze:
+    return Freeze(row.id, row.env, row.who, row.reason, _dt(row.since), _dt(row.until), row.lifted_by,
+                  row.lifted_reason, _dt(row.lifted_at))
 
 
 def _halt(row) -> Halt:

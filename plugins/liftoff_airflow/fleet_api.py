@@ -5,7 +5,8 @@ plugin's ``fastapi_apps``).
   ``liftoff status`` prints.
 - ``GET /liftoff/api/fleet[?lbs=false]``: :func:`liftoff.fleetview.view` (the snapshot, the weekly
   change lock, the running deploys' progress, the last runs of liftoff's DAGs and the pending
-  approvals from Airflow's metadata DB); ``GET /liftoff/api/hosts/{host}/audit[?limit=N]``: a
+  approvals from Airflow's metadata DB); ``GET /liftoff/api/runs/{run_id}/analyses``: the
+  run's canary judgements; ``GET /liftoff/api/hosts/{host}/audit[?limit=N]``: a
   host's audit trail (:func:`liftoff.fleetview.host_audit`).
 - ``GET /liftoff/fleet`` and ``GET /liftoff/fleet/hosts/{host}``: the fleet page and a host's
   audit page (liftoff_airflow.fleet_page): a shell whose script fetches the JSON above.
@@ -313,6 +314,22 @@ def _json_routes(app: FastAPI, readers: list) -> None:
             raise HTTPException(status_code=503, detail=f"liftoff audit failed: {exc}") from None
 
 
+def _analysis_routes(app: FastAPI, readers: list) -> None:
+    @app.get("/api/runs/{run_id}/analyses", dependencies=readers)
+    def analyses(response: Response, run_id: str, src: Sources) -> dict[str, Any]:
+        """Every canary judgement of the run, oldest first, with its metric table."""
+        from liftoff.status import analysis_record
+
+        _, store = src
+        response.headers["Cache-Control"] = "no-store"
+        if not 0 < len(run_id) <= 250:
+            raise HTTPException(status_code=400, detail="a run id is 1 to 250 characters")
+        try:
+            return {"run_id": run_id, "analyses": [analysis_record(r) for r in store.analyses(run_id)]}
+        except LiftoffError as exc:
+            raise HTTPException(status_code=503, detail=f"liftoff analyses failed: {exc}") from None
+
+
 def _page_routes(app: FastAPI, readers: list) -> None:
     @app.get("/fleet", dependencies=readers, response_class=HTMLResponse)
     def fleet_html(request: Request) -> Response:
@@ -333,6 +350,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     readers = [Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.RUN))]
     _json_routes(app, readers)
+    _analysis_routes(app, readers)
     _page_routes(app, readers)
     return app
 

@@ -32,6 +32,7 @@ FLEET_BODY = """
 <section><h2>Running deploy</h2><div data-testid="progress">loading…</div></section>
 <section><h2>Halts</h2><div data-testid="halts">loading…</div></section>
 <section><h2>Pending approvals</h2><div data-testid="approvals">loading…</div></section>
+<section><h2>Canary judge</h2><div data-testid="canary-analyses">loading…</div></section>
 <section><h2>Recent runs</h2>
 <table data-testid="runs"><thead><tr><th>DAG</th><th>run</th><th>state</th><th>stages</th><th>note</th></tr>
 </thead><tbody></tbody></table></section>

@@ -128,17 +128,24 @@ def test_the_project_comes_from_the_connection(gitlab, monkeypatch):
 @pytest.fixture
 def clear_fleet(monkeypatch):
     """production_checks with the fleet's own checks passing: only GitLab's remain."""
-    monkeypatch.setattr(checks, "precheck", lambda run, env, version: {"env": env, "version": version})
+    monkeypatch.setattr(checks, "_precheck_failures",
+                        lambda run, env, version, severities, now: ([], {"env": env.name,
+                                                                          "version": version}))
+    monkeypatch.setattr(checks, "health_failures", lambda run, env, source=None: [])
     monkeypatch.setattr(checks.canary, "canary_env_of", lambda inventory, env: None)
+
+
+PRODUCTION_RUN = SimpleNamespace(inventory=None, who="ada", run_id="promote-1", store=None,
+                                 env=lambda name: SimpleNamespace(name=name))
 
 
 def test_production_checks_block_on_an_incident_unless_overridden(gitlab, clear_fleet):
     version = "17.6.0-ee.0"
-    assert checks.production_checks(RUN, version)["gitlab_blockers"] == []
+    assert checks.production_checks(PRODUCTION_RUN, version)["gitlab_blockers"] == []
     gitlab.add(5, "Sidekiq backlog", "incident", "severity::2")
     with pytest.raises(PrecheckFailed) as refused:
-        checks.production_checks(RUN, version)
+        checks.production_checks(PRODUCTION_RUN, version)
     assert str(refused.value).startswith('production checks failed: active severity::2 incident: #5 "Sidekiq')
-    result = checks.production_checks(RUN, version, override_reason="INC-5 is the fix we promote")
+    result = checks.production_checks(PRODUCTION_RUN, version, override_reason="INC-5 is the fix we promote")
     assert result["overridden"] is True and result["override_reason"] == "INC-5 is the fix we promote"
     assert result["failures"] == result["gitlab_blockers"] and len(result["failures"]) == 1

@@ -344,7 +344,7 @@ def test_pending_approvals_and_internal_builds_from_the_metadata(airflow_db):
 # -- the plugin's routes ------------------------------------------------------------------------------------
 
 ROUTES = ("/liftoff/api/fleet", "/liftoff/api/hosts/web-01-sv-gprd/audit", "/liftoff/fleet",
-          "/liftoff/fleet/hosts/web-01-sv-gprd")
+          "/liftoff/fleet/hosts/web-01-sv-gprd", f"/liftoff/api/runs/{RUN}/analyses")
 XSS = "<script>alert(1)</script>"
 JWT_SECRET = secrets.token_urlsafe(64)
 
@@ -460,6 +460,23 @@ def test_audit_json_through_the_app(api, store):
     assert command == f"apt-get install -y gitlab-ee={internal_label(SECRET_BUILD)}"
     assert api.get("/liftoff/api/hosts/web-01-sv-gprd/audit?limit=0", headers=bearer()).status_code == 422
     assert api.get("/liftoff/api/hosts/a;b/audit", headers=bearer()).status_code == 400
+
+
+def test_a_runs_canary_judgements_through_the_app(api, store):
+    data = {"verdict": "fail", "score": 40.0, "reason": XSS, "requests": {"baseline": 900, "canary": 300},
+            "thresholds": {"pass": 90.0, "marginal": 75.0},
+            "metrics": {"error_ratio_web": {"classification": "high", "p_value": 0.001}}}
+    store.record_analysis(RUN, "gprd-cny", "stage_7", 5, "fail", 40.0, "abort", json.dumps(data))
+    store.record_analysis("other-run", "gprd-cny", "stage_6", None, "pass", 100.0, "next", "{}")
+    resp = api.get(f"/liftoff/api/runs/{RUN}/analyses", headers=bearer())
+    assert resp.status_code == 200 and resp.headers["cache-control"] == "no-store"
+    [judged] = resp.json()["analyses"]
+    assert (judged["stage"], judged["weight"], judged["verdict"], judged["decision"]) == (
+        "stage_7", 5, "fail", "abort")
+    assert judged["reason"] == XSS and judged["metrics"]["error_ratio_web"]["classification"] == "high"
+    assert api.get("/liftoff/api/runs/nothing-here/analyses", headers=bearer()).json()["analyses"] == []
+    fleet = api.get("/liftoff/api/fleet", headers=bearer()).json()
+    assert [a["run_id"] for a in fleet["canary_analyses"]["gprd-cny"]] == [RUN, "other-run"]
 
 
 def test_the_page_is_a_shell_without_data(api, store):

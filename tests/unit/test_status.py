@@ -629,3 +629,48 @@ def test_api_says_why_when_liftoff_state_is_not_readable(monkeypatch, api):
 def test_status_args_are_the_documented_ones():
     args = cli.build_parser().parse_args(["status", "--no-lbs", "--limit", "2"])
     assert isinstance(args, argparse.Namespace) and args.no_lbs and args.limit == 2
+
+
+# -- the canary judge's last judgements ----------------------------------------------------------
+
+def _judged(store, run_id: str, stage: str, weight, verdict: str, score, decision: str) -> None:
+    data = {"verdict": verdict, "score": score, "reason": f"{verdict}: error_ratio_web high",
+            "requests": {"baseline": 900, "canary": 300}, "thresholds": {"pass": 90.0, "marginal": 75.0},
+            "metrics": {"error_ratio_web": {"classification": "high", "p_value": 0.001, "baseline": 0.0,
+                                            "canary": 0.02}}}
+    store.record_analysis(run_id, "gprd-cny", stage, weight, verdict, score, decision, json.dumps(data))
+
+
+def test_status_and_the_cli_show_the_canary_judges_last_judgements(inventory, store, lbs):
+    _judged(store, "run-a", "stage_6", None, "pass", 100.0, "next")
+    for weight in (5, 10, 25):
+        _judged(store, "run-b", "stage_7", weight, "pass" if weight < 25 else "fail", 40.0, "abort")
+    snap = json.loads(json.dumps(status.snapshot(inventory, store, read=lbs)))
+    judged = snap["canary_analyses"]["gprd-cny"]
+    assert [(a["stage"], a["weight"], a["verdict"]) for a in judged] == [
+        ("stage_7", 5, "pass"), ("stage_7", 10, "pass"), ("stage_7", 25, "fail")]
+    assert set(snap["canary_analyses"]) == {"gprd-cny"} and "metrics" not in judged[0]
+    code, out = run_status(FakeClient(snap))
+    assert code == 0
+    assert re.search(r"^canary judge gprd-cny: fail \(score 40\) in stage_7 at weight 25 -> abort, "
+                     r"run run-b at \S+ \S+ \(\d+s ago\): fail: error_ratio_web high$", out, re.M)
+
+
+def test_liftoff_analysis_prints_each_judgement_of_a_run_with_its_table(store):
+    _judged(store, "run-b", "stage_7", 5, "fail", 40.0, "abort")
+
+    class Client:
+        def run_analyses(self, run_id):
+            return [status.analysis_record(r) for r in store.analyses(run_id)]
+
+    args = cli.build_parser().parse_args(["analysis", "run-b"])
+    out = io.StringIO()
+    assert cli.cmd_analysis(Client(), cli.Output(False, out, io.StringIO()), args) == 0
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"\S+ +gprd-cny stage_7 at canary weight 5: fail -> abort", lines[0])
+    assert re.fullmatch(r"  error_ratio_web +high +0\.0010 +0 +0\.02", lines[2])
+    assert lines[-1] == ("  verdict: fail (score 40; pass >= 90, marginal >= 75): fail: error_ratio_web high")
+    out = io.StringIO()
+    args = cli.build_parser().parse_args(["analysis", "run-none", "--json"])
+    assert cli.cmd_analysis(Client(), cli.Output(True, out, io.StringIO()), args) == 0
+    assert json.loads(out.getvalue()) == {"run_id": "run-none", "analyses": []}

@@ -355,5 +355,18 @@ class AirflowClient:
                            "liftoff's Airflow plugin installed in the api-server?", 404)
         return answer
 
+    def run_analyses(self, run_id: str) -> list[dict]:
+        """``GET /liftoff/api/runs/{run_id}/analyses``: the run's canary judgements, oldest first."""
+        path = f"/runs/{q(run_id)}/analyses"
+        try:
+            answer = self.request("GET", path, root=LIFTOFF_API_ROOT)
+        except NotFound as exc:
+            raise NotFound(f"{self.base_url} does not serve {LIFTOFF_API_ROOT}/runs/.../analyses (HTTP 404): "
+                           "is liftoff's Airflow plugin installed in the api-server?", exc.status,
+                           exc.detail) from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("analyses"), list):
+            raise NotFound(f"{self.base_url}{LIFTOFF_API_ROOT}{path} did not answer liftoff's analyses", 404)
+        return answer["analyses"]
+
     def ui_url(self, dag_id: str, run_id: str) -> str:
         return f"{self.base_url}/dags/{q(dag_id)}/runs/{q(run_id)}"

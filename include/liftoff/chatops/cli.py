@@ -157,6 +157,35 @@ def lock_conf(env: str, action: str, reason: str) -> dict:
             "reason": validate_reason(reason)}
 
 
+def freeze_conf(env: str, reason: str, *, until: str | None = None, duration: str | None = None,
+                now: datetime | None = None) -> dict:
+    """``liftoff freeze ENV --until ISO|--for DURATION --reason R``: checked here, so bad input
+    is one line and nothing is triggered."""
+    from liftoff.checks import MAX_FREEZE, parse_duration, parse_time
+
+    conf: dict[str, Any] = {"environment": validate_name("env", env), "action": "freeze",
+                            "reason": validate_reason(reason)}
+    if (until is None) == (duration is None):
+        raise InvalidInput("give either --until TIME (ISO 8601 with a zone) or --for DURATION (like 2h)")
+    now = now or datetime.now(UTC)
+    if until is not None:
+        end = parse_time(until, "--until")
+        if end <= now:
+            raise InvalidInput(f"--until {until} is not in the future")
+        if end - now > MAX_FREEZE:
+            raise InvalidInput(f"a freeze lasts at most {MAX_FREEZE.days} days")
+        conf["until"] = end.isoformat()
+    else:
+        if parse_duration(duration) > MAX_FREEZE:
+            raise InvalidInput(f"a freeze lasts at most {MAX_FREEZE.days} days")
+        conf["duration"] = str(duration).strip().lower().replace(" ", "")
+    return conf
+
+
+def unfreeze_conf(env: str, reason: str) -> dict:
+    return {"environment": validate_name("env", env), "action": "unfreeze", "reason": validate_reason(reason)}
+
+
 def parse_roles(roles: str | Sequence[str]) -> list[str]:
     items = roles.split(",") if isinstance(roles, str) else list(roles)
     out: list[str] = []
@@ -421,6 +450,16 @@ def cmd_lock(client: AirflowClient, out: Output, args: argparse.Namespace) -> in
                       trigger(client, out, DAG_LOCK, conf, f"{conf['action']} {conf['environment']}"))
 
 
+def cmd_freeze(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    if args.command == "freeze":
+        conf = freeze_conf(args.env, args.reason, until=args.until, duration=args.duration)
+        what = f"freeze {conf['environment']} until {conf.get('until') or 'now + ' + conf['duration']}"
+    else:
+        conf = unfreeze_conf(args.env, args.reason)
+        what = f"unfreeze {conf['environment']}"
+    return _triggered(client, out, args, trigger(client, out, DAG_LOCK, conf, what))
+
+
 def _triggered(client: AirflowClient, out: Output, args: argparse.Namespace, result: dict) -> int:
     if getattr(args, "watch", False):
         out.data(result)
@@ -633,6 +672,22 @@ def fleet_lines(snap: Mapping[str, Any]) -> list[str]:
                      f"{_txt(h.get('reason'))}")
     if not snap.get("halts"):
         lines.append("halts: none")
+    for f in snap.get("freezes") or []:
+        if f.get("error"):
+            lines.append(f"FREEZE {_txt(f.get('env'))}: unreadable in the inventory: {_txt(f['error'])}")
+            continue
+        when = (f"until {_fmt_time(f.get('until'))}" if f.get("active")
+                else f"from {_fmt_time(f.get('since'))} until {_fmt_time(f.get('until'))}")
+        lines.append(f"FREEZE {_txt(f.get('env'))} {when} by {_txt(f.get('who'))}: {_txt(f.get('reason'))}")
+    for env_name, judged in (snap.get("canary_analyses") or {}).items():
+        for a in judged[-1:]:
+            weight = "" if a.get("weight") is None else f" at weight {a['weight']}"
+            score = "-" if a.get("score") is None else f"{a['score']:g}"
+            ago = _ago(a.get("age_s"))
+            when = _fmt_time(a.get("at")) + (f" ({ago})" if ago else "")
+            lines.append(f"canary judge {_txt(env_name)}: {_txt(a.get('verdict'))} (score {score}) in "
+                         f"{_txt(a.get('stage'))}{weight} -> {_txt(a.get('decision'))}, run "
+                         f"{_txt(a.get('run_id'))} at {when}: {_txt(a.get('reason'))}")
     for lock in snap.get("other_locks") or []:
         lines.append(f"{_txt(lock.get('env'))} (not in the inventory): {_lock_line(lock)}")
     return lines
@@ -1095,6 +1150,24 @@ def cmd_answer(client: AirflowClient, out: Output, args: argparse.Namespace) -> 
     return EXIT_OK
 
 
+def cmd_analysis(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    """``liftoff analysis RUN_ID``: every canary judgement of the run, with its table."""
+    from liftoff.analysis import table_of
+
+    validate_name("run_id", args.run_id)
+    records = client.run_analyses(args.run_id)
+    out.data({"run_id": args.run_id, "analyses": records})
+    if not records:
+        out.line(f"run {args.run_id}: no canary judgement (the judge did not run in it, or is off)")
+        return EXIT_OK
+    for r in records:
+        weight = "" if r.get("weight") is None else f" at canary weight {r['weight']}"
+        out.line(f"{r.get('at')}  {r.get('env')} {r.get('stage')}{weight}: {r.get('verdict')} -> "
+                 f"{r.get('decision')}")
+        out.line("  " + table_of(r).replace("\n", "\n  "))
+    return EXIT_OK
+
+
 # -- argument parsing -------------------------------------------------------------------------
 
 def _positive(value: str) -> float:
@@ -1184,6 +1257,20 @@ def build_parser() -> argparse.ArgumentParser:
         lk.add_argument("--reason", required=True, metavar="R")
         lk.set_defaults(func=cmd_lock)
 
+    fz = sub.add_parser("freeze", parents=parents, help="freeze an environment's changes until a time or "
+                                                      "for a while, with a reason (deploy_lock)")
+    fz.add_argument("env")
+    when = fz.add_mutually_exclusive_group()
+    when.add_argument("--until", metavar="ISO", help="end of the freeze, ISO 8601 with a zone")
+    when.add_argument("--for", dest="duration", metavar="DURATION", help="how long: 90m, 2h, 1d12h, 1w")
+    fz.add_argument("--reason", required=True, metavar="R")
+    fz.set_defaults(func=cmd_freeze)
+    uf = sub.add_parser("unfreeze", parents=parents, help="lift an environment's freezes, with a reason "
+                                                          "(deploy_lock)")
+    uf.add_argument("env")
+    uf.add_argument("--reason", required=True, metavar="R")
+    uf.set_defaults(func=cmd_freeze)
+
     st = sub.add_parser("status", parents=[common],
                         help="every environment's state (versions, locks, drained hosts, chef, canary "
                              "weight, halts, patches, deployments) and the last runs of deploy_canary and "
@@ -1206,6 +1293,10 @@ def build_parser() -> argparse.ArgumentParser:
     wa.add_argument("--max-wait", type=_positive, default=None, metavar="SECONDS",
                     help="give up after SECONDS (exit 1)")
     wa.set_defaults(func=cmd_watch)
+    ay = sub.add_parser("analysis", parents=[common], help="the canary judgements of a run (stage 6, "
+                                                          "stage 7's weight steps), with their tables")
+    ay.add_argument("run_id")
+    ay.set_defaults(func=cmd_analysis)
     for action in ("approve", "reject"):
         an = sub.add_parser(action, parents=[common],
                             help=f"{action} the run's pending approval request (human in the loop)")

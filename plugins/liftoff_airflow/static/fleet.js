@@ -170,6 +170,14 @@
       mine.map(function (c) { return canaryLines(name, data.environments[c].canary); }));
   }
 
+  function analysisItem(a) {
+    var cls = a.verdict === "pass" ? "ok" : (a.verdict === "fail" ? "bad" : "warn");
+    var where = a.stage + (a.weight === null || a.weight === undefined ? "" : " at weight " + a.weight);
+    var score = a.score === null || a.score === undefined ? "-" : String(a.score);
+    return el("li", {class: cls}, a.env + " " + where + ": " + a.verdict + " (score " + score + ") -> "
+      + a.decision + ", " + a.at + ", run " + a.run_id + ": " + (a.reason || ""));
+  }
+
   function renderFleet(data) {
     fill("updated-at", data.generated_at);
     fill("weekly-lock", weeklyLock(data.weekly_change_lock));
@@ -188,6 +196,11 @@
         + ", " + p.hosts + " hosts, run " + p.run_id + (p.reason ? ", " + p.reason : "") + ")");
     }));
     fill("approvals", list(data.approvals, approval));
+    var judged = [];
+    Object.keys(data.canary_analyses || {}).forEach(function (n) {
+      data.canary_analyses[n].forEach(function (a) { judged.push(a); });
+    });
+    fill("canary-analyses", list(judged, analysisItem));
     var body = box("runs").querySelector("tbody");
     body.replaceChildren();
     data.runs.forEach(function (r) { body.append(runRow(r)); });
