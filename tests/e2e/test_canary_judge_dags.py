@@ -162,7 +162,7 @@ def answer_when_asked(dag_id: str, task_id: str, option: str, who: str = "oncall
     """A person, from outside the run: once the HITL task waits for input, record the answer and
     resume the task as Airflow's API does (PATCH .../hitlDetails) on the shared metadata DB."""
     from airflow._shared.timezones import timezone
-    from airflow.models.hitl import HITLUser
+    from airflow.models.hitl import HITLDetail, HITLUser
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import handle_event_submit
     from airflow.triggers.base import TriggerEvent
@@ -175,9 +175,10 @@ def answer_when_asked(dag_id: str, task_id: str, option: str, who: str = "oncall
             ti = session.scalars(select(TaskInstance).where(
                 TaskInstance.dag_id == dag_id, TaskInstance.task_id == task_id,
                 TaskInstance.state == TaskInstanceState.AWAITING_INPUT)).first()
-            if ti is None or ti.hitl_detail is None:
+            detail = None if ti is None else session.scalars(
+                select(HITLDetail).where(HITLDetail.ti_id == ti.id)).first()
+            if detail is None:
                 return False
-            detail = ti.hitl_detail
             detail.responded_by = HITLUser(id=who, name=who)
             detail.responded_at = timezone.utcnow()
             detail.chosen_options = [option]
@@ -195,10 +196,20 @@ def answer_when_asked(dag_id: str, task_id: str, option: str, who: str = "oncall
             errors[:] = [f"{type(exc).__name__}: {exc}"]
             return False
 
+    def person() -> None:
+        try:
+            wait_for(f"{task_id} waiting for input", attempt, 240, 0.5)
+        except BaseException as exc:  # never answered: fail the task so that dag.test() ends
+            errors.append(str(exc))
+            with create_session() as session:
+                for ti in session.scalars(select(TaskInstance).where(
+                        TaskInstance.dag_id == dag_id, TaskInstance.task_id == task_id,
+                        TaskInstance.state == TaskInstanceState.AWAITING_INPUT)):
+                    ti.state = TaskInstanceState.FAILED
+
     asked: list[str] = []
     errors: list[str] = []
-    thread = threading.Thread(target=wait_for, args=(f"{task_id} waiting for input", attempt, 120, 0.5),
-                              daemon=True)
+    thread = threading.Thread(target=person, daemon=True)
     thread.asked = asked  # type: ignore[attr-defined]
     thread.errors = errors  # type: ignore[attr-defined]
     thread.start()
