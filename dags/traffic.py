@@ -1,5 +1,6 @@
-"""traffic: bounded synthetic traffic against staging and canary, so a bad build shows as
-alerts on staging before it reaches canary.
+"""traffic: bounded synthetic traffic against staging, canary and production's main fleet, so a
+bad build shows as alerts on staging before it reaches canary, and the canary judge
+(liftoff.analysis) has the same kind of traffic on canary and on its baseline, the main fleet.
 
 Per environment, ``rps`` requests a second for ``duration_s`` over the endpoints, from a pool
 of ``concurrency`` workers; counts, errors and latency go to the Pushgateway (job
@@ -25,6 +26,13 @@ from liftoff_airflow.params import ENDPOINT_PATTERN
 PIPELINE = "traffic"
 
 
+def default_environments() -> list[str]:
+    """Staging, the canary, and the main fleet the canary is judged against (those of them the
+    inventory has)."""
+    known = dagkit.environment_names()
+    return [e for e in ("gstg", "gprd-cny", "gprd") if e in known] or known[:1]
+
+
 @task
 def send_traffic() -> dict:
     from liftoff.inventory import load_inventory
@@ -39,17 +47,18 @@ def send_traffic() -> dict:
 
 @dag(
     dag_id=PIPELINE,
-    description="Synthetic traffic against staging and canary, metrics to the Pushgateway",
+    description="Synthetic traffic against staging, canary and main, metrics to the Pushgateway",
     schedule=dagkit.schedule_from_env("LIFTOFF_TRAFFIC_CRON", None),
     catchup=False,
     max_active_runs=1,
     default_args=dagkit.DEFAULT_ARGS,
     tags=["liftoff", "traffic"],
     params={
-        "environments": Param(["gstg", "gprd-cny"], type="array", minItems=1, uniqueItems=True,
+        "environments": Param(default_environments(), type="array", minItems=1, uniqueItems=True,
                               items={"type": "string", "enum": dagkit.environment_names()},
                               title="Environments",
-                              description="Where to send traffic (canary with its QA cookie)."),
+                              description="Where to send traffic (canary with its QA cookie; the main "
+                                          "fleet is the canary judge's baseline)."),
         "rps": Param(5, type="number", exclusiveMinimum=0, maximum=MAX_RPS, title="Requests a second",
                      description="Per environment."),
         "duration_s": Param(300, type="integer", minimum=1, maximum=int(MAX_DURATION_S),

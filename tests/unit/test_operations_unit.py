@@ -532,3 +532,9 @@ def test_traffic_alert_rules_are_valid_prometheus_rules(tmp_path):
     path.write_text(yaml.safe_dump(rules))
     out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_traffic_reaches_the_canary_and_its_baseline_by_default(dagbag):
+    """The canary judge compares canary with the main fleet: the traffic DAG sends to both."""
+    default = dagbag.dags["traffic"].params.dump()["environments"]
+    assert default == ["gstg", "gprd-cny", "gprd"]
