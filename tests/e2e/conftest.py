@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.labkit import Lab, running_lab
 
@@ -26,6 +28,13 @@ def airflow_db() -> str:
 @pytest.fixture(scope="session")
 def e2e_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with running_lab(tmp_path_factory.mktemp("e2e-lab"), E2E_OCTET, "--install-seconds", "0.2") as lab:
+        # These tests roll gstg back on purpose many times in a row: the halt after repeated
+        # automatic rollbacks (tested on its own) is off for this lab.
+        path = Path(lab.env["LIFTOFF_INVENTORY"])
+        data = yaml.safe_load(path.read_text())
+        for env in data["environments"].values():
+            env.setdefault("extra", {})["halt_after_rollbacks"] = 0
+        path.write_text(yaml.safe_dump(data))
         yield lab
 
 

@@ -36,7 +36,7 @@ from tests.airflow_stack import Stack, airflow_stack
 from tests.labkit import Lab, running_lab
 
 pytestmark = [pytest.mark.airflow, pytest.mark.lab]
-OCTET = int(os.environ.get("LIFTOFF_APPROVAL_E2E_LAB_OCTET", "53"))
+OCTET = int(os.environ.get("LIFTOFF_APPROVAL_E2E_LAB_OCTET", "55"))
 VERSION = "17.7.0+rnightly.3001.abcdef3-0"
 ON_CALL = "oncall-ada"
 SATURDAY = "2026-12-05T12:00:00+00:00"

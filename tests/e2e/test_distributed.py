@@ -33,6 +33,8 @@ from tests.airflow_stack import Stack, airflow_stack
 from tests.labkit import Lab, running_lab
 
 pytestmark = [pytest.mark.airflow, pytest.mark.lab]
+# The canary judge's branch: no person is asked when it passes (or is off), so this is skipped.
+DECIDED = {"stage_6_canary_fleet.canary_decision"}
 
 OCTET = int(os.environ.get("LIFTOFF_DISTRIBUTED_LAB_OCTET", "52"))
 DAG = "deploy_canary"
@@ -157,7 +159,7 @@ def test_deploy_canary_through_celery_with_deferred_gates(lab_stack):
     FIGURES["good run (s)"] = round(time.monotonic() - started)
     assert state == "success", stack.task_states(DAG, run_id)
     final = stack.task_states(DAG, run_id)
-    assert all(final[t] == "success" for t in final if t.startswith("stage_")), final
+    assert all(final[t] == "success" for t in final if t.startswith("stage_") and t not in DECIDED), final
     assert on_worker, "no running task instance was ever seen among the Celery worker's active tasks"
 
     # Every stage's quiet period was seen deferred, held by the triggerer (its trigger assigned
@@ -259,7 +261,7 @@ def test_scheduler_and_worker_killed_mid_fleet_stage(lab_stack):
             **{k: scheduler_log.count(v) for k, v in RECOVERY_LOGS.items()},
         })
         final = stack.task_states(DAG, run_id)
-        assert all(final[t] == "success" for t in final if t.startswith("stage_")), final
+        assert all(final[t] == "success" for t in final if t.startswith("stage_") and t not in DECIDED), final
         assert_on_version(lab, KILLED)
         counts = installs(lab, KILLED)
         for name in before["done"]:  # the resumed stage skipped the hosts done before the kill

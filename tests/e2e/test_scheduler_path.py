@@ -1,7 +1,7 @@
 """deploy_canary through the real scheduler path: REST trigger, LocalExecutor, deferred sensors
 in the triggerer, and a failed stage resumed by clearing it (``liftoff retry``).
 
-A lab of its own (octet 46, ``LIFTOFF_CHATOPS_LAB_OCTET``) and a real Airflow from
+A lab of its own (octet 58, ``LIFTOFF_SCHEDULER_LAB_OCTET``) and a real Airflow from
 tests/airflow_stack.py. The build first fails to install on one staging web host; the run
 halts at stage 3; the fault is fixed in labd and the stage is cleared through the REST API;
 the same run then goes through canary without reinstalling the hosts already done.
@@ -24,7 +24,7 @@ from tests.labkit import Lab, running_lab
 
 pytestmark = [pytest.mark.airflow, pytest.mark.lab]
 
-OCTET = int(os.environ.get("LIFTOFF_CHATOPS_LAB_OCTET", "46"))
+OCTET = int(os.environ.get("LIFTOFF_SCHEDULER_LAB_OCTET", "58"))
 DAG = "deploy_canary"
 GOOD = "17.6.0+rnightly.101.abcdef2-0"
 FAULTY_HOST = "web-01-sv-gstg"
@@ -151,7 +151,8 @@ def test_failed_stage_is_resumed_by_clearing_it(lab_stack):
 
     assert stack.wait_run(DAG, run_id, timeout=900, interval=1) == "success", stack.task_states(DAG, run_id)
     final = stack.task_states(DAG, run_id)
-    assert all(final[t] == "success" for t in final if t.startswith("stage_")), final
+    decided = "stage_6_canary_fleet.canary_decision"  # the canary judge asked nobody: skipped
+    assert all(final[t] == "success" for t in final if t.startswith("stage_") and t != decided), final
 
     for env in ENVS:
         for name, h in hosts(lab, env).items():
