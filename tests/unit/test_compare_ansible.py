@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,8 +74,14 @@ Ready on every LB and wait for UP --------------------------------------- 10.00s
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> LabConfig:
-    return LabConfig(lab_dir=tmp_path, octet=73, hosts=host_counts())
+def config() -> Iterator[LabConfig]:
+    """A lab dir with a short path: HAProxy's Unix socket paths must stay under 90 bytes, which
+    pytest's own tmp paths (under xdist: .../popen-gwN/<test name>) do not."""
+    short = Path(tempfile.mkdtemp(prefix="lo-cmp-"))
+    try:
+        yield LabConfig(lab_dir=short, octet=73, hosts=host_counts())
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture
@@ -187,7 +196,7 @@ def test_lab_haproxy_offers_a_unix_admin_socket(config: LabConfig, tmp_path: Pat
     lb = topology.lbs[0]
     text = configs.haproxy_config(config, topology, lb)
     sock = configs.lb_admin_socket(config, lb)
-    assert f"    stats socket {sock} mode 600 level admin\n" in text
+    assert sock is not None and f"    stats socket {sock} mode 600 level admin\n" in text
     long = LabConfig(lab_dir=tmp_path / ("x" * 90), octet=73, hosts=host_counts())
     assert configs.lb_admin_socket(long, lb) is None
     assert "stats socket /" not in configs.haproxy_config(long, Topology(long), lb)
