@@ -29,6 +29,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -49,6 +50,8 @@ HOST_STATUSES = ("pending", "draining", "installing", "done", "failed", "skipped
 DEPLOYMENT_KINDS = ("deploy", "rollback")
 DEPLOYMENT_STATUSES = ("running", "success", "failed", "halted", "canceled", "rolled_back")
 OUTPUT_TAIL_CHARS = 4000
+# The output of a write-ahead audit row until its result is written (Store.audit_begin_many).
+AUDIT_STARTED = "(started; no result on record: the process running it was killed or lost the store)"
 
 metadata = MetaData()
 
@@ -178,6 +181,20 @@ check_approvals_t = Table(  # failed production checks a person approved for one
     Column("failures", Text, nullable=False),  # JSON list of the sentences approved
     Column("at", Float, nullable=False),
 )
+# What liftoff last set on the load balancers beyond drains: the canary's weight in its main
+# backends and its state (liftoff.canary.apply_weight), so an LB that lost it gets it back
+# (liftoff.lbstate). One row per environment and kind; hosts and backends as JSON lists.
+lb_settings_t = Table(
+    "liftoff_lb_settings", metadata,
+    Column("env", String(64), primary_key=True),
+    Column("kind", String(16), primary_key=True),  # weight | state
+    Column("value", String(16), nullable=False),
+    Column("hosts", Text, nullable=False),
+    Column("backends", Text, nullable=False),  # "[]": every backend holding the hosts
+    Column("run_id", String(250), nullable=False),
+    Column("who", String(128), nullable=False),
+    Column("at", Float, nullable=False),
+)
 halts_t = Table(
     "liftoff_halts", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -207,7 +224,7 @@ class Lock:
 @dataclass(frozen=True)
 class LockEvent:
     env: str
-    action: str  # acquire | release | force_release | override | rollback_refused
+    action: str  # acquire | release | force_release | override | rollback_refused | lb_reconciled
     run_id: str
     who: str
     reason: str
@@ -221,6 +238,21 @@ class DrainRecord:
     run_id: str
     reason: str
     since: datetime
+
+
+@dataclass(frozen=True)
+class LBSetting:
+    """The canary weight (``kind`` weight, ``value`` 0..100) or state (drain/ready/maint) liftoff
+    last set on ``hosts`` in ``backends`` (empty: every backend holding them)."""
+
+    env: str
+    kind: str
+    value: str
+    hosts: tuple[str, ...]
+    backends: tuple[str, ...]
+    run_id: str
+    who: str
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -535,6 +567,26 @@ class Store:
             rows = conn.execute(q).all()
         return [DrainRecord(r.env, r.host, r.run_id, r.reason, _dt(r.since)) for r in rows]
 
+    # -- LB settings (the canary weight and state) -------------------------------------------------
+    def record_lb_setting(self, env: str, kind: str, value: int | str, hosts: Iterable[str],
+                          backends: Iterable[str], run_id: str, who: str) -> None:
+        """Remember what liftoff set on the LBs (``kind`` weight or state), replacing the last one."""
+        if kind not in ("weight", "state"):
+            raise InvalidInput(f"LB setting kind must be weight or state, got {kind!r}")
+        validate_name("env", env)
+        row = {"value": str(value)[:16], "hosts": json.dumps(sorted(validate_name("host", h) for h in hosts)),
+               "backends": json.dumps(sorted(backends)), "run_id": run_id, "who": who, "at": time.time()}
+        self._upsert_many(lb_settings_t, [({"env": env, "kind": kind}, row, {})])
+
+    def lb_settings(self, env: str | None = None) -> list[LBSetting]:
+        q = select(lb_settings_t).order_by(lb_settings_t.c.env, lb_settings_t.c.kind)
+        if env is not None:
+            q = q.where(lb_settings_t.c.env == env)
+        with self._tx() as conn:
+            rows = conn.execute(q).all()
+        return [LBSetting(r.env, r.kind, r.value, tuple(json.loads(r.hosts)), tuple(json.loads(r.backends)),
+                          r.run_id, r.who, _dt(r.at)) for r in rows]
+
     # -- host progress -----------------------------------------------------------------------------
     def set_host_status(self, rollout: str, env: str, host: str, status: str, version: str,
                         detail: str = "") -> None:
@@ -578,6 +630,35 @@ class Store:
         if rows:
             with self._tx() as conn:
                 conn.execute(insert(audit_t), rows)
+
+    def audit_begin_many(self, records: Iterable[tuple]) -> list[int]:
+        """Write-ahead audit rows in one transaction, BEFORE their commands run: (run_id, env,
+        host, command). Each says the command started with no result yet
+        (:data:`AUDIT_STARTED`, no exit code), so a process killed while its commands run leaves
+        them on record; :meth:`audit_finish_many` fills the results in. Their ids, in order."""
+        now = time.time()
+        rows = [{"at": now, "run_id": r[0], "env": r[1], "host": r[2], "command": r[3], "exit_code": None,
+                 "duration_s": 0.0, "output_tail": AUDIT_STARTED} for r in records]
+        if not rows:
+            return []
+        with self._tx() as conn:
+            if self.engine.dialect.insert_executemany_returning_sort_by_parameter_order:
+                stmt = insert(audit_t).returning(audit_t.c.id, sort_by_parameter_order=True)
+                return [row[0] for row in conn.execute(stmt, rows)]
+            return [conn.execute(insert(audit_t), row).inserted_primary_key[0] for row in rows]
+
+    def audit_finish_many(self, results: Iterable[tuple]) -> None:
+        """The results of write-ahead rows in one transaction: (id, exit_code, duration_s,
+        output_tail); ``at`` becomes the time the result was written, as for :meth:`audit_many`."""
+        now = time.time()
+        rows = [{"row_id": r[0], "new_at": now, "new_code": r[1], "new_duration": float(r[2]),
+                 "new_tail": (r[3] or "")[-OUTPUT_TAIL_CHARS:]} for r in results]
+        if rows:
+            stmt = (update(audit_t).where(audit_t.c.id == bindparam("row_id"))
+                    .values(at=bindparam("new_at"), exit_code=bindparam("new_code"),
+                            duration_s=bindparam("new_duration"), output_tail=bindparam("new_tail")))
+            with self._tx() as conn:
+                conn.execute(stmt, rows)
 
     def audit_records(self, run_id: str | None = None, host: str | None = None,
                       env: str | None = None) -> list[AuditRecord]:

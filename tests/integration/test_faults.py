@@ -570,6 +570,50 @@ def entry_points(run: Run) -> list[tuple[str, Callable[[str], object]]]:
     ]
 
 
+KILLED_CLIENT = """
+import asyncio, sys
+from liftoff.runs import Run
+
+run = Run(run_id=sys.argv[1], who="faults", pipeline="faults")
+host = run.inventory.environments["gstg"].hosts()[0]
+
+async def main():
+    async with run.remote("gstg") as remote:
+        for _ in range(500):
+            await remote.run(host, "gitlab-ctl status")
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_killed_9_mid_fan_out_leaves_every_command_it_sent_on_record(lab: Lab, run):
+    """Audit rows are written before their commands run: a process killed -9 while it sends
+    commands (a worker or a task killed by the scheduler) leaves no command a host ran out of
+    liftoff's audit trail. Before the rows were written ahead, the last quarter second's rows
+    were lost (the soak's invariant 5, seeds 14 and 3)."""
+    import subprocess
+    import sys
+
+    before = mark(lab, run.store)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, f"killed-{run.run_id}"],
+                             env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(lab_audit(lab)) < before.lab_lines + 5:  # a condition, polled: five commands ran
+            assert child.poll() is None, f"the client ended early: {child.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the client ran no five commands within 60 s"
+            time.sleep(0.01)
+        child.kill()
+    finally:
+        child.kill()
+        child.wait(30)
+    assert child.returncode == -9
+    assert len(run.store.audit_records(run_id=f"killed-{run.run_id}")) >= 5
+    assert_nothing_lost(lab, run.store, before)
+    survived("a client killed -9 mid fan-out (audit written ahead)")
+
+
 def test_hostile_input_is_refused_before_any_host_is_touched(lab: Lab, run):
     store = run.store
     before = mark(lab, store)
