@@ -11,7 +11,8 @@ one connection, opened on first use and reused for all its commands.
 Host keys are always verified against the connection's ``known_hosts`` (or ``host_key``);
 a connection with ``no_host_key_check`` is refused. Every command (and every failed
 connection) is audited through ``liftoff.store`` with host, command, exit code, duration
-and the tail of its output; audit rows are written in small batches off the event loop.
+and the tail of its output: its row is written BEFORE it runs (one transaction for a fan-out's
+concurrent commands) and its result after, in small batches off the event loop.
 """
 
 from __future__ import annotations
@@ -82,19 +83,53 @@ class CommandFailed(RemoteError):
 
 
 class _AuditSink:
-    """Buffers audit rows and writes them with ``store.audit_many`` in a worker thread."""
+    """The audit trail of one fan-out, written ahead: :meth:`begin` records a command BEFORE it
+    runs (the fan-out's concurrent starters share one transaction, ``store.audit_begin_many``)
+    and :meth:`add` its result, buffered and written with ``store.audit_finish_many`` in a
+    worker thread. A process killed -9 between the two leaves the row saying the command started
+    with no result, never a command the trail does not name."""
 
     def __init__(self, store: Any, flush_s: float):
         self.store = store
         self.flush_s = flush_s
         self.rows: list[tuple] = []
+        self.intents: list[tuple[tuple, asyncio.Future]] = []
         self.task: asyncio.Task | None = None
+        self.intent_task: asyncio.Task | None = None
         self.lock = asyncio.Lock()
 
-    def add(self, row: tuple) -> None:
+    async def begin(self, row: tuple) -> int | None:
+        """Record (run_id, env, host, command) as started; its row id (None without a store).
+        Raises when the row cannot be written: the command must not run then."""
         if self.store is None:
+            return None
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.intents.append((row, future))
+        if self.intent_task is None or self.intent_task.done():
+            self.intent_task = loop.create_task(self._write_intents())
+        return await future
+
+    async def _write_intents(self) -> None:
+        await asyncio.sleep(0)  # the rest of a fan-out's starters join this transaction
+        while self.intents:
+            batch, self.intents = self.intents, []
+            try:
+                ids = await asyncio.to_thread(self.store.audit_begin_many, [r for r, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), row_id in zip(batch, ids, strict=True):
+                if not future.done():
+                    future.set_result(row_id)
+
+    def add(self, row_id: int | None, row: tuple) -> None:
+        """The result of a begun command: (exit_code, duration_s, output_tail)."""
+        if self.store is None or row_id is None:
             return
-        self.rows.append(row)
+        self.rows.append((row_id, *row))
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._later())
 
@@ -107,11 +142,11 @@ class _AuditSink:
             rows, self.rows = self.rows, []
             if rows:
                 try:
-                    await asyncio.to_thread(self.store.audit_many, rows)
+                    await asyncio.to_thread(self.store.audit_finish_many, rows)
                 except Exception:
-                    log.exception("could not write %d audit rows; logging them instead", len(rows))
+                    log.exception("could not write %d audit results; logging them instead", len(rows))
                     for r in rows:
-                        log.warning("audit %s %s %r exit=%s %.2fs", r[1], r[2], r[3], r[4], r[5])
+                        log.warning("audit row %s exit=%s %.2fs", r[0], r[1], r[2])
 
 
 def preferred_ciphers() -> list[str]:
@@ -345,14 +380,12 @@ class Remote:
                   started: Callable[[], None] | None = None) -> CommandResult:
         """Run one command; never raises for remote trouble (see ``CommandResult.error``).
 
-        ``started`` is called once the remote command runs (or could not start), so that a
-        caller can hold back less urgent work until then."""
-        import asyncssh
-
+        The command is in the audit trail before it runs (a write-ahead row; a command whose
+        row cannot be written is not run). ``started`` is called once the remote command runs
+        (or could not start), so that a caller can hold back less urgent work until then."""
         if not command or "\n" in command or "\0" in command:
             raise RemoteError(f"refusing an empty or multi-line command for {host.name}")
         limit = self.timeout if timeout is None else float(timeout)
-        start = time.monotonic()
         pending = [started] if started is not None else []
 
         def now_started() -> None:
@@ -360,41 +393,54 @@ class Remote:
                 pending.pop()()
 
         async with self._run_slots:
+            start = time.monotonic()
             try:
-                conn = await self.connection(host)
-            except Exception as exc:  # unreachable, refused, host key not verified ...
+                row_id = await self._audit.begin((self.run_id or "-", self.env or "-", host.name, command))
+            except Exception as exc:
                 now_started()
                 result = CommandResult(None, "", "", time.monotonic() - start, host.name, command,
-                                       f"cannot connect to {host.name} ({host.address}): "
-                                       f"{type(exc).__name__}: {exc}")
-                self._record(result)
+                                       f"not run: its audit row could not be written ({type(exc).__name__}: "
+                                       f"{exc})")
+                log.warning("%s: %s -> %s", host.name, command, result.error)
                 return result
-            try:
-                process = await conn.create_process(command)
-                now_started()
-                proc = await process.wait(False, limit)
-                code = proc.exit_status
-                error = ""
-                if code is None:
-                    signal = proc.exit_signal[0] if proc.exit_signal else None
-                    error = f"killed by signal {signal}" if signal else "no exit status"
-                result = CommandResult(code, _text(proc.stdout), _text(proc.stderr),
-                                       time.monotonic() - start, host.name, command, error)
-            except asyncssh.TimeoutError as exc:
-                result = CommandResult(None, _text(exc.stdout), _text(exc.stderr), time.monotonic() - start,
-                                       host.name, command, f"timed out after {limit:g}s")
-            except asyncssh.ChannelOpenError as exc:  # the connection lives on (e.g. MaxSessions)
-                result = CommandResult(None, "", "", time.monotonic() - start, host.name, command,
-                                       f"session refused: {exc}")
-            except (OSError, asyncssh.Error) as exc:
-                result = CommandResult(None, "", "", time.monotonic() - start, host.name, command,
-                                       f"connection lost: {type(exc).__name__}: {exc}")
-                if self._conns.get(host.name) is not None:
-                    await self.close_host(host)
+            result = await self._execute(host, command, limit, start, now_started)
         now_started()
         self.commands_run += 1
-        self._record(result)
+        self._record(row_id, result)
         return result
+
+    async def _execute(self, host: HostRef, command: str, limit: float, start: float,
+                       now_started: Callable[[], None]) -> CommandResult:
+        import asyncssh
+
+        try:
+            conn = await self.connection(host)
+        except Exception as exc:  # unreachable, refused, host key not verified ...
+            now_started()
+            why = f"cannot connect to {host.name} ({host.address}): {type(exc).__name__}: {exc}"
+            return CommandResult(None, "", "", time.monotonic() - start, host.name, command, why)
+        try:
+            process = await conn.create_process(command)
+            now_started()
+            proc = await process.wait(False, limit)
+            code = proc.exit_status
+            error = ""
+            if code is None:
+                signal = proc.exit_signal[0] if proc.exit_signal else None
+                error = f"killed by signal {signal}" if signal else "no exit status"
+            return CommandResult(code, _text(proc.stdout), _text(proc.stderr), time.monotonic() - start,
+                                 host.name, command, error)
+        except asyncssh.TimeoutError as exc:
+            return CommandResult(None, _text(exc.stdout), _text(exc.stderr), time.monotonic() - start,
+                                 host.name, command, f"timed out after {limit:g}s")
+        except asyncssh.ChannelOpenError as exc:  # the connection lives on (e.g. MaxSessions)
+            return CommandResult(None, "", "", time.monotonic() - start, host.name, command,
+                                 f"session refused: {exc}")
+        except (OSError, asyncssh.Error) as exc:
+            if self._conns.get(host.name) is not None:
+                await self.close_host(host)
+            return CommandResult(None, "", "", time.monotonic() - start, host.name, command,
+                                 f"connection lost: {type(exc).__name__}: {exc}")
 
     async def check(self, host: HostRef, command: str, timeout: float | None = None) -> CommandResult:
         """Run a command and raise :class:`CommandFailed` unless it exits 0."""
@@ -403,12 +449,11 @@ class Remote:
             raise CommandFailed(result)
         return result
 
-    def _record(self, r: CommandResult) -> None:
+    def _record(self, row_id: int | None, r: CommandResult) -> None:
         level = logging.DEBUG if r.ok else logging.WARNING
         log.log(level, "%s: %s -> %s (%.2fs)", r.host, r.command, r.exit_code if r.error == "" else r.error,
                 r.duration)
-        self._audit.add((self.run_id or "-", self.env or "-", r.host, r.command, r.exit_code, r.duration,
-                         r.tail()))
+        self._audit.add(row_id, (r.exit_code, r.duration, r.tail()))
 
 
 def _text(value: Any) -> str:

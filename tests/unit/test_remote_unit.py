@@ -29,6 +29,9 @@ class Server:
         self.connections = 0
         self.running = 0
         self.max_running = 0
+        self.commands: list[str] = []
+        self.started = asyncio.Event()  # a command began
+        self.release = asyncio.Event()  # lets ``block`` commands finish
         self.server = None
         self.port = 0
         self.tmp_path = tmp_path
@@ -42,11 +45,16 @@ class Server:
 
         async def process(proc: asyncssh.SSHServerProcess) -> None:
             argv = shlex.split(proc.command or "")
+            outer.commands.append(proc.command or "")
+            outer.started.set()
             outer.running += 1
             outer.max_running = max(outer.max_running, outer.running)
             try:
                 if argv[0] == "echo":
                     proc.stdout.write(" ".join(argv[1:]) + "\n")
+                    proc.exit(0)
+                elif argv[0] == "block":
+                    await outer.release.wait()
                     proc.exit(0)
                 elif argv[0] == "sleep":
                     await asyncio.sleep(float(argv[1]))
@@ -192,3 +200,74 @@ def test_multi_line_commands_are_refused(tmp_path, monkeypatch):
                 await remote.run(HOST, "echo a\nreboot", 60)
 
     run(tmp_path, monkeypatch, body)
+
+
+class CountingStore(Store):
+    """A Store that counts its write-ahead audit transactions, or fails them."""
+
+    def __init__(self, url: str, fail: bool = False):
+        super().__init__(url)
+        self.begins: list[int] = []
+        self.fail = fail
+
+    def audit_begin_many(self, records):
+        records = list(records)
+        if self.fail:
+            raise OSError("disk full")
+        self.begins.append(len(records))
+        return super().audit_begin_many(records)
+
+
+def test_a_command_is_in_the_audit_trail_before_it_runs(tmp_path, monkeypatch):
+    """The row is written ahead: while the command runs, the trail already names it (no exit
+    code, "started"); a process killed then leaves that row, not nothing. Its result fills the
+    same row in."""
+    from liftoff.store import AUDIT_STARTED
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+
+    async def body(server):
+        async with Remote("liftoff_test_ssh", store=store, run_id="run-w", env="gstg") as remote:
+            task = asyncio.create_task(remote.run(HOST, "block", 60))
+            await server.started.wait()
+            during = [(r.command, r.exit_code, r.output_tail) for r in store.audit_records(run_id="run-w")]
+            server.release.set()
+            result = await task
+        return during, result
+
+    during, result = run(tmp_path, monkeypatch, body)
+    assert during == [("block", None, AUDIT_STARTED)]
+    assert result.ok
+    rows = store.audit_records(run_id="run-w")
+    assert [(r.command, r.exit_code, r.output_tail) for r in rows] == [("block", 0, "")]
+
+
+def test_a_fan_out_writes_its_rows_ahead_in_one_transaction(tmp_path, monkeypatch):
+    store = CountingStore(f"sqlite:///{tmp_path / 's.db'}")
+    hosts = [HostRef(f"web-{i:02d}-sv-test", "127.0.0.1") for i in range(1, 21)]
+
+    async def body(server):
+        async with Remote("liftoff_test_ssh", store=store, run_id="run-f", env="gstg") as remote:
+            await remote.prepare(hosts)
+            return await asyncio.gather(*(remote.run(h, f"echo {h.name}", 60) for h in hosts))
+
+    results = run(tmp_path, monkeypatch, body)
+    assert all(r.ok for r in results)
+    assert store.begins == [20]
+    rows = store.audit_records(run_id="run-f")
+    assert sorted((r.host, r.command, r.exit_code) for r in rows) == [
+        (h.name, f"echo {h.name}", 0) for h in hosts]
+
+
+def test_a_command_whose_audit_row_cannot_be_written_is_not_run(tmp_path, monkeypatch):
+    store = CountingStore(f"sqlite:///{tmp_path / 's.db'}", fail=True)
+
+    async def body(server):
+        async with Remote("liftoff_test_ssh", store=store, run_id="run-x", env="gstg") as remote:
+            result = await remote.run(HOST, "echo never", 60)
+        return server, result
+
+    server, result = run(tmp_path, monkeypatch, body)
+    assert server.commands == [] and result.exit_code is None
+    assert result.error == "not run: its audit row could not be written (OSError: disk full)"
+    assert store.audit_records() == []
