@@ -552,6 +552,8 @@ def halted(run: Any, envs: Iterable[str], result: Mapping[str, Any] | None = Non
     drained = list(result.get("drained") or [])
     lines = [f"hosts out of service: {', '.join(drained[:10])}" + (" …" if len(drained) > 10 else "")
              if drained else "no host out of service"]
+    if result.get("not_rolled_back"):  # the run asked for a rollback; why it halted instead
+        lines.append(str(result["not_rolled_back"]))
     o = origin(run)
     return emit("halted", f":octagonal_sign: {o.dag_id} halted: {', '.join(envs) or 'nothing'} left as it is",
                 run=run, lines=lines, fields={"environments": envs}, color=WARN)

@@ -228,10 +228,39 @@ def stage_done(pipeline: str, env: str, stage: str, check: dict) -> dict:
     return {"stage": stage, "env": env, "duration_s": round(time.time() - start, 1)}
 
 
+# A failure in these task groups, in a step that is neither the named task nor after it, halts
+# whatever on_failure says: GitLab's production checks before the post-deployment migrations
+# failed (a person said no, or nobody answered) after the deploy itself passed every gate, so a
+# rollback would undo a deploy nothing questioned; production stays on the new version, the
+# migrations wait. A failure from the stage's precheck on still takes the rollback path
+# (liftoff.guard refuses it past post-deployment migrations).
+NO_ROLLBACK_BEFORE = {
+    "stage_9_post_deployment_migrations.precheck": "production checks before the post-deployment migrations",
+}
+
+
+def no_rollback_reason(failed: list[str], dag: Any = None) -> str | None:
+    """Why a run that asked for a rollback halts instead (None: it may roll back)."""
+    dag = get_current_context()["dag"] if dag is None else dag
+    for target, what in NO_ROLLBACK_BEFORE.items():
+        if target not in dag.task_dict:
+            continue
+        group = target.rsplit(".", 1)[0] + "."
+        after = {target, *dag.task_dict[target].get_flat_relative_ids(upstream=False)}
+        for task_id in failed:
+            if task_id.startswith(group) and task_id not in after:
+                return (f"not rolled back: {task_id} failed in the {what}; the deploy passed its gates, "
+                        "so production stays on the new version and the migrations wait")
+    return None
+
+
 @task.branch(trigger_rule=TriggerRule.ONE_FAILED)
 def on_failure() -> str:
-    """A gate failed: roll the failed environment back, or halt, as the run asked."""
-    return "rollback" if params().get("on_failure") == "rollback" else "halt"
+    """A gate failed: roll the failed environment back, or halt, as the run asked (a failure in
+    the checks before the post-deployment migrations halts: :data:`NO_ROLLBACK_BEFORE`)."""
+    if params().get("on_failure") != "rollback":
+        return "halt"
+    return "halt" if no_rollback_reason(failed_tasks()) else "rollback"
 
 
 def failed_tasks(states: dict[str, str | None] | None = None, dag: Any = None) -> list[str]:
@@ -471,6 +500,8 @@ def halt(pipeline: str, envs: list[str]) -> dict:
 
     run = run_handle(pipeline)
     result = {"halted": mark_failed(run, envs, "halted"), "drained": [d.host for d in run.store.drained()]}
+    if params().get("on_failure") == "rollback":
+        result["not_rolled_back"] = no_rollback_reason(failed_tasks())
     notify.halted(run, envs, result)
     return result
 

@@ -539,3 +539,41 @@ def test_the_automatic_rollback_flow_counts_and_halts_on_the_third(store, monkey
     assert rb.automatic(run, ["gprd"])["streak"]["halt"] is not None
     with pytest.raises(HaltActive, match="automatic rollbacks on gprd: 3 in a row"):
         patches.check_halt(run, V2)
+
+
+S9 = "stage_9_post_deployment_migrations."
+
+
+@pytest.mark.parametrize("failed", [[f"{S9}checks_rejected"], [f"{S9}production_checks"],
+                                    ["canary_weight_back", f"{S9}checks_rejected"]])
+def test_a_refusal_before_the_post_migrations_halts_instead_of_rolling_back(production_dag, failed):
+    """Stage 9's production checks said no after the deploy passed every gate: production stays
+    on the new version (the halt says why), it is not rolled back."""
+    from liftoff_airflow.dagkit import no_rollback_reason
+
+    reason = no_rollback_reason(failed, production_dag)
+    task_id = next(t for t in failed if t.startswith(S9))
+    assert reason == (f"not rolled back: {task_id} failed in the production checks before the "
+                      "post-deployment migrations; the deploy passed its gates, so production stays on the "
+                      "new version and the migrations wait")
+
+
+@pytest.mark.parametrize("failed", [[f"{S9}precheck"], [f"{S9}post_migrations"], [f"{S9}quiet_period"],
+                                    ["stage_8_production_fleet.deploy"], ["checks_rejected"], []])
+def test_other_failures_take_the_rollback_the_run_asked_for(production_dag, failed):
+    from liftoff_airflow.dagkit import no_rollback_reason
+
+    assert no_rollback_reason(failed, production_dag) is None
+
+
+def test_the_halt_message_says_why_it_did_not_roll_back(monkeypatch):
+    from liftoff import notify
+
+    sent = []
+    monkeypatch.setattr(notify, "emit",
+                        lambda kind, text, **kw: sent.append((kind, text, kw["lines"])) or True)
+    monkeypatch.setattr(notify, "origin", lambda run: type("O", (), {"dag_id": "deploy_production"})())
+    notify.halted(object(), ["gprd"], {"halted": ["gprd"], "drained": [],
+                                       "not_rolled_back": "not rolled back: X"})
+    assert sent == [("halted", ":octagonal_sign: deploy_production halted: gprd left as it is",
+                     ["no host out of service", "not rolled back: X"])]
