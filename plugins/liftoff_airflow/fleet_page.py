@@ -9,7 +9,8 @@ to its own origin.
 
 The elements the browser tests find (``data-testid``): ``fleet-root`` (``data-state``: ``loading``,
 ``ok`` once the JSON has loaded, ``error`` with ``fleet-error`` shown; ``data-refresh-ms``: when
-it reads again), ``updated-at``, ``weekly-lock``, ``progress``, ``halts``, ``patches``,
+it reads again), ``updated-at``, ``weekly-lock``, ``progress``, ``halts``, ``freezes`` (items
+``freeze-{env}``, ``class="bad"`` while in force), ``patches``,
 ``approvals``, ``runs`` (rows ``run-{dag_id}-{run_id}``) and per environment what fleet.js
 builds (``env-{env}``, ``env-{env}-version``, ``role-{env}-{role}``, ``lock-{env}``,
 ``oos-{env}-{host}``, ``failed-{env}-{host}``, ``chef-{env}``, ``canary-{env}-{lb}``,
@@ -31,6 +32,7 @@ STYLE = (STATIC / "fleet.css").read_text()
 FLEET_BODY = """
 <section><h2>Running deploy</h2><div data-testid="progress">loading…</div></section>
 <section><h2>Halts</h2><div data-testid="halts">loading…</div></section>
+<section><h2>Change freezes</h2><div data-testid="freezes">loading…</div></section>
 <section><h2>Pending approvals</h2><div data-testid="approvals">loading…</div></section>
 <section><h2>Canary judge</h2><div data-testid="canary-analyses">loading…</div></section>
 <section><h2>Recent runs</h2>

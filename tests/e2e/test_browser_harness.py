@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -180,7 +181,12 @@ def test_the_fleet_view_shows_versions_a_halted_stage_a_lock_and_the_canary_weig
         store.acquire("gstg", "manual-mallory", "mallory", "locked by hand: incident 4242")
         other = next(h for h in web if h != FAULTY)  # a drain reason is free text: HTML in it
         store.record_drained("gstg", other, "manual-mallory", XSS)
+        now = datetime.now(UTC)  # and freezes it: the page says so, in force, with the reason
+        store.add_freeze("gstg", "mallory", "incident 4242: no changes", now, now + timedelta(hours=2))
         fleet_page(driver, stack, tmp_path / "2-halted.png")
+        frozen = wait_testid(driver, "freeze-gstg")
+        assert frozen.text.startswith("gstg: FROZEN until ") and "by mallory" in frozen.text, frozen.text
+        assert "incident 4242: no changes" in frozen.text and frozen.get_attribute("class") == "bad"
         drained = text_of(driver, f"oos-gstg-{FAULTY}")
         assert halted in drained and "NO RECORD" not in drained, drained
         assert FAULTY in text_of(driver, f"failed-gstg-{FAULTY}")
@@ -201,6 +207,7 @@ def test_the_fleet_view_shows_versions_a_halted_stage_a_lock_and_the_canary_weig
         screenshot(driver, tmp_path / "2b-run-note.png")
         store.clear_drained("gstg", other)
         store.force_release("gstg", "browser-test", "done looking")
+        store.lift_freezes("gstg", "browser-test", "done looking", datetime.now(UTC))
 
         # the canary weight after a change, on every production LB
         out = subprocess.run([LIFTOFF, "canary", "weight", "25", "--watch", "--interval", "1"],

@@ -486,8 +486,8 @@ def test_the_page_is_a_shell_without_data(api, store):
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
     html = resp.text
     assert "alert(1)" not in html and RUN not in html  # the data only comes through the script's fetch
-    for testid in ("fleet-root", "fleet-error", "updated-at", "weekly-lock", "progress", "halts", "patches",
-                   "approvals", "runs"):
+    for testid in ("fleet-root", "fleet-error", "updated-at", "weekly-lock", "progress", "halts", "freezes",
+                   "patches", "approvals", "runs"):
         assert f'data-testid="{testid}"' in html, testid
     assert 'data-state="loading"' in html and 'data-api="/liftoff"' in html
     # only its own script runs: a nonce per response, the same in the CSP and on the script

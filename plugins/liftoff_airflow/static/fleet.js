@@ -170,6 +170,16 @@
       mine.map(function (c) { return canaryLines(name, data.environments[c].canary); }));
   }
 
+  function freezeItem(f) {
+    if (f.error) {
+      return el("li", {class: "bad", testid: "freeze-" + f.env}, f.env + ": the inventory's freezes cannot be read ("
+        + f.error + "); its prechecks fail until they are fixed");
+    }
+    var when = f.active ? "FROZEN until " + f.until : "from " + f.since + " until " + f.until;
+    return el("li", {class: f.active ? "bad" : "warn", testid: "freeze-" + f.env},
+      f.env + ": " + when + " (" + f.source + ", by " + f.who + "): " + f.reason);
+  }
+
   function analysisItem(a) {
     var cls = a.verdict === "pass" ? "ok" : (a.verdict === "fail" ? "bad" : "warn");
     var where = a.stage + (a.weight === null || a.weight === undefined ? "" : " at weight " + a.weight);
@@ -186,6 +196,7 @@
       return el("li", {class: "bad"}, h.reason + " (by " + h.who + ", since " + h.since
         + (h.patch_id ? ", patch " + h.patch_id : "") + ")");
     }));
+    fill("freezes", list(data.freezes, freezeItem));
     var patches = [];
     Object.keys(data.environments).forEach(function (n) {
       data.environments[n].patches.forEach(function (p) { patches.push([n, p]); });
