@@ -4,6 +4,8 @@ and e2e fixtures)."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import subprocess
@@ -121,6 +123,27 @@ class Lab:
         with urllib.request.urlopen(url, timeout=10) as resp:
             alerts = json.load(resp)
         return [a for a in alerts if all(a["labels"].get(k) == v for k, v in labels.items())]
+
+
+PRODUCTION_LBS = ("fe-01-lb-gprd", "fe-02-lb-gprd")
+
+
+def canary_lb_view(lab: Lab, lbs: tuple[str, ...] = PRODUCTION_LBS
+                   ) -> dict[str, dict[tuple[str, str], tuple[str, int]]]:
+    """Per production LB: (backend, canary server) -> (status, weight), from ``show stat``."""
+    out = {}
+    for lb in lbs:
+        rows = csv.DictReader(io.StringIO(lab.haproxy(lb, "show stat").lstrip("# ")))
+        out[lb] = {(r["pxname"], r["svname"]): (r["status"], int(r["weight"])) for r in rows
+                   if "-cny-" in r["svname"]}
+    return out
+
+
+def canary_weights(lab: Lab) -> set[int]:
+    """The canary servers' weights in every production backend (not the canary's own) of every
+    production LB."""
+    return {weight for view in canary_lb_view(lab).values() for (backend, _), (_, weight) in view.items()
+            if not backend.startswith("canary")}
 
 
 @contextlib.contextmanager

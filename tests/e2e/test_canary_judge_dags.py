@@ -13,8 +13,6 @@ person (the HITL branch).
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import threading
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.labkit import Lab, dags_on, running_lab, wait_for
+from tests.labkit import Lab, canary_weights, dags_on, running_lab, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
@@ -32,7 +30,6 @@ BASE = "17.5.0-ee.0"
 BAD = "17.5.1-ee.0"  # 2% of its requests fail: no alert rule fires on it
 SETTLED_S = 32  # a judgement window (20 s) and its rate window (10 s) of samples, scraped each second
 STEPS = "stage_7_production_gitaly"
-LBS = ("fe-01-lb-gprd", "fe-02-lb-gprd")
 DECIDING = [f"{STEPS}.{t}"
             for t in ("canary_analysis", "needs_decision", "canary_decision", "no_decision_needed")]
 
@@ -69,16 +66,6 @@ def run(dags: dict, dag_id: str, only: list[str], conf: dict):
     dag = dags[dag_id].partial_subset(task_ids=only, include_upstream=False, include_downstream=False)
     dag_run = dag.test(run_conf={"requested_by": "tester", **conf})
     return dag_run, {ti.task_id: ti for ti in dag_run.get_task_instances()}
-
-
-def canary_weights(lab: Lab) -> set[int]:
-    """The canary servers' weights in every production backend of every production LB."""
-    out = set()
-    for lb in LBS:
-        rows = csv.DictReader(io.StringIO(lab.haproxy(lb, "show stat").lstrip("# ")))
-        out |= {int(r["weight"]) for r in rows
-                if "-cny-" in r["svname"] and not r["pxname"].startswith("canary")}
-    return out
 
 
 def scraped_for(lab: Lab, selector: str, seconds: int) -> bool:

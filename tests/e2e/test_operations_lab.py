@@ -10,8 +10,6 @@ share the lab and run in file order: each starts from the state the previous one
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import urllib.request
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.labkit import Lab, running_lab
+from tests.labkit import Lab, canary_lb_view, canary_weights, running_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
@@ -123,17 +121,6 @@ def audit(lab: Lab) -> list[tuple[datetime, str, str]]:
     return out
 
 
-def canary_lb_view(lab: Lab) -> dict[str, dict[tuple[str, str], tuple[str, int]]]:
-    """Per production LB: (backend, canary server) -> (status, weight), from ``show stat``."""
-    out = {}
-    for lb in ("fe-01-lb-gprd", "fe-02-lb-gprd"):
-        text = lab.haproxy(lb, "show stat").lstrip("# ")
-        rows = csv.DictReader(io.StringIO(text))
-        out[lb] = {(r["pxname"], r["svname"]): (r["status"], int(r["weight"])) for r in rows
-                   if "-cny-" in r["svname"]}
-    return out
-
-
 def pushgateway(lab: Lab) -> str:
     with urllib.request.urlopen(f"http://{lab.config.pushgateway_addr}/metrics", timeout=10) as resp:
         return resp.read().decode()
@@ -177,8 +164,7 @@ def test_rollback_after_a_bad_canary_restores_every_host_fleet_before_gitaly(lab
     assert any(e.reason == f"rollback to {BASE}, normal mode: QA fails on the canary"
                for e in s.lock_events("gprd-cny"))
     # no production traffic on the canary while it was rolled back
-    assert {w for view in canary_lb_view(lab).values() for (b, _), (_, w) in view.items()
-            if not b.startswith("canary")} == {0}
+    assert canary_weights(lab) == {0}
 
 
 def test_rollback_check_is_safe_before_post_migrations_and_unsafe_after(lab, dagbag):
@@ -274,10 +260,6 @@ def test_patch_halts_deploy_canary_until_a_build_includes_it(lab, dagbag, capfd)
 # -- canary weight ---------------------------------------------------------------------------------
 
 def test_canary_weight_on_every_lb_and_refused_during_a_canary_deploy(lab, dagbag):
-    def main_weights() -> set[int]:
-        return {w for view in canary_lb_view(lab).values() for (b, _), (_, w) in view.items()
-                if not b.startswith("canary")}
-
     up = run_dag(dagbag, "canary_weight", {"weight": 20})
     assert up.state == "success" and up.xcom("set_weight")["converged"] == ["fe-01-lb-gprd", "fe-02-lb-gprd"]
     views = canary_lb_view(lab)
@@ -290,12 +272,12 @@ def test_canary_weight_on_every_lb_and_refused_during_a_canary_deploy(lab, dagba
     s.acquire("gprd-cny", "deploy_canary-other-run", "deployer", "deploy_canary 17.9.0-ee.0")
     try:
         lower = run_dag(dagbag, "canary_weight", {"weight": 10})
-        assert lower.state == "failed" and main_weights() == {20}
+        assert lower.state == "failed" and canary_weights(lab) == {20}
         drain = run_dag(dagbag, "canary_weight", {"weight": "drain"})
         assert drain.state == "failed"
         assert {st for view in canary_lb_view(lab).values() for st, _ in view.values()} == {"UP"}
         assert run_dag(dagbag, "canary_weight", {"weight": 30}).state == "success"  # more traffic: fine
-        assert main_weights() == {30}
+        assert canary_weights(lab) == {30}
         forced = run_dag(dagbag, "canary_weight", {"weight": "drain", "force": True})
         assert forced.state == "success"
         assert {st for view in canary_lb_view(lab).values() for st, _ in view.values()} == {"DRAIN"}
@@ -304,7 +286,7 @@ def test_canary_weight_on_every_lb_and_refused_during_a_canary_deploy(lab, dagba
     assert run_dag(dagbag, "canary_weight", {"weight": "ready"}).state == "success"
     assert run_dag(dagbag, "canary_weight", {"weight": 5}).state == "success"
     assert {st for view in canary_lb_view(lab).values() for st, _ in view.values()} == {"UP"}
-    assert main_weights() == {5}
+    assert canary_weights(lab) == {5}
 
 
 def test_production_rollback_drains_canary_first(lab, dagbag):
