@@ -4,8 +4,12 @@ the naive Airflow way (one mapped SSHOperator task instance per host and step).
     python bench/fleet_rollout.py --hosts 100            # starts its own lab (octet 59), rolls, stops it
     python bench/fleet_rollout.py --hosts 1000 --install-seconds 2
     python bench/fleet_rollout.py --lab-dir /tmp/x --keep  # reuse / keep a lab
+    python bench/fleet_rollout.py --mode both --no-naive   # lockstep, then the sliding window
 
-Prints wall time, the ideal (batches x install time), their ratio, the orchestrator's CPU
+``--mode``: ``lockstep`` (default), ``window`` (``RolloutOptions.rollout_mode``: at most a
+batch's worth of hosts out at once, the next drained as soon as one is back) or ``both`` (one
+rollout each, a new build each). Prints wall time, the ideal (batches x install time; the same
+for a window: the role's hosts / batch size, rounded up), their ratio, the orchestrator's CPU
 seconds and peak memory (getrusage of this process), and the per-host overhead. The naive
 way is measured on a few hosts (a task process start with the SSH provider imported, plus
 one paramiko SSHHook connection + command per task, as SSHOperator does) and extrapolated.
@@ -87,13 +91,14 @@ def mean_phases(phases: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(sum(p.get(k, 0.0) for p in phases) / len(phases), 3) for k in dict.fromkeys(keys)}
 
 
-def bench_liftoff(config: LabConfig, version: str, install_s: float, profile: Path | None = None) -> dict:
+def bench_liftoff(config: LabConfig, version: str, install_s: float, profile: Path | None = None,
+                  mode: str = "lockstep") -> dict:
     env = load_inventory().env(ENV)
     role = env.role(ROLE)
     n = len(role.hosts)
     batches = -(-n // role.batch_size())
     store = Store(f"sqlite:///{config.path('bench-state.db')}")
-    options = RolloutOptions(drain_timeout=30, up_timeout=120, health_timeout=60)
+    options = RolloutOptions(drain_timeout=30, up_timeout=120, health_timeout=60, rollout_mode=mode)
     lab0 = lab_cpu_s(config.lab_dir)
     profiler = None
     if profile:
@@ -116,7 +121,8 @@ def bench_liftoff(config: LabConfig, version: str, install_s: float, profile: Pa
     durations = report.roles[ROLE].batch_durations
     audit_rows = len(store.audit_records(run_id=report.run_id))
     return {
-        "hosts": n, "batch_size": role.batch_size(), "batches": batches, "status": report.status,
+        "mode": mode, "hosts": n, "batch_size": role.batch_size(), "batches": batches,
+        "groups": len(report.roles[ROLE].batches), "status": report.status,
         "counts": report.counts(), "wall_s": round(wall, 2), "ideal_s": round(ideal, 2),
         "ratio": round(wall / ideal, 3) if ideal else None, "cpu_s": round(cpu, 2),
         "cpu_ms_per_host": round(1000 * cpu / n, 1), "peak_rss_mb": round(rss_mb(), 1),
@@ -234,6 +240,8 @@ def main() -> int:
     p.add_argument("--hosts", type=int, default=100)
     p.add_argument("--install-seconds", type=float, default=2.0)
     p.add_argument("--octet", type=int, default=59)
+    p.add_argument("--mode", choices=("lockstep", "window", "both"), default="lockstep",
+                   help="the rollout's rollout_mode (both: lockstep, then window, a build each)")
     p.add_argument("--lab-dir", type=Path)
     p.add_argument("--keep", action="store_true", help="leave the lab running")
     p.add_argument("--naive-samples", type=int, default=5)
@@ -247,12 +255,14 @@ def main() -> int:
     started = start_lab(lab_dir, args.hosts, args.install_seconds, args.octet, args.keep)
     try:
         config = point_liftoff_at(lab_dir, as_is=args.as_is, app_port=not args.no_app_port)
-        version = add_build(lab_dir)
         time.sleep(2)  # let HAProxy's first health checks pass
-        result = bench_liftoff(config, version, args.install_seconds, args.profile)
-        print("\nliftoff.fleet (one asyncio fan-out in one task):")
-        for k, v in result.items():
-            print(f"  {k:24} {v}")
+        modes = ("lockstep", "window") if args.mode == "both" else (args.mode,)
+        for i, mode in enumerate(modes):
+            version = add_build(lab_dir, tag=i)
+            result = bench_liftoff(config, version, args.install_seconds, args.profile, mode=mode)
+            print(f"\nliftoff.fleet, {mode} (one asyncio fan-out in one task):")
+            for k, v in result.items():
+                print(f"  {k:24} {v}")
         if not args.no_naive:
             hosts = load_inventory().env(ENV).role(ROLE).hosts
             naive = bench_naive(config, list(hosts), args.install_seconds, args.naive_samples)

@@ -3,13 +3,17 @@
     python bench/fleet_scale.py                     # 1,000 and 10,000 hosts
     python bench/fleet_scale.py --full              # and 50,000
     python bench/fleet_scale.py --sizes 2000,20000 --batch 10% --json
+    python bench/fleet_scale.py --mode window --install-seconds 0.5 --install-jitter 0.5
 
 No sshd, no HAProxy: ``liftoff.remote.Remote`` runs as it is (connection cache, concurrency
 limits, audit rows written in batches) over a fake SSH connection answering like the lab's
 hosts, and ``liftoff.haproxy.HAProxy`` parses real ``show stat`` / ``show servers state``
 text answered in-process by ``tests/unit/fleet_fakes.FakeLB`` (two LBs). One role (``web``,
 every host behind both LBs), batches of ``--batch`` (10% like bench/fleet_rollout.py), no
-install delay. The state store is SQLite in a temp dir. Each size runs in its own process.
+install delay (``--install-seconds``, each host's spread by ``--install-jitter``: +-that share,
+the same per host from run to run). ``--mode``: ``lockstep`` (the default) or ``window``
+(``RolloutOptions.rollout_mode``; a window's groups count as its batches below). The state
+store is SQLite in a temp dir. Each size runs in its own process.
 
 Per size it prints: wall; orchestrator CPU per host (process CPU time, every thread, minus
 the CPU the simulated hosts and LBs spent answering, measured around each answer); peak
@@ -36,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import resource
 import subprocess
@@ -104,7 +109,13 @@ class SimFleet:
     hosts: dict[str, SimHost] = field(default_factory=dict)
     chef_role: str = NEW
     install_s: float = 0.0
+    install_jitter: float = 0.0  # each host's install takes install_s x (1 +- this), fixed per host
     next_pid: int = 1000
+
+    def install_time(self, name: str) -> float:
+        if not self.install_jitter:
+            return self.install_s
+        return self.install_s * (1 + self.install_jitter * random.Random(name).uniform(-1, 1))
 
     def pid(self) -> int:
         self.next_pid += 1
@@ -161,7 +172,7 @@ class _Process:
 
     async def wait(self, check: bool = False, timeout: float | None = None) -> _Done:
         if self.fleet.install_s and "apt-get install" in self.command:
-            await asyncio.sleep(self.fleet.install_s)
+            await asyncio.sleep(self.fleet.install_time(self.name))
         with self.fleet.clock.charge():
             code, out = self.fleet.execute(self.name, self.command)
         return _Done(code, out)
@@ -289,14 +300,14 @@ def table_rows(store: Store) -> dict[str, int]:
 
 # -- one size ------------------------------------------------------------------------------------------
 
-def build(hosts: int, batch: str, clock: SimClock, install_s: float = 0.0):
+def build(hosts: int, batch: str, clock: SimClock, install_s: float = 0.0, install_jitter: float = 0.0):
     """The environment, its simulated hosts and its two LBs (every host at OLD, in both LBs)."""
     fakes = {}
     for name in LBS:
         fakes[name] = FakeLB(name)
         fakes[name].port = 1  # never connected to: SimHAProxy answers in-process
     env = make_env(list(fakes.values()), {ROLE: {"hosts": hosts, "batch": batch, "floor": "50%"}}, name=ENV)
-    fleet = SimFleet(clock, install_s=install_s)
+    fleet = SimFleet(clock, install_s=install_s, install_jitter=install_jitter)
     for h in env.role(ROLE).hosts:
         fleet.add(h.name, OLD)
         for fake in fakes.values():
@@ -305,10 +316,10 @@ def build(hosts: int, batch: str, clock: SimClock, install_s: float = 0.0):
     return env, fleet, fakes
 
 
-async def _roll(env, fleet, fakes, store, clock):
+async def _roll(env, fleet, fakes, store, clock, mode: str | None = None):
     remote = SimRemote(fleet, store=store, run_id="scale-1", env=ENV, timeout=600)
     haproxy = SimHAProxy(env.load_balancers, fakes, clock, poll=0.01)
-    options = RolloutOptions(drain_timeout=5, up_timeout=5, health_timeout=5)
+    options = RolloutOptions(drain_timeout=5, up_timeout=5, health_timeout=5, rollout_mode=mode)
     try:
         return await rollout(env, NEW, run_id="scale-1", store=store, remote=remote, haproxy=haproxy,
                              options=options)
@@ -316,19 +327,21 @@ async def _roll(env, fleet, fakes, store, clock):
         await remote.close()
 
 
-def simulate(hosts: int, batch: str = "10%", db_dir: str | None = None, install_s: float = 0.0) -> dict:
+def simulate(hosts: int, batch: str = "10%", db_dir: str | None = None, install_s: float = 0.0,
+             mode: str | None = None, install_jitter: float = 0.0) -> dict:
     """Roll ``hosts`` hosts through the simulated transport; the figures of :func:`measure`."""
     with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
         store = Store(f"sqlite:///{tmp}/state.db")
         try:
-            return measure(hosts, batch, store, install_s)
+            return measure(hosts, batch, store, install_s, mode, install_jitter)
         finally:
             store.close()
 
 
-def measure(hosts: int, batch: str, store: Store, install_s: float) -> dict:
+def measure(hosts: int, batch: str, store: Store, install_s: float, mode: str | None = None,
+            install_jitter: float = 0.0) -> dict:
     clock = SimClock()
-    env, fleet, fakes = build(hosts, batch, clock, install_s)
+    env, fleet, fakes = build(hosts, batch, clock, install_s, install_jitter)
     counter, logs = TxCounter(), LogCounter()
     counter.install(store)
     lg = logging.getLogger("liftoff")
@@ -337,7 +350,7 @@ def measure(hosts: int, batch: str, store: Store, install_s: float) -> dict:
     lg.addHandler(logs)
     rss0, cpu0, wall0 = _maxrss(), time.process_time(), time.monotonic()
     try:
-        report = asyncio.run(_roll(env, fleet, fakes, store, clock))
+        report = asyncio.run(_roll(env, fleet, fakes, store, clock, mode))
     finally:
         lg.removeHandler(logs)
         lg.setLevel(old_level)
@@ -345,7 +358,8 @@ def measure(hosts: int, batch: str, store: Store, install_s: float) -> dict:
     batches = sum(len(r.batches) for r in report.roles.values())
     rows = table_rows(store)
     return {
-        "hosts": hosts, "batch": batch, "status": report.status, "counts": report.counts(),
+        "hosts": hosts, "batch": batch, "mode": mode or "lockstep", "status": report.status,
+        "counts": report.counts(), "batch_size": env.role(ROLE).batch_size(),
         "batches": batches, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
         "sim_cpu_s": round(clock.cpu, 2), "orch_cpu_ms_per_host": round(1000 * (cpu - clock.cpu) / hosts, 3),
         "peak_rss_delta_mb": round(rss / 1024, 1), "peak_rss_kb_per_host": round(rss / hosts, 3),
@@ -390,8 +404,15 @@ def _ratio(small: float, large: float) -> float:
 
 
 def _tx_check(r: dict) -> tuple[bool, str]:
+    """Per batch: PER_BATCH. A window's group writes its drain records and its draining and
+    installing statuses once, then each part of it going back in service (the hosts whose steps
+    ended together) clears its records and writes its final statuses once."""
     got = {m: r["write_tx"].get(m, 0) for m in PER_BATCH}
     want = {m: k * r["batches"] for m, k in PER_BATCH.items()}
+    if r.get("mode") == "window":
+        parts = got["clear_drained_many"]
+        want.update(clear_drained_many=parts if r["batches"] <= parts <= r["hosts"] else r["batches"],
+                    set_host_statuses=2 * r["batches"] + parts)
     extra = sorted(set(r["write_tx"]) - set(PER_BATCH) - set(AUDIT_WRITES))
     ok = got == want and not extra
     detail = ", ".join(f"{m} {got[m]} (want {want[m]})" for m in PER_BATCH)
@@ -401,7 +422,8 @@ def _tx_check(r: dict) -> tuple[bool, str]:
 
 def print_result(r: dict) -> None:
     audit_tx = sum(r["write_tx"].get(m, 0) for m in AUDIT_WRITES)
-    print(f"{r['hosts']:>7,} hosts, {r['batches']} batches of {r['batch']}: wall {r['wall_s']:.1f} s, "
+    groups = "window groups" if r.get("mode") == "window" else "batches"
+    print(f"{r['hosts']:>7,} hosts, {r['batches']} {groups} of {r['batch']}: wall {r['wall_s']:.1f} s, "
           f"CPU {r['cpu_s']:.1f} s (simulated hosts+LBs {r['sim_cpu_s']:.1f} s), "
           f"orchestrator {r['orch_cpu_ms_per_host']:.2f} ms/host, peak RSS +{r['peak_rss_delta_mb']:.0f} MB "
           f"(ru_maxrss delta) = {r['peak_rss_kb_per_host']:.1f} KiB/host")
@@ -414,8 +436,8 @@ def print_result(r: dict) -> None:
 
 def run_one_process(hosts: int, args: argparse.Namespace) -> dict:
     """One size in a fresh process (so ru_maxrss is this size's own)."""
-    cmd = [sys.executable, __file__, "--one", str(hosts), "--batch", args.batch,
-           "--install-seconds", str(args.install_seconds)]
+    cmd = [sys.executable, __file__, "--one", str(hosts), "--batch", args.batch, "--mode", args.mode,
+           "--install-seconds", str(args.install_seconds), "--install-jitter", str(args.install_jitter)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"size {hosts} failed:\n{proc.stderr[-3000:]}")
@@ -428,6 +450,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help=f"add {FULL_SIZE:,} hosts (several minutes)")
     p.add_argument("--batch", default="10%", help="the role's batch (default 10%%)")
     p.add_argument("--install-seconds", type=float, default=0.0, help="simulated install time (default 0)")
+    p.add_argument("--install-jitter", type=float, default=0.0,
+                   help="spread of each host's install time: +- this share (default 0; fixed per host)")
+    p.add_argument("--mode", choices=("lockstep", "window"), default="lockstep",
+                   help="rollout_mode: lockstep (default) or window")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, JSON out
     return p.parse_args(argv)
@@ -443,7 +469,8 @@ def sizes_of(args: argparse.Namespace) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
-        print(json.dumps(simulate(args.one, args.batch, install_s=args.install_seconds)))
+        print(json.dumps(simulate(args.one, args.batch, install_s=args.install_seconds, mode=args.mode,
+                                  install_jitter=args.install_jitter)))
         return 0
     print(f"fleet rollout, simulated transport, python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     results = []

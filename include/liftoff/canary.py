@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from liftoff import guard, locks
 from liftoff.errors import HAProxyError, InvalidInput, LiftoffError, PrecheckFailed
-from liftoff.haproxy import HAProxy, ServerState
+from liftoff.haproxy import HAProxy, PartialApplication, ServerState
 from liftoff.inventory import Environment, Inventory
 from liftoff.runs import Run
 from liftoff.versions import parse_version, validate_reason
@@ -89,12 +89,27 @@ def apply_weight(run: Run, weight: int | str, *, canary_env: str = "gprd-cny", f
                and weight >= current_canary_weight(run, canary_env))
     with guard.entered(run, canary_env, "canary_weight", force=force or raising):
         haproxy = HAProxy.for_env(main)
-        if isinstance(weight, int):
-            result = haproxy.set_weight(hosts, weight, backends={r.name for r in main.roles})
-        else:
-            result = getattr(haproxy, weight)(hosts)
+        backends = sorted(r.name for r in main.roles) if isinstance(weight, int) else []
+        try:
+            if isinstance(weight, int):
+                result = haproxy.set_weight(hosts, weight, backends=backends)
+            else:
+                result = getattr(haproxy, weight)(hosts)
+        except PartialApplication as exc:
+            if exc.applied:  # some LBs hold it: the others get it when they are back (liftoff.lbstate)
+                remember_setting(run, canary_env, weight, hosts, backends)
+            raise
+        remember_setting(run, canary_env, weight, hosts, backends)
     return {"weight": weight, "hosts": hosts, "result": result.to_dict(),
             "lbs": [lb.name for lb in main.load_balancers]}
+
+
+def remember_setting(run: Run, canary_env: str, weight: int | str, hosts: list[str],
+                     backends: list[str]) -> None:
+    """Record the canary weight (or state) just set, so an LB that loses it (restarted) gets it
+    back (:mod:`liftoff.lbstate`). Recorded once it reached an LB (not when every LB refused)."""
+    kind = "weight" if isinstance(weight, int) else "state"
+    run.store.record_lb_setting(canary_env, kind, weight, hosts, backends, run.run_id, run.who)
 
 
 def canary_divergence(snap: dict[str, list[ServerState]], hosts: Iterable[str], main_backends: Iterable[str],

@@ -17,6 +17,14 @@ host stays drained and recorded; a re-run skips finished hosts and repairs those
 drained. LB changes are batched (one connection per LB per batch); while a batch runs, the
 next one is inspected (read-only) so its connections and version checks are ready.
 
+Rollout mode (a role's ``rollout`` in the inventory, or ``options.rollout_mode`` for every
+role): ``lockstep`` (the default, as above: batch after batch) or ``window``, a sliding window
+like Kubernetes' maxUnavailable: at most the batch size of the role's hosts out of service at
+once, the next host drained as soon as one is back UP on every LB and cleared. Hosts start in
+groups (the slots free at that moment: one drain per LB), run the same phases, and past the
+drain the hosts of a group whose own steps end together go on together, so a slow host holds
+only itself. After a failed host nothing new is drained; the hosts in flight finish.
+
 Chef (``options.chef_start``): ``"host"`` (default) starts chef on each host as soon as it
 is back in service, but only when the environment's chef role already holds the target
 version (checked once); ``"role"`` does the same at the end of a successful role;
@@ -33,12 +41,14 @@ import json
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from liftoff import chef as chef_mod
+from liftoff import lbstate
 from liftoff.commands import (
     apt_install_command,
     chained_command,
@@ -51,7 +61,7 @@ from liftoff.commands import (
 )
 from liftoff.errors import CapacityError, HAProxyError, InvalidInput, LiftoffError
 from liftoff.haproxy import HAProxy, ServerState, lb_hosts, out_of_service
-from liftoff.inventory import Environment, HostRef, Role
+from liftoff.inventory import ROLLOUT_MODES, Environment, HostRef, Role
 from liftoff.remote import Remote
 from liftoff.versions import parse_version, validate_name
 
@@ -59,6 +69,11 @@ log = logging.getLogger(__name__)
 
 PATCH_REAPPLY_STATUSES = ("applied", "pending")
 CHEF_START_MODES = ("host", "role", "cleanup")
+# A window drains in steps of at least 1/WINDOW_STEPS of its slots (rounded up; or
+# options.window_step hosts): a group drains once that many slots are free (or no more hosts are
+# left). Each group costs LB reads and store writes like a batch does: with batches of 10 hosts or
+# fewer the window moves host by host. (Hosts go back in service as soon as they are ready.)
+WINDOW_STEPS = 10
 _STATUS_LINE = re.compile(r"^(?:ok: )?(run|down|fail|warning): ([A-Za-z0-9_.-]+):(?: \(pid (\d+)\))?")
 
 
@@ -97,11 +112,19 @@ class RolloutOptions:
     prefetch: bool = True  # inspect the next batch while this one runs
     reason: str = ""  # chef-client-disable reason (default: liftoff deploy <run_id>)
     included_patches: tuple[str, ...] = ()  # patches the build being installed includes: not re-applied
+    rollout_mode: str | None = None  # "lockstep" or "window" for every role; None: each role's own
+    window_step: int = 0  # a window drains at least this many hosts at once; 0: 1/WINDOW_STEPS of its batch
 
     def __post_init__(self) -> None:
         if self.chef_start not in CHEF_START_MODES:
             raise InvalidInput(f"chef_start must be one of {', '.join(CHEF_START_MODES)}, "
                                f"got {self.chef_start!r}")
+        if not isinstance(self.window_step, int) or self.window_step < 0:
+            raise InvalidInput(f"window_step must be a number of hosts (0: automatic), "
+                               f"got {self.window_step!r}")
+        if self.rollout_mode is not None and self.rollout_mode not in ROLLOUT_MODES:
+            raise InvalidInput(f"rollout_mode must be one of {', '.join(ROLLOUT_MODES)} (or unset), "
+                               f"got {self.rollout_mode!r}")
         if isinstance(self.included_patches, str):
             raise InvalidInput("included_patches must be a list of patch ids, not one string")
         self.included_patches = tuple(validate_name("patch", p) for p in self.included_patches)
@@ -577,6 +600,9 @@ class _Batch:
     t0: float = 0.0  # when the drain started
     good: list[HostRef] = field(default_factory=list)  # work hosts still fine
     not_up: dict[str, dict[str, str]] = field(default_factory=dict)  # host -> {LB: why not UP}
+    kind: str = "batch"  # "window group" in a sliding-window rollout (:meth:`_Rollout._window`)
+    # told after classifying and after each phase; False after classifying: start nothing
+    on_phase: Callable[[str, _Batch], bool] | None = None
 
     def lap(self, name: str) -> None:
         now = time.monotonic()
@@ -585,13 +611,40 @@ class _Batch:
 
     @property
     def label(self) -> str:
-        """``batch 2 of web``: what the LB log lines say instead of the host names."""
-        return f"batch {self.index} of {self.role.name}"
+        """``batch 2 of web`` (``window group 7 of web``): what the LB log lines say instead of
+        the host names."""
+        return f"{self.kind} {self.index} of {self.role.name}"
 
     @property
     def position(self) -> str:
-        """``batch 2 of 5``."""
-        return f"batch {self.index} of {self.total}" if self.total else f"batch {self.index}"
+        """``batch 2 of 5`` (``window group 7``)."""
+        return f"{self.kind} {self.index} of {self.total}" if self.total else f"{self.kind} {self.index}"
+
+    def tell(self, phase: str) -> bool:
+        return self.on_phase is None or self.on_phase(phase, self)
+
+
+@dataclass
+class _Window:
+    """A role's sliding window while it runs (:meth:`_Rollout._window`): at most ``free`` more
+    hosts may go out of service; a slot comes back when a host is back UP and cleared."""
+
+    role: Role
+    pending: deque[HostRef]  # hosts not started yet, in order
+    free: int  # slots: the role's batch size minus the hosts out of service because of it
+    step: int = 1  # hosts a group starts with, at least (fewer when no more are left)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    groups: dict[asyncio.Task, list[HostRef]] = field(default_factory=dict)  # groups in flight
+    insp: dict[str, asyncio.Task] = field(default_factory=dict)  # inspections started ahead
+    count: int = 0  # groups started
+    failed: str = ""  # label of the first group with a failed host
+    untouched: bool = False  # a group was stopped before it touched anything (its hosts stay pending)
+    error: BaseException | None = None  # an unexpected error of a group (raised once all are done)
+
+    def release(self, n: int) -> None:
+        if n:
+            self.free += n
+            self.wake.set()
 
 
 class _Rollout:
@@ -608,6 +661,8 @@ class _Rollout:
         self.report = RolloutReport(env.name, version, run_id, self.rollout)
         self.stop = asyncio.Event()
         self.lb_names: set[str] = set()
+        self.unsettled: set[str] = set()  # drain recorded, drain not applied yet (see _reconcile)
+        self.lb_turn = asyncio.Lock()  # a drain and a reconcile take turns (see _reconcile)
         self.last_snapshot: dict[str, list[ServerState]] | None = None
         self.patches: dict[str, tuple[str, ...]] = {}  # pending patches and their roles
         self.previous: dict[str, str] = {}  # host statuses of earlier runs of this rollout
@@ -681,9 +736,31 @@ class _Rollout:
         rep.duration = rep.finished - rep.started
         return rep
 
+    def _mode(self, role: Role) -> str:
+        """``lockstep`` or ``window``: the options' choice, else the role's (inventory)."""
+        return self.options.rollout_mode or role.rollout
+
     async def _role(self, role: Role, batches: list[list[HostRef]]) -> None:
         rr = self.report.roles[role.name]
         rr.status = "running"
+        try:
+            if self._mode(role) == "window":
+                await self._window(role, [h for batch in batches for h in batch])
+            else:
+                await self._lockstep(role, batches)
+            if rr.status != "running":
+                return
+            rr.status = "success"
+            if self.options.chef_start == "role":
+                done = [h for h in role.hosts if self.report.hosts[h.name].status == "done"]
+                await self._start_chef(done)
+        finally:
+            await asyncio.gather(*(self.remote.close_host(h) for h in role.hosts), return_exceptions=True)
+
+    async def _lockstep(self, role: Role, batches: list[list[HostRef]]) -> None:
+        """Batch after batch (each inspected while the one before installs); stops after a batch
+        with a failed host (role failed) or when another role failed (role stopped)."""
+        rr = self.report.roles[role.name]
         prefetch: asyncio.Task | None = None
         try:
             for i, batch in enumerate(batches):
@@ -716,21 +793,222 @@ class _Rollout:
                 rr.batch_durations.append(round(time.monotonic() - started, 3))
                 rr.batch_phases.append({k: round(v, 3) for k, v in phase.items()})
                 if not ok:
-                    rr.status = "failed"
-                    if not rr.error:
-                        bad = [h.name for h in batch if self.report.hosts[h.name].status == "failed"]
-                        rr.error = f"batch {i + 1} failed on {', '.join(bad)}"
-                    self.stop.set()
+                    self._role_failed(role, f"batch {i + 1}")
                     return
-            rr.status = "success"
-            if self.options.chef_start == "role":
-                done = [h for h in role.hosts if self.report.hosts[h.name].status == "done"]
-                await self._start_chef(done)
         finally:
             if prefetch is not None:
                 prefetch.cancel()
                 await asyncio.gather(prefetch, return_exceptions=True)
-            await asyncio.gather(*(self.remote.close_host(h) for h in role.hosts), return_exceptions=True)
+
+    def _role_failed(self, role: Role, where: str) -> None:
+        """The role failed (``where``: its batch or window group); every role stops."""
+        rr = self.report.roles[role.name]
+        rr.status = "failed"
+        if not rr.error:
+            bad = [h.name for h in role.hosts if self.report.hosts[h.name].status == "failed"]
+            rr.error = f"{where} failed on {', '.join(bad)}"
+        self.stop.set()
+
+    # -- sliding window ------------------------------------------------------------------------------
+    async def _window(self, role: Role, hosts: list[HostRef]) -> None:
+        """At most the role's batch size out of service at once: the hosts start in that order,
+        in groups (:meth:`_batch`'s phases; past the drain, :meth:`_window_hosts`), the next as
+        soon as a slot is free (a host back UP on every LB and cleared). A group's
+        classify-to-drain runs alone, so every capacity check sees the groups before it drained,
+        and the slots freed meanwhile join one group. After a failed host (or another role's)
+        nothing new starts; the groups in flight finish."""
+        w = _Window(role, deque(hosts), role.batch_size(), step=self._window_step(role))
+        try:
+            while w.pending and not self._window_stopping(w):
+                if w.free < min(w.step, len(w.pending)) and (w.groups or w.free <= 0):
+                    if not w.groups:  # cannot happen: slots come back when groups end well
+                        raise LiftoffError(f"role {role.name}: window without a free slot")
+                    await self._window_wait(w)
+                    continue
+                group = [w.pending.popleft() for _ in range(min(w.free, len(w.pending)))]
+                w.free -= len(group)
+                drained = asyncio.Event()
+                task = asyncio.create_task(self._window_group(w, group, drained))
+                task.add_done_callback(lambda _: w.wake.set())
+                w.groups[task] = group
+                await drained.wait()
+            while w.groups:
+                await self._window_wait(w)
+        finally:
+            await self._window_cancel(w)
+        if w.error is not None:
+            raise w.error
+        self._window_end(w)
+
+    def _window_step(self, role: Role) -> int:
+        """The hosts a sliding window moves by at least (:data:`WINDOW_STEPS`)."""
+        size = role.batch_size()
+        return max(1, min(size, self.options.window_step or -(-size // WINDOW_STEPS)))
+
+    def _window_stopping(self, w: _Window, own: list[HostRef] | None = None) -> bool:
+        """Start nothing more: a host of the role failed (one in flight, or a group ended failed)
+        or another role failed. ``own``: the group asking, whose hosts do not count (like a batch,
+        a group drains its hosts whose inspection went well beside one whose did not)."""
+        if not w.failed:
+            hosts = self.report.hosts
+            bad = next((hosts[h.name] for group in w.groups.values() if group is not own for h in group
+                        if hosts[h.name].status == "failed"), None)
+            if bad is not None:
+                w.failed = f"window group {bad.batch}"
+        return bool(w.failed) or w.error is not None or self.stop.is_set()
+
+    async def _window_wait(self, w: _Window) -> None:
+        """Until a slot frees or a group ends (then one more tick: slots freed at the same moment
+        start together); ended groups are collected."""
+        if self._window_reap(w):
+            return
+        w.wake.clear()
+        await w.wake.wait()
+        await asyncio.sleep(0)
+        self._window_reap(w)
+
+    @staticmethod
+    def _window_reap(w: _Window) -> int:
+        """Forget the groups that ended (keeping the first unexpected error); how many."""
+        ended = [t for t in w.groups if t.done()]
+        for task in ended:
+            del w.groups[task]
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None and w.error is None:
+                w.error = exc
+        return len(ended)
+
+    async def _window_cancel(self, w: _Window) -> None:
+        """Inspections started ahead and never used (and groups, if the role was cancelled) end."""
+        tasks = [*w.insp.values(), *w.groups]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        w.insp.clear()
+
+    def _window_end(self, w: _Window) -> None:
+        """The role's status after its window: failed, stopped (another role failed) or running
+        (every host done or skipped; :meth:`_role` makes it a success)."""
+        rr = self.report.roles[w.role.name]
+        if w.failed or rr.error or any(self.report.hosts[h.name].status == "failed" for h in w.role.hosts):
+            self._role_failed(w.role, w.failed or "window")
+        elif w.pending or w.untouched:
+            rr.status = "stopped"
+            rr.error = rr.error or "stopped: another role failed"
+
+    async def _window_group(self, w: _Window, group: list[HostRef], drained: asyncio.Event) -> None:
+        """One group of the window through :meth:`_batch`; ``drained`` is set once it drained (or
+        ended, or started nothing)."""
+        w.count += 1
+        index = w.count
+        rr = self.report.roles[w.role.name]
+        rr.batches.append([h.name for h in group])
+        rr.batch_durations.append(0.0)
+        rr.batch_phases.append({})
+        slot, started = len(rr.batches) - 1, time.monotonic()
+        phase: dict[str, float] = {}
+        untouched = False
+
+        def on_phase(kind: str, b: _Batch) -> bool:
+            nonlocal untouched
+            if kind == "classify":
+                if b.work and self._window_stopping(w, group):
+                    for h in b.work:  # untouched: they stay pending
+                        self.report.hosts[h.name].batch = None
+                    b.work, w.untouched = [], True
+                    untouched = True
+                    return False
+                w.release(len(b.hosts) - len(b.work))  # skipped (or failed inspection): never out
+            elif kind == "drain":
+                drained.set()
+            elif kind == "clear":
+                w.release(len(b.good))  # back UP on every LB, records cleared
+            return True
+
+        try:
+            insp = await self._window_inspections(w, group)
+            phase["inspect_wait"] = time.monotonic() - started
+            ok = await self._batch(w.role, index, group, insp, phase, on_phase=on_phase)
+        except LiftoffError as exc:
+            rr.error = rr.error or str(exc)
+            ok = False
+        finally:
+            drained.set()
+            rr.batch_durations[slot] = round(time.monotonic() - started, 3)
+            rr.batch_phases[slot] = {k: round(v, 3) for k, v in phase.items()}
+        if not ok and not w.failed and not untouched:
+            w.failed = f"window group {index}"
+        w.wake.set()
+
+    async def _window_hosts(self, b: _Batch, handlers: Mapping[str, Callable], rest: list[str]) -> bool:
+        """A window group past its drain: each host's own steps (:meth:`_host`) concurrently; the
+        hosts whose steps ended go on together, a part of the group, through the phases after
+        (``rest``: ready, up, clear, chef), then those that ended meanwhile, and so on: a slow
+        host holds only itself, and a group has one part in those phases at a time (its LB
+        changes and reads stay batched). True when every host is back in service."""
+        if b.draining is not None:
+            await b.draining
+        installing = asyncio.create_task(self._set_statuses(
+            [(h.name, "installing", f"batch {b.index}") for h in b.work]))
+        flows = {asyncio.create_task(self._host(b.role, h, b.flows[h.name], b.insp[h.name])): h
+                 for h in b.work}
+        ended: list[asyncio.Task] = []
+        wake = asyncio.Event()
+        for t in flows:
+            t.add_done_callback(lambda t: (ended.append(t), wake.set()))
+        ok = True
+        try:
+            while flows:
+                await wake.wait()
+                wake.clear()
+                hosts = self._window_ended(flows, ended)
+                ok = await self._window_part(b, hosts, handlers, rest, installing) and ok
+        finally:
+            for t in (*flows, installing):
+                t.cancel()
+        b.good = [h for h in b.work if self.report.hosts[h.name].status == "done"]
+        return ok
+
+    def _window_ended(self, flows: dict[asyncio.Task, HostRef], ended: list[asyncio.Task]) -> list[HostRef]:
+        """The hosts whose own steps ended (``ended``, emptied; out of ``flows``); those that
+        failed are marked failed now."""
+        hosts = []
+        for t in ended:
+            h = flows.pop(t)
+            err = t.result()
+            if err is not None:
+                self._fail(h, self.report.hosts[h.name].step, err)
+            hosts.append(h)
+        ended.clear()
+        return hosts
+
+    async def _window_part(self, b: _Batch, hosts: list[HostRef], handlers: Mapping[str, Callable],
+                           rest: list[str], installing: asyncio.Task) -> bool:
+        """Hosts of a window group whose own steps ended: the group's phases after ``host``
+        across them. True when they are all back in service."""
+        good = [h for h in hosts if self.report.hosts[h.name].status != "failed"]
+        part = dataclasses.replace(b, hosts=hosts, work=hosts, good=good, statuses=[], draining=None,
+                                   lb_work=[h.name for h in hosts if h.name in self.lb_names], not_up={},
+                                   mark=time.monotonic())
+        await installing  # its statuses are written before any host's final one
+        part.lap("hosts")
+        for kind in rest:
+            if not await handlers[kind](part):
+                return False
+            part.tell(kind)
+        return len(part.good) == len(hosts)
+
+    async def _window_inspections(self, w: _Window, group: list[HostRef]) -> dict[str, _Inspection]:
+        """The group's inspections (started ahead when ``options.prefetch``), and the next hosts'
+        (as many as the batch size) started now."""
+        ahead = list(itertools.islice(w.pending, w.role.batch_size())) if self.options.prefetch else []
+        for h in (*group, *ahead):
+            if h.name not in w.insp:
+                w.insp[h.name] = asyncio.create_task(self._inspect(h))
+        results = await asyncio.gather(*(w.insp[h.name] for h in group))
+        for h in group:
+            del w.insp[h.name]
+        return {h.name: r for h, r in zip(group, results, strict=True)}
 
     # -- inspection (read-only) ----------------------------------------------------------------
     async def _inspect_all(self, hosts: list[HostRef]) -> dict[str, _Inspection]:
@@ -750,12 +1028,19 @@ class _Rollout:
     # -- one batch -----------------------------------------------------------------------------
     async def _batch(self, role: Role, index: int, hosts: list[HostRef], insp: dict[str, _Inspection],
                      phase: dict[str, float], installing_started: Callable[[], None] = lambda: None,
-                     total: int = 0) -> bool:
+                     total: int = 0, on_phase: Callable[[str, _Batch], bool] | None = None) -> bool:
         """Classify the batch's hosts by their inspection, then run the phases of their flows
         (:func:`host_flow`, :func:`batch_phases`) in order across the batch. False when a host
-        failed or a phase stopped the batch."""
-        b = _Batch(role, index, hosts, insp, phase, installing_started, total)
+        failed or a phase stopped the batch. ``on_phase`` (a window's group) is told after
+        classifying (False: touch nothing) and after each phase; a group's hosts go on apart
+        after their drain (:meth:`_window_hosts`)."""
+        b = _Batch(role, index, hosts, insp, phase, installing_started, total,
+                   kind="batch" if on_phase is None else "window group", on_phase=on_phase)
         await self._classify(b)
+        if not b.tell("classify"):
+            await self._set_statuses(b.statuses)
+            await self._close(hosts)
+            return False
         if not b.work:
             installing_started()
             await self._set_statuses(b.statuses)
@@ -764,9 +1049,15 @@ class _Rollout:
         handlers = {"record": self._write_ahead, "drain": self._drain, "sessions": self._wait_sessions,
                     "host": self._host_flows, "ready": self._ready, "up": self._wait_up,
                     "clear": self._clear, "chef": self._chef_at_batch_end}
-        for kind in self._phases(b):
+        phases = self._phases(b)
+        for i, kind in enumerate(phases):
+            if kind == "host" and b.on_phase is not None:
+                ok = await self._window_hosts(b, handlers, phases[i + 1:])
+                await self._close(hosts)
+                return ok and not b.failed_early
             if not await handlers[kind](b):
                 return False
+            b.tell(kind)
         b.lap("finish")
         await self._close(hosts)
         return not b.failed_early and len(b.good) == len(b.work)
@@ -818,6 +1109,7 @@ class _Rollout:
 
     async def _write_ahead(self, b: _Batch) -> bool:
         """Record the drains: the records exist before any LB is touched."""
+        self.unsettled.update(h.name for h in b.work)  # recorded, not drained yet: not reconciled
         if self.store is not None:
             why = f"liftoff deploy {self.version} (batch {b.index} of {b.role.name})"
             await asyncio.to_thread(self.store.record_drained_many, self.env.name, [h.name for h in b.work],
@@ -833,8 +1125,12 @@ class _Rollout:
         for h in b.work:
             self.report.hosts[h.name].step = "drain"
         try:
-            if b.lb_work:
-                await self.haproxy.adrain(b.lb_work, snapshot=self.last_snapshot, label=b.label)
+            async with self.lb_turn:  # never while a reconcile reads the LBs and the records
+                try:
+                    if b.lb_work:
+                        await self.haproxy.adrain(b.lb_work, snapshot=self.last_snapshot, label=b.label)
+                finally:
+                    self.unsettled.difference_update(h.name for h in b.work)
         except HAProxyError as exc:
             for h in b.work:
                 self._fail(h, "drain", f"drain failed: {exc}")
@@ -846,14 +1142,70 @@ class _Rollout:
         return True
 
     async def _wait_sessions(self, b: _Batch) -> bool:
-        """Wait (bounded) until the drained hosts' sessions end; those still open are noted."""
+        """Wait (bounded) until the drained hosts' sessions end; those still open are noted. Then,
+        right before the install, every LB is read again: one that lost liftoff's state (an LB
+        restarted since the drain) gets it back (:mod:`liftoff.lbstate`), or the batch fails."""
         timeout = self.options.drain_timeout
         left = await self.haproxy.await_sessions_zero(b.lb_work, timeout) if b.lb_work else {}
         b.lap("sessions")
         for name, n in (left or {}).items():
             self.report.hosts[name].notes.append(
                 f"{n} session(s) still open after {timeout:.0f}s")
+        try:
+            if b.lb_work:
+                await self.haproxy.amark(b.label)  # a restart from now on is noticed (_wait_up)
+            fixed = await self._reconcile(f"{b.label}, before its install")
+        except HAProxyError as exc:
+            for h in b.work:
+                self._fail(h, "drain", f"could not check every LB before the install: {exc}")
+            if b.draining is not None:
+                await b.draining
+            await self._set_statuses([(h.name, "failed", self.report.hosts[h.name].reason) for h in b.work])
+            return False
+        for lb, counts in fixed.changed.items():
+            what = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+            for name in b.lb_work:
+                self.report.hosts[name].notes.append(f"{lb} had lost liftoff's state before the install "
+                                                     f"(restarted?): put back ({what} server line(s))")
         return True
+
+    async def _reconcile(self, why: str) -> lbstate.Reconciled:
+        """Put liftoff's recorded LB state back on an LB that lost it. This rollout's hosts in
+        the middle of a change are left alone: those being put back in service (ready, not yet
+        cleared) and those recorded but not drained yet (another batch, role or window group of
+        this run drains them in a moment). A drain waits for the reconcile (``lb_turn``): what the
+        reconcile reads of the LBs and of the records is not changed by this run meanwhile."""
+        if self.store is None or not self.env.load_balancers:
+            return lbstate.Reconciled()
+        def changing() -> set[str]:  # asked once the LBs and the records are read
+            readying = {n for n, hr in self.report.hosts.items()
+                        if hr.status == "done" or (hr.step == "ready" and hr.status != "failed")}
+            return readying | self.unsettled
+
+        async with self.lb_turn:
+            return await lbstate.areconcile(self.haproxy, self.store, self.env.name, self.run_id, "liftoff",
+                                            skip=changing, why=why)
+
+    async def _note_restarts(self, b: _Batch) -> None:
+        """LBs running another HAProxy process than before the batch's install (marked in
+        :meth:`_wait_sessions`): restarted, they came back with their config's states, the batch's
+        hosts in service while being upgraded. Said in the report, the log and the lock history."""
+        try:
+            restarted = await self.haproxy.arestarted_since(b.label)
+        except HAProxyError:
+            return  # the next read of every LB fails closed
+        if not restarted or not b.lb_work:
+            return
+        what = ", ".join(restarted)
+        sentence = (f"{what} restarted during the install of {b.label} ({len(b.lb_work)} host(s)): they may "
+                    "have been in service there while being upgraded")
+        log.warning("haproxy: %s", sentence)
+        for name in b.lb_work:
+            self.report.hosts[name].notes.append(f"{what} restarted during its install: it may have been in "
+                                                 "service there while it was upgraded")
+        if self.store is not None:
+            await self._db(self.store.record_event, self.env.name, "lb_restarted", self.run_id, "liftoff",
+                           sentence)
 
     async def _host_flows(self, b: _Batch) -> bool:
         """Each host's own steps (:meth:`_host`), concurrently; the next batch's inspection starts
@@ -893,7 +1245,10 @@ class _Rollout:
         return True
 
     async def _wait_up(self, b: _Batch) -> bool:
-        """Wait until every LB reports the hosts UP; those that are not fail and are drained again."""
+        """Wait until every LB reports the hosts UP; those that are not fail and are drained again.
+        An LB restarted during the batch (its hosts may have been in service there while they
+        were upgraded) is said in the report, the log and the lock history."""
+        await self._note_restarts(b)
         good_lb = [h.name for h in b.good if h.name in self.lb_names]
         if good_lb and not b.not_up:
             try:
@@ -927,11 +1282,16 @@ class _Rollout:
 
         def finish() -> None:
             self.store.clear_drained_many(self.env.name, [h.name for h in b.good])
+            self.store.forget_lb_state([h.name for h in b.good])  # in service now, whatever was set before
             self._statuses([(h.name, reports[h.name].status, reports[h.name].reason or
                              ("repaired" if reports[h.name].repaired else "")) for h in b.work])
 
         if self.store is not None:
             await asyncio.to_thread(finish)
+        try:  # an LB restarted during the batch gets liftoff's state back (the next read fails closed)
+            await self._reconcile(f"after {b.label}")
+        except HAProxyError as exc:
+            log.warning("could not check every LB after %s: %s", b.label, exc)
         return True
 
     async def _chef_at_batch_end(self, b: _Batch) -> bool:

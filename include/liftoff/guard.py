@@ -11,7 +11,14 @@ On each call it checks, in this order, and refuses with one sentence before anyt
 3. migration safety, for a change that returns the environment to an older package: no
    post-deployment migration the target does not contain has run on its database; refused
    (:class:`RollbackRefused`) unless the run carries an override reason, which is recorded in
-   the environment's lock history.
+   the environment's lock history;
+4. the load balancers: every LB of the environment (and of its production, for a canary) is
+   read, and one that lost what liftoff's records say it must hold (drained hosts, the canary
+   weight and state: an LB restarted without its runtime state) gets it back, logged and
+   recorded (:mod:`liftoff.lbstate`). For a change that touches the LBs (a rollout, a canary
+   weight) an LB that cannot be read (or be put right) refuses the change naming it
+   (HAProxyError), as the change itself would; other changes (begin, migrations, chef, a
+   patch, a rollback's start) do not need the LBs: there it is a warning and the change goes on.
 
 The engine's steps pass it with :func:`entered` (a lock the step took is given back if the step
 fails; a pipeline step keeps it on success, a one-shot change does not) or :func:`admit`; a
@@ -25,9 +32,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from liftoff import builds, locks, migrations
+from liftoff import builds, lbstate, locks, migrations
 from liftoff.commands import installed_version_command
 from liftoff.errors import InvalidInput, LiftoffError, RollbackRefused
+from liftoff.haproxy import HAProxy
 from liftoff.inventory import Environment
 from liftoff.runs import Run, run_sync
 from liftoff.store import Deployment
@@ -37,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # What a step may change; each names the thing release managers would say.
 CHANGES = ("begin", "migrations", "rollout", "chef", "canary_weight", "patch", "rollback")
+LB_CHANGES = ("rollout", "canary_weight")  # changes that touch the LBs: their state is put back first
 SHOWN_MIGRATIONS = 10
 
 
@@ -172,11 +181,34 @@ def admit(run: Run, env_name: str, change: str, *, version: str | None = None,
     took = _hold(run, env, change, version, force)
     try:
         older, newer, override = _migration_safety(run, env, change, version) if version else (None, [], None)
+        if change in LB_CHANGES:
+            reconcile_lbs(run, env, change)
+        else:
+            _reconcile_if_reachable(run, env, change)
     except LiftoffError:
         if took:
             run.store.release(env.name, run.run_id)
         raise
     return Admission(env.name, run.run_id, change, version, took, older, tuple(newer), override)
+
+
+def reconcile_lbs(run: Run, env: Environment, change: str) -> lbstate.Reconciled:
+    """Put liftoff's recorded state back on every LB of ``env`` (and of its production, for a
+    canary) that lost it; HAProxyError naming an LB that cannot be read."""
+    others = [run.env(env.canary_of)] if env.canary_of else []
+    lbs = lbstate.lbs_of(env, *others)
+    if not lbs:
+        return lbstate.Reconciled()
+    return run_sync(lbstate.areconcile(HAProxy(lbs), run.store, env.name, run.run_id, run.who,
+                                       why=f"{change} of {env.name} entering the door"))
+
+
+def _reconcile_if_reachable(run: Run, env: Environment, change: str) -> None:
+    """:func:`reconcile_lbs` for a change that does not need the LBs: trouble is a warning."""
+    try:
+        reconcile_lbs(run, env, change)
+    except LiftoffError as exc:
+        log.warning("%s of %s goes on without checking its LBs' state: %s", change, env.name, exc)
 
 
 @contextmanager

@@ -165,6 +165,13 @@ def parse_servers_state(text: str) -> dict[tuple[str, str], dict[str, str]]:
     return out
 
 
+def process_of(info: str) -> str | None:
+    """``Pid@Start_time_sec`` of a ``show info`` answer; None when it does not give both."""
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())}
+    pid, start = fields.get("Pid", ""), fields.get("Start_time_sec", "")
+    return f"{pid}@{start}" if pid.isdigit() and start.isdigit() else None
+
+
 def _int(value: str | None, default: int = 0) -> int:
     try:
         return int(value) if value not in (None, "") else default
@@ -219,6 +226,7 @@ class HAProxy:
         self.lbs = tuple(lbs)
         self.timeout = timeout
         self.poll = poll
+        self.marks: dict[str, dict[str, str | None]] = {}  # amark(): LB processes under a key
 
     @classmethod
     def for_env(cls, env: Environment, **kwargs) -> HAProxy:
@@ -284,6 +292,30 @@ class HAProxy:
         if host_name is None:
             return snap
         return {lb: [s for s in states if s.server == host_name] for lb, states in snap.items()}
+
+    async def aprocesses(self) -> dict[str, str | None]:
+        """Which HAProxy process each LB runs (``show info``: ``Pid@Start_time_sec``; None when it
+        does not say): another one after a restart, which lost every runtime change when it had no
+        server-state file. HAProxyError naming an LB that cannot be read."""
+        results = await asyncio.gather(*(self.asend(lb, ["show info"]) for lb in self.lbs),
+                                       return_exceptions=True)
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise HAProxyError("; ".join(errors))
+        return {lb.name: process_of(r[0]) for lb, r in zip(self.lbs, results, strict=True)}  # type: ignore[index]
+
+    async def amark(self, key: str) -> None:
+        """Remember each LB's process under ``key`` (see :meth:`arestarted_since`)."""
+        self.marks[key] = await self.aprocesses()
+
+    async def arestarted_since(self, key: str) -> list[str]:
+        """The LBs running another HAProxy process than at :meth:`amark` ``key`` (the mark is
+        dropped); [] without a mark or where an LB does not say."""
+        before = self.marks.pop(key, None)
+        if not before:
+            return []
+        now = await self.aprocesses()
+        return sorted(lb for lb, p in now.items() if p is not None and before.get(lb) not in (None, p))
 
     async def adisagreements(self) -> list[Disagreement]:
         """Servers whose status, admin state or weight differ between LBs."""
@@ -355,6 +387,25 @@ class HAProxy:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 256:
             raise InvalidInput(f"HAProxy weight must be an integer 0..256, got {weight!r}")
         return await self._apply(f"weight {weight}", hosts, lambda t: f"set weight {t} {weight}", backends)
+
+    async def aput_back(self, commands: dict[str, list[str]], action: str = "reconcile") -> list[str]:
+        """Run ``set server``/``set weight`` commands on the named LBs (liftoff.lbstate builds them
+        from a snapshot); the LBs done. PartialApplication when an LB failed or refused one."""
+        lb_by_name = {lb.name: lb for lb in self.lbs}
+        todo = [name for name in commands if commands[name]]
+
+        async def one(name: str) -> None:
+            answers = await self.asend(lb_by_name[name], commands[name])
+            errors = [f"{c}: {a.strip()}" for c, a in zip(commands[name], answers, strict=True) if a.strip()]
+            if errors:
+                raise HAProxyError("; ".join(errors))
+
+        outcomes = await asyncio.gather(*(one(n) for n in todo), return_exceptions=True)
+        failed = {n: str(o) for n, o in zip(todo, outcomes, strict=True) if isinstance(o, BaseException)}
+        done = [n for n in todo if n not in failed]
+        if failed:
+            raise PartialApplication(action, {n: commands[n] for n in done}, failed)
+        return done
 
     # -- waiting ---------------------------------------------------------------------------------
     async def await_sessions_zero(self, hosts: Iterable[str], timeout: float) -> dict[str, int]:

@@ -8,6 +8,9 @@ typo must not silently fall back to a default); free-form additions go under ``e
 Rounding: ``batch`` is a percentage of the role's hosts rounded down (at least one host)
 or an absolute count; ``capacity_floor`` is the share (or count) of hosts that must stay in
 service, rounded up, but never so high that no host could be deployed (at most hosts - 1).
+A role's ``rollout`` is ``lockstep`` (the default: batch after batch) or ``window`` (at most
+a batch's worth of hosts out of service at once, the next drained as soon as one is back; see
+liftoff.fleet).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ DEFAULT_CONNECTIONS: dict[str, str] = {
 }
 DEFAULT_BATCH = "10%"
 DEFAULT_CAPACITY_FLOOR = "0%"
+ROLLOUT_MODES = ("lockstep", "window")  # how a role's batches move (liftoff.fleet)
+DEFAULT_ROLLOUT = "lockstep"
 DEFAULT_QA_PROJECT = "gitlab-org/quality/gitlab-qa-runner"
 DEFAULT_QA_REF = "main"
 
@@ -91,6 +96,7 @@ class Role:
     hup: tuple[str, ...]
     hosts: tuple[HostRef, ...]
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    rollout: str = DEFAULT_ROLLOUT  # "lockstep": batch after batch; "window": at most a batch out at once
 
     def batch_size(self) -> int:
         """Hosts per batch: a percentage (rounded down) or a count, at least 1, at most all."""
@@ -268,7 +274,7 @@ def parse_inventory(data: Any, source: str = "<data>") -> Inventory:
 
 _ENV_KEYS = {"url", "qa_cookie", "database", "canary_of", "alert_matchers", "load_balancers",
              "deploy_node", "roles", "extra"}
-_ROLE_KEYS = {"name", "stage", "batch", "capacity_floor", "restart", "hup", "hosts", "extra"}
+_ROLE_KEYS = {"name", "stage", "batch", "capacity_floor", "rollout", "restart", "hup", "hosts", "extra"}
 
 
 def _environment(name: str, data: Any, path: str) -> Environment:
@@ -320,6 +326,10 @@ def _role(data: Any, path: str) -> Role:
     _parse_share(batch, f"{path}.batch", allow_zero=False)
     floor = d.get("capacity_floor", DEFAULT_CAPACITY_FLOOR)
     _parse_share(floor, f"{path}.capacity_floor", allow_zero=True)
+    rollout = d.get("rollout", DEFAULT_ROLLOUT)
+    if rollout not in ROLLOUT_MODES:
+        raise InventoryError(f"{path}.rollout: must be one of {', '.join(ROLLOUT_MODES)}, "
+                             f"got {_brief(rollout)}")
     restart = tuple(_name("service", s, f"{path}.restart[{i}]")
                     for i, s in enumerate(_sequence(d.get("restart") or [], f"{path}.restart")))
     hup = tuple(_name("service", s, f"{path}.hup[{i}]")
@@ -332,7 +342,7 @@ def _role(data: Any, path: str) -> Role:
         raise InventoryError(f"{path}.hosts: must list at least one host")
     hosts = tuple(_host(h, f"{path}.hosts[{i}]") for i, h in enumerate(hosts_data))
     extra = _mapping(d.get("extra") or {}, f"{path}.extra")
-    return Role(name, stage, str(batch), str(floor), restart, hup, hosts, extra)
+    return Role(name, stage, str(batch), str(floor), restart, hup, hosts, extra, rollout)
 
 
 def _host(data: Any, path: str) -> HostRef:

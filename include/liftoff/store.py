@@ -578,6 +578,22 @@ class Store:
                "backends": json.dumps(sorted(backends)), "run_id": run_id, "who": who, "at": time.time()}
         self._upsert_many(lb_settings_t, [({"env": env, "kind": kind}, row, {})])
 
+    def forget_lb_state(self, hosts: Iterable[str]) -> int:
+        """Take ``hosts`` out of every recorded state (drain/maint/ready) setting: a rollout put
+        them back in service, the last thing liftoff did to them. How many rows changed."""
+        gone = set(hosts)
+        changed = 0
+        with self._tx() as conn:
+            for r in conn.execute(select(lb_settings_t).where(lb_settings_t.c.kind == "state")).all():
+                kept = [h for h in json.loads(r.hosts) if h not in gone]
+                if len(kept) == len(json.loads(r.hosts)):
+                    continue
+                where = and_(lb_settings_t.c.env == r.env, lb_settings_t.c.kind == "state")
+                conn.execute(update(lb_settings_t).where(where).values(hosts=json.dumps(kept)) if kept
+                             else delete(lb_settings_t).where(where))
+                changed += 1
+        return changed
+
     def lb_settings(self, env: str | None = None) -> list[LBSetting]:
         q = select(lb_settings_t).order_by(lb_settings_t.c.env, lb_settings_t.c.kind)
         if env is not None:

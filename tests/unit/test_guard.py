@@ -28,6 +28,15 @@ def store():
     s.close()
 
 
+@pytest.fixture(autouse=True)
+def lbs(monkeypatch):
+    """The unit inventory's LBs do not exist: the door's LB step (put back by
+    tests/unit/test_lb_reconcile.py against fake LBs) is a seam here; its calls are kept."""
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(guard, "reconcile_lbs", lambda run, env, change: calls.append((env.name, change)))
+    return calls
+
+
 def make_run(store: Store, run_id: str = "unit-run-1", who: str = "alice",
              override: str | None = None) -> Run:
     return Run(run_id=run_id, who=who, pipeline="unit", inventory=parse_inventory(INVENTORY), _store=store,
