@@ -141,8 +141,8 @@ def deploy_canary():
         judge, judged, _ = judgement(PIPELINE, "stage_6", weight_steps=False)
         check >> canary_weight_zero() >> deploy(PIPELINE, "gprd-cny", version, None) >> first
         quiet >> judge
-        verified = finish_env(PIPELINE, "gprd-cny", version) >> canary_verified(version)
-        judged >> verified >> canary_promotable(version)
+        finished = finish_env(PIPELINE, "gprd-cny", version)  # chef started once the judge passed
+        judged >> finished >> canary_verified(version) >> canary_promotable(version)
         judged >> stage_done(PIPELINE, "gprd-cny", "stage_6", check)
     stages.append(s6)
 

@@ -47,6 +47,23 @@ def test_canary_pipeline_shape(bag: DagBag):
     assert type(sensor).__name__ == "QuietPeriodSensor"
 
 
+@pytest.mark.parametrize("dag_id", ["deploy_canary", "deploy_production"])
+def test_an_environment_is_finished_only_after_its_stage_passed(bag: DagBag, dag_id: str):
+    """finish_env (chef started, the deployment recorded a success) comes after the stage's
+    deploy and quiet period, and after the canary judge where there is one: wired by XCom alone
+    it ran beside the canary deploy and left chef stopped on every canary host."""
+    dag = bag.dags[dag_id]
+    finishes = [t for t in dag.tasks if t.task_id.endswith(".finish_env")]
+    assert finishes
+    for task in finishes:
+        group = task.task_id.rsplit(".", 1)[0]
+        before = task.get_flat_relative_ids(upstream=True)
+        assert f"{group}.quiet_period" in before, task.task_id
+        for step in ("deploy", "canary_judged"):
+            if f"{group}.{step}" in dag.task_dict:
+                assert f"{group}.{step}" in before, (task.task_id, step)
+
+
 def test_production_pipeline_shape(bag: DagBag):
     dag = bag.dags["deploy_production"]
     groups = sorted({t.task_id.split(".")[0] for t in dag.tasks if "." in t.task_id})
