@@ -10,8 +10,10 @@ the soak adds the seed and the step.
 5. every command a host ran (the lab's audit log) is in liftoff's audit trail, and no host of a
    locked environment ran a changing command for a run that did not hold the lock;
 6. no environment went back to an older package past a post-deployment migration without a
-   recorded override; the canary weight is 0 whenever a canary deploy or rollback is running
-   (sampled during the run by the soak: :func:`canary_weight_now`);
+   recorded override; the canary weight is 0 whenever a canary deploy (deploy_canary's stage 6)
+   or a rollback of the canary is running (sampled during the run by the soak:
+   :func:`canary_weight_now`); a fast_deploy to the canary is not held to it (the design zeroes
+   the weight in the canary pipeline's stage 6 only; the soak counts the weights it sees then);
 7. metrics (the Pushgateway) and notifications (the chat receiver) never carry an internal
    build's version.
 """

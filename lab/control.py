@@ -2,7 +2,11 @@
 
 ``GET /health``, ``GET /status``, ``GET /builds``, ``POST /builds``,
 ``PATCH /builds/{version}`` (change a build's faults), ``POST /faults/host-down`` and
-``POST /faults/host-up`` (``{"host": NAME}``); the apt repositories of the builds at
+``POST /faults/host-up`` (``{"host": NAME}``), ``POST /faults/slow-install``
+(``{"host": NAME, "seconds": S}``: that host's ``apt-get install`` takes S seconds instead of
+``install_seconds``; 0 or no ``seconds`` lifts it), ``POST /faults/gitlab-api-down`` and
+``POST /faults/gitlab-api-up`` (the GitLab API's port closed, its connections dropped, its
+pipelines and issues kept; back again); the apt repositories of the builds at
 ``GET /apt/public/...`` and ``GET /apt/internal/...`` (:mod:`lab.apt_repo`).
 
 When a host's reachability changes, every function in :data:`REACHABILITY_HOOKS` is called
@@ -61,6 +65,8 @@ def write_denied_addresses(world: World) -> None:
 
 
 REACHABILITY_HOOKS: list[ReachabilityHook] = [write_denied_addresses]
+# labd's optional components by name (lab.daemon fills it): the GitLab API's faults use it.
+COMPONENTS: dict[str, object] = {}
 
 
 def add_reachability_hook(hook: ReachabilityHook) -> ReachabilityHook:
@@ -243,6 +249,46 @@ def make_app(world: World) -> web.Application:
     @routes.post("/faults/host-up")
     async def host_up(request: web.Request) -> web.Response:
         return await set_reachable(request, True)
+
+    @routes.post("/faults/slow-install")
+    async def slow_install(request: web.Request) -> web.Response:
+        data = await _json_body(request)
+        name = data.get("host") if isinstance(data, dict) else None
+        seconds = data.get("seconds", 0) if isinstance(data, dict) else None
+        if not isinstance(name, str) or not isinstance(seconds, (int, float)) or isinstance(seconds, bool) \
+                or seconds < 0:
+            return _error(400, 'expected {"host": NAME, "seconds": S} with S >= 0')
+        if name not in world.hosts:
+            return _error(404, f"no host {name!r}")
+        slow = world.faults.setdefault("slow_install", {})
+        if seconds:
+            slow[name] = float(seconds)
+        else:
+            slow.pop(name, None)
+        if not slow:
+            world.faults.pop("slow_install")
+        log.info("slow install on %s: %s", name, f"{seconds} s" if seconds else "lifted")
+        return web.json_response({"slow_install": dict(slow)})
+
+    async def gitlab_api(up: bool) -> web.Response:
+        api = COMPONENTS.get("gitlab_api")
+        if api is None or not hasattr(api, "stop_serving"):
+            return _error(409, "the GitLab API does not run in this labd")
+        await (api.resume_serving() if up else api.stop_serving())
+        if up:
+            world.faults.pop("gitlab_api_down", None)
+        else:
+            world.faults["gitlab_api_down"] = True
+        log.info("the GitLab API is %s", "back" if up else "down")
+        return web.json_response({"gitlab_api": "up" if up else "down"})
+
+    @routes.post("/faults/gitlab-api-down")
+    async def gitlab_api_down(request: web.Request) -> web.Response:
+        return await gitlab_api(False)
+
+    @routes.post("/faults/gitlab-api-up")
+    async def gitlab_api_up(request: web.Request) -> web.Response:
+        return await gitlab_api(True)
 
     app = web.Application()
     app.add_routes(routes)

@@ -102,6 +102,7 @@ async def serve(config: LabConfig, skip: tuple[str, ...] = ()) -> None:
             closer = await result if inspect.isawaitable(result) else result
             if closer is not None:
                 closers.append(closer)
+                control.COMPONENTS[name] = closer  # for the control API's faults (gitlab-api-down)
             log.info("lab.%s started", name)
         log.info("labd ready: %d hosts, hostsim %s:%d, control %s:%d", world.topology.size,
                  config.control_addr, config.hostsim_port, config.control_addr, config.control_port)

@@ -304,6 +304,26 @@ class GitlabApi:
         await self._runner.setup()
         await web.TCPSite(self._runner, self.config.control_addr, self.config.gitlab_port).start()
 
+    async def stop_serving(self) -> None:
+        """The API goes away (the fault ``POST /faults/gitlab-api-down``): the port is closed and
+        every open connection dropped; pipelines, jobs and issues are kept (GitLab's database)."""
+        if self._runner is None:
+            return
+        for site in list(self._runner.sites):
+            await site.stop()
+        if self._runner.server is not None:
+            for conn in list(self._runner.server.connections):
+                conn.force_close()
+
+    async def resume_serving(self) -> None:
+        """Back on its port (``POST /faults/gitlab-api-up``)."""
+        if self._runner is not None and not self._runner.sites:
+            await web.TCPSite(self._runner, self.config.control_addr, self.config.gitlab_port).start()
+
+    @property
+    def serving(self) -> bool:
+        return self._runner is not None and bool(self._runner.sites)
+
     async def close(self) -> None:
         await self.runner.close()
         if self._runner:

@@ -104,7 +104,8 @@ async def apt_install(world: World, state: HostState, version: str) -> Result:
         return _ok(_lines("Reading package lists...", "Building dependency tree...",
                           f"{PACKAGE} is already the newest version ({version}).",
                           "0 upgraded, 0 newly installed, 0 to remove and 0 not upgraded."))
-    await asyncio.sleep(world.config.install_seconds)
+    # a slow install on this host (POST /faults/slow-install): its seconds instead of the lab's
+    await asyncio.sleep(world.faults.get("slow_install", {}).get(state.name, world.config.install_seconds))
     out = [
         "Reading package lists...",
         "Building dependency tree...",
