@@ -903,14 +903,18 @@ class _Rollout(WindowRollout):
                 finally:
                     self.unsettled.difference_update(h.name for h in b.work)
         except HAProxyError as exc:
-            for h in b.work:
-                self._fail(h, "drain", f"drain failed: {exc}")
-            if b.draining is not None:
-                await b.draining
-            await self._set_statuses([(h.name, "failed", self.report.hosts[h.name].reason) for h in b.work])
-            return False
+            return await self._fail_batch(b, f"drain failed: {exc}")
         b.lap("drain")
         return True
+
+    async def _fail_batch(self, b: _Batch, reason: str) -> bool:
+        """Every host of the batch failed at its drain (they stay recorded); False."""
+        for h in b.work:
+            self._fail(h, "drain", reason)
+        if b.draining is not None:
+            await b.draining
+        await self._set_statuses([(h.name, "failed", self.report.hosts[h.name].reason) for h in b.work])
+        return False
 
     async def _wait_sessions(self, b: _Batch) -> bool:
         """Wait (bounded) until the drained hosts' sessions end; those still open are noted. Then,
@@ -927,12 +931,7 @@ class _Rollout(WindowRollout):
                 await self.haproxy.amark(b.label)  # a restart from now on is noticed (_wait_up)
             fixed = await self._reconcile(f"{b.label}, before its install")
         except HAProxyError as exc:
-            for h in b.work:
-                self._fail(h, "drain", f"could not check every LB before the install: {exc}")
-            if b.draining is not None:
-                await b.draining
-            await self._set_statuses([(h.name, "failed", self.report.hosts[h.name].reason) for h in b.work])
-            return False
+            return await self._fail_batch(b, f"could not check every LB before the install: {exc}")
         for lb, counts in fixed.changed.items():
             what = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
             for name in b.lb_work:

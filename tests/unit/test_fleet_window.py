@@ -19,11 +19,13 @@ from liftoff.errors import CapacityError, InvalidInput, InventoryError
 from liftoff.fleet import RolloutFailed, RolloutOptions, rollout
 from liftoff.haproxy import HAProxy
 from liftoff.inventory import parse_inventory
-from liftoff.store import Store
-from tests.unit.fleet_fakes import FakeRemote, LBThread, make_env
+from tests.unit import test_fleet_fake
+from tests.unit.fleet_fakes import FakeRemote, make_env
 from tests.unit.test_fleet_fake import NEW, OLD, lb_admin
 from tests.unit.test_fleet_fake import setup as fake_setup
 
+lbs = test_fleet_fake.lbs  # the fixtures: two fake LBs, a state store
+store = test_fleet_fake.store
 FAST = RolloutOptions(drain_timeout=1, up_timeout=1, health_timeout=1)
 WINDOW = dataclasses.replace(FAST, rollout_mode="window")
 LOCKSTEP = dataclasses.replace(FAST, rollout_mode="lockstep")
@@ -96,19 +98,6 @@ class GatedRemote(FakeRemote):
         if "apt-get install" in command:
             self.timeline.events.append(("install-ok" if r.ok else "install-failed", host.name))
         return r
-
-
-@pytest.fixture
-def lbs():
-    with LBThread("fe-01-lb-gprd", "fe-02-lb-gprd") as t:
-        yield t
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'state.db'}")
-    yield s
-    s.close()
 
 
 def setup(lbs, roles, mode: str | None = None):
