@@ -630,8 +630,17 @@ class Soak:
         for run_id in list(self.runs):
             if self.runs[run_id] not in ("success", "failed"):
                 self.state(run_id)
-        for text in self.checker.check(self.runs):
+        found = self.checker.check(self.runs)
+        for text in found:
             self.violation(plan, text)
+        if found:  # what liftoff's records said then, for the replay
+            store = self.checker.store
+            drained = "; ".join(f"{d.env}/{d.host} by {d.run_id}" for d in store.drained())
+            settings = "; ".join(f"{s.env} {s.kind} {s.value} {','.join(s.hosts)} by {s.run_id}"
+                                 for s in store.lb_settings())
+            log(f"    records: drained {drained} | LB settings {settings}"
+                + " | last events " + "; ".join(f"{e.env} {e.action} {e.run_id}: {e.reason[:160]}"
+                                               for e in store.lock_events()[:6]))
 
 
 def run_soak(args: argparse.Namespace, tmp: Path) -> dict:

@@ -62,7 +62,11 @@ UNKNOWN = "unknown"
 NO_RECORD = "no record"
 CHEF_SOURCE = ("liftoff's records, not the hosts: a running deployment stopped chef on every host of "
                "the environment; its cleanup starts it again except on hosts with a drain record or "
-               "that failed in the last rollout")
+               "that failed in the last rollout; a deployment that halted or failed without its "
+               "cleanup left it stopped on every host until a retry or the next deployment")
+# The newest deployment ended in one of these: its begin stopped chef on every host, its cleanup
+# (finish) never ran; a rollback after it is a newer record whose own cleanup starts chef.
+CHEF_LEFT_STOPPED = ("halted", "failed")
 
 LbReader = Callable[[Sequence[LoadBalancerRef]], Mapping[str, "list[ServerState] | BaseException | str"]]
 Redact = Callable[[str], str]
@@ -435,13 +439,15 @@ def _chef_stopped(records: list[DrainRecord], failed: dict, newest, deployments,
     chef_hosts = {r.host: ("drain record", r.run_id) for r in records}
     for host in failed:
         chef_hosts.setdefault(host, ("failed in the last rollout", newest.run_id if newest else None))
-    running = next((d for d in deployments if d.status == "running"), None)
+    stopper = next((d for d in deployments if d.status == "running"), None)
+    if stopper is None and deployments and deployments[0].status in CHEF_LEFT_STOPPED:
+        stopper = deployments[0]  # ended without its cleanup: chef stays stopped until a retry or a deploy
     return {"source": CHEF_SOURCE,
             "hosts": [{"host": h, "role": role_of.get(h), "why": why, "run_id": run_id}
                       for h, (why, run_id) in sorted(chef_hosts.items())],
-            "env_wide": None if running is None else {
-                "run_id": running.run_id, "version": redact(running.version), "kind": running.kind,
-                "since": _iso(running.started)}}
+            "env_wide": None if stopper is None else {
+                "run_id": stopper.run_id, "version": redact(stopper.version), "kind": stopper.kind,
+                "status": stopper.status, "since": _iso(stopper.started)}}
 
 
 def _environment(inventory: Inventory, env: Environment, store: Store,

@@ -583,8 +583,10 @@ class Store:
         them back in service, the last thing liftoff did to them. How many rows changed."""
         gone = set(hosts)
         changed = 0
-        with self._tx() as conn:
-            for r in conn.execute(select(lb_settings_t).where(lb_settings_t.c.kind == "state")).all():
+        with self._tx() as conn:  # rows locked: parallel roles forget their hosts at once (PostgreSQL)
+            rows = conn.execute(select(lb_settings_t).where(lb_settings_t.c.kind == "state")
+                                .with_for_update()).all()
+            for r in rows:
                 kept = [h for h in json.loads(r.hosts) if h not in gone]
                 if len(kept) == len(json.loads(r.hosts)):
                     continue

@@ -455,6 +455,38 @@ def test_postgres_threads_race_and_tables_created_concurrently(pg_url):
         s.close()
 
 
+def test_postgres_parallel_roles_forget_the_canary_state_without_losing_an_update(pg_url):
+    """Two roles put their hosts back in service at once and each takes them out of the
+    recorded canary state: read-modify-write of one row. Without a row lock PostgreSQL's read
+    committed lost one of the updates, and the door's reconcile drained the other role's
+    hosts again after a successful deploy (the --celery soak, seed 3 run 7)."""
+    store = Store(pg_url)
+    roles = {f"role{r}": [f"{r}-cny-{i:02d}" for i in range(1, 9)] for r in range(4)}
+    for attempt in range(5):
+        every = [h for hosts in roles.values() for h in hosts]
+        store.record_lb_setting("gprd-cny", "state", "drain", every, [], f"shield-{attempt}", "bot")
+        barrier = threading.Barrier(len(roles))
+        errors: list[BaseException] = []
+
+        def forget(hosts: list[str], barrier: threading.Barrier, errors: list[BaseException]) -> None:
+            barrier.wait()
+            try:
+                for h in hosts:  # host by host: many overlapping transactions
+                    store.forget_lb_state([h])
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=forget, args=(hosts, barrier, errors)) for hosts in roles.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        left = [s.hosts for s in store.lb_settings("gprd-cny") if s.kind == "state"]
+        assert left == [], f"attempt {attempt}: updates lost, still recorded drained: {left}"
+    store.close()
+
+
 def test_postgres_store_round_trip(pg_url):
     store = Store(pg_url)
     store.record_drained("gprd", "web-01-sv-gprd", "run-1", "deploy")

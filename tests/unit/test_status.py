@@ -133,6 +133,22 @@ def test_a_successful_record_puts_every_host_on_its_version(inventory, store, lb
     assert gprd["failed_hosts"] == [] and gprd["chef_stopped"]["env_wide"] is None
 
 
+@pytest.mark.parametrize("ended", ["halted", "failed"])
+def test_a_deployment_ended_without_its_cleanup_lists_chef_stopped_everywhere(inventory, store, lbs, ended):
+    """Its begin stopped chef on every host and its cleanup never ran (a halted run, a failed one
+    not rolled back): liftoff says so until a retry or the next deployment starts chef."""
+    store.record_deployment("gprd", V1, "baseline", status="success")
+    store.record_deployment("gprd", V2, RUN, status="running")
+    store.record_deployment("gprd", V2, RUN, status=ended)
+    chef = status.snapshot(inventory, store, read=lbs)["environments"]["gprd"]["chef_stopped"]
+    assert chef["env_wide"] == {"run_id": RUN, "version": V2, "kind": "deploy", "status": ended,
+                                "since": chef["env_wide"]["since"]}
+    store.record_deployment("gprd", V1, "rollback-1", kind="rollback", status="running")
+    store.record_deployment("gprd", V1, "rollback-1", kind="rollback", status="success")
+    after = status.snapshot(inventory, store, read=lbs)["environments"]["gprd"]["chef_stopped"]
+    assert after["env_wide"] is None
+
+
 def test_lock_drain_records_and_what_the_lbs_show(inventory, store, lbs):
     store.acquire("gprd", RUN, "alice", "deploy_canary 17.6.0-ee.0")
     store.acquire("gstg-old", "manual-bob", "bob", "locked by hand: renamed env")

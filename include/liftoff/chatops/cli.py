@@ -606,8 +606,9 @@ def _chef_and_lb_lines(env: Mapping[str, Any]) -> list[str]:
     chef = env.get("chef_stopped") or {}
     if chef.get("env_wide"):
         w = chef["env_wide"]
+        state = _txt(w.get("status") or "running")
         lines.append(f"  chef stopped on every host: {_txt(w.get('kind'))} {_txt(w.get('version'))} "
-                     f"running since {_fmt_time(w.get('since'))}  run {_txt(w.get('run_id'))}")
+                     f"{state} (since {_fmt_time(w.get('since'))})  run {_txt(w.get('run_id'))}")
     stopped = [f"{_txt(h['host'])} ({_txt(h.get('why'))})" for h in chef.get("hosts") or []]
     if stopped:
         lines.append("  chef stopped: " + ", ".join(stopped))

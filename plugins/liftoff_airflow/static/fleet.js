@@ -120,7 +120,7 @@
     var parts = [];
     if (chef.env_wide) {
       parts.push("all " + count + " hosts: " + chef.env_wide.kind + " " + chef.env_wide.version + " run "
-        + chef.env_wide.run_id + " running");
+        + chef.env_wide.run_id + " " + (chef.env_wide.status || "running"));
     }
     chef.hosts.forEach(function (h, i) {
       parts.push(i || parts.length ? "; " : "", hostLink(h.host), " (" + h.why + ")");
