@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.airflow, pytest.mark.lab]
 REPO = Path(__file__).resolve().parents[2]
 OCTET = int(os.environ.get("LIFTOFF_SOAK_SLICE_LAB_OCTET", "76"))
 SEED = 21
-RUNS = 4
+RUNS = 6
 # Every fault kind of the LocalExecutor soak (the default; the Celery worker kill needs
 # --celery), the scheduler, api-server and HAProxy kills included: the two violations they found
 # (audit rows lost to a kill -9, a restarted HAProxy's lost state) are fixed, each with a
