@@ -20,7 +20,8 @@ from liftoff.errors import HAProxyError
 from liftoff.haproxy import HAProxy, PartialApplication, ServerState, disagreements
 from liftoff.inventory import parse_inventory
 from liftoff.runs import Run
-from liftoff.store import DrainRecord, LBSetting, Store
+from liftoff.store import DrainRecord, LBSetting
+from tests.unit import test_fleet_fake
 from tests.unit.fleet_fakes import FakeFleet, FakeRemote, LBThread, make_env, wire
 
 OLD, NEW = "17.5.0-ee.0", "17.6.0-ee.0"
@@ -45,11 +46,7 @@ def lbs():
         yield t
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'state.db'}")
-    yield s
-    s.close()
+store = test_fleet_fake.store  # the fixture: a state store of its own
 
 
 def inventory(lbs) -> dict:
