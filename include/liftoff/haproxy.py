@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from liftoff.errors import HAProxyError, InvalidInput
 from liftoff.inventory import Environment, LoadBalancerRef
@@ -278,13 +279,17 @@ class HAProxy:
         return server_states(lb.name, stat, state)
 
     # -- reading ---------------------------------------------------------------------------------
-    async def asnapshot(self) -> dict[str, list[ServerState]]:
-        """Every server line of every LB; raises HAProxyError naming each unreachable LB."""
-        results = await asyncio.gather(*(self._read(lb) for lb in self.lbs), return_exceptions=True)
+    async def _every_lb(self, read: Callable[[LoadBalancerRef], Any]) -> dict[str, Any]:
+        """``read(lb)`` on every LB at once; HAProxyError naming each LB that failed."""
+        results = await asyncio.gather(*(read(lb) for lb in self.lbs), return_exceptions=True)
         errors = [str(r) for r in results if isinstance(r, BaseException)]
         if errors:
             raise HAProxyError("; ".join(errors))
-        return {lb.name: r for lb, r in zip(self.lbs, results, strict=True)}  # type: ignore[misc]
+        return {lb.name: r for lb, r in zip(self.lbs, results, strict=True)}
+
+    async def asnapshot(self) -> dict[str, list[ServerState]]:
+        """Every server line of every LB; raises HAProxyError naming each unreachable LB."""
+        return await self._every_lb(self._read)
 
     async def aservers(self, host_name: str | None = None) -> dict[str, list[ServerState]]:
         """``{lb: [ServerState]}`` for one host (every backend it is in), or for every server."""
@@ -297,12 +302,8 @@ class HAProxy:
         """Which HAProxy process each LB runs (``show info``: ``Pid@Start_time_sec``; None when it
         does not say): another one after a restart, which lost every runtime change when it had no
         server-state file. HAProxyError naming an LB that cannot be read."""
-        results = await asyncio.gather(*(self.asend(lb, ["show info"]) for lb in self.lbs),
-                                       return_exceptions=True)
-        errors = [str(r) for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise HAProxyError("; ".join(errors))
-        return {lb.name: process_of(r[0]) for lb, r in zip(self.lbs, results, strict=True)}  # type: ignore[index]
+        infos = await self._every_lb(lambda lb: self.asend(lb, ["show info"]))
+        return {name: process_of(answers[0]) for name, answers in infos.items()}
 
     async def amark(self, key: str) -> None:
         """Remember each LB's process under ``key`` (see :meth:`arestarted_since`)."""
@@ -343,20 +344,8 @@ class HAProxy:
                 targets[lb.name] = here
         found = {t.split("/", 1)[1] for ts in targets.values() for t in ts}
         result = ChangeResult(action, missing=[h for h in names if h not in found])
-        lb_by_name = {lb.name: lb for lb in self.lbs}
-
-        async def one(name: str) -> None:
-            answers = await self.asend(lb_by_name[name], [make(t) for t in targets[name]])
-            errors = [f"{t}: {a.strip()}" for t, a in zip(targets[name], answers, strict=True) if a.strip()]
-            if errors:
-                raise HAProxyError("; ".join(errors))
-
-        todo = list(targets)
-        outcomes = await asyncio.gather(*(one(n) for n in todo), return_exceptions=True)
-        failed = {n: str(o) for n, o in zip(todo, outcomes, strict=True) if isinstance(o, BaseException)}
-        result.applied = {n: targets[n] for n in todo if n not in failed}
-        if failed:
-            raise PartialApplication(action, result.applied, failed)
+        commands = {n: [make(t) for t in ts] for n, ts in targets.items()}
+        result.applied = await self._send_each(action, commands, targets)
         if names:
             if label:
                 log.info("haproxy %s: %s, %d host(s) on %d LB(s)", action, label, len(names),
@@ -391,21 +380,29 @@ class HAProxy:
     async def aput_back(self, commands: dict[str, list[str]], action: str = "reconcile") -> list[str]:
         """Run ``set server``/``set weight`` commands on the named LBs (liftoff.lbstate builds them
         from a snapshot); the LBs done. PartialApplication when an LB failed or refused one."""
+        todo = {name: cmds for name, cmds in commands.items() if cmds}
+        return list(await self._send_each(action, todo, todo))
+
+    async def _send_each(self, action: str, commands: dict[str, list[str]],
+                         shown: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Each LB's commands at once; ``{lb: shown[lb]}`` of the LBs that took every one (an
+        answer is an error; ``shown`` names the commands in errors). PartialApplication when an LB
+        failed or refused one."""
         lb_by_name = {lb.name: lb for lb in self.lbs}
-        todo = [name for name in commands if commands[name]]
 
         async def one(name: str) -> None:
             answers = await self.asend(lb_by_name[name], commands[name])
-            errors = [f"{c}: {a.strip()}" for c, a in zip(commands[name], answers, strict=True) if a.strip()]
+            errors = [f"{t}: {a.strip()}" for t, a in zip(shown[name], answers, strict=True) if a.strip()]
             if errors:
                 raise HAProxyError("; ".join(errors))
 
+        todo = list(commands)
         outcomes = await asyncio.gather(*(one(n) for n in todo), return_exceptions=True)
         failed = {n: str(o) for n, o in zip(todo, outcomes, strict=True) if isinstance(o, BaseException)}
-        done = [n for n in todo if n not in failed]
+        applied = {n: shown[n] for n in todo if n not in failed}
         if failed:
-            raise PartialApplication(action, {n: commands[n] for n in done}, failed)
-        return done
+            raise PartialApplication(action, applied, failed)
+        return applied
 
     # -- waiting ---------------------------------------------------------------------------------
     async def await_sessions_zero(self, hosts: Iterable[str], timeout: float) -> dict[str, int]:
