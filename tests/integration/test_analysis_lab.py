@@ -4,11 +4,14 @@
 The lab's own user traffic (``--traffic-rps 20`` per front end: the canary front end with the
 ``gitlab_canary`` cookie, both gprd front ends) reaches canary and main; Prometheus scrapes the
 app on every host each second, labelled ``env`` (gprd-cny or gprd) and ``role``. First the
-healthy canary (both fleets on the same build) is judged; then a build answering 2% of its
+healthy canary (both fleets on the same build) is judged; then a build answering 5% of its
 requests with HTTP 500 goes to the canary only (its Chef role on the canary's deploy node,
 over SSH; the lab's Chef converges the canary hosts) and, once Prometheus has a whole window
 of the new build's samples, the canary is judged again: ``fail``, its web or api error
-ratio ``high``. Windows of 30 s at a 2 s step, rates over 10 s.
+ratio ``high``. Windows of 30 s at a 2 s step, rates over 20 s: the canary's web hosts see a
+few requests a second, so a 10 s rate of a 2% error build was 0 in enough steps that a CI run
+on a busy machine judged such a canary "pass" (its median error ratio 0): the test was a coin
+toss rather than a check.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ pytestmark = pytest.mark.lab
 
 OCTET = int(os.environ.get("LIFTOFF_ANALYSIS_LAB_OCTET", "64"))
 BAD = "17.5.1-ee.0"
-WINDOW = {"window_s": 30.0, "step_s": 2.0, "rate_window_s": 10.0}
-SETTLED_S = 42  # scrapes a window plus its rate window needs (1 s scrape interval)
+WINDOW = {"window_s": 30.0, "step_s": 2.0, "rate_window_s": 20.0}
+SETTLED_S = 52  # scrapes a window plus its rate window needs (1 s scrape interval)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_healthy_canary_is_not_failed_and_a_bad_one_is(lab: Lab):
     assert healthy.metrics["error_ratio_web"].classification == "pass"
     assert healthy.metrics["error_ratio_web"].canary == 0.0
 
-    lab.build_add(BAD, error_rate=0.02)
+    lab.build_add(BAD, error_rate=0.05)
     deploy = lab.topology.deploy_node("gprd-cny").name
     out = lab.ssh(deploy, f"gitlab-chef-role set-version {BAD}")
     assert out.returncode == 0, out.stderr
@@ -82,5 +85,5 @@ def test_healthy_canary_is_not_failed_and_a_bad_one_is(lab: Lab):
     assert highs and highs <= {"error_ratio_web", "error_ratio_api"}, bad.to_json()
     for name in highs:
         m = bad.metrics[name]
-        assert m.p_value < 0.05 and m.baseline == 0.0 and 0.005 < m.canary < 0.08, bad.to_json()
+        assert m.p_value < 0.05 and m.baseline == 0.0 and 0.01 < m.canary < 0.15, bad.to_json()
         assert name in bad.reason
