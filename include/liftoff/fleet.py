@@ -1159,8 +1159,9 @@ class _Rollout(WindowRollout):
         if self._http is None:
             import aiohttp
 
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5),
-                                               connector=aiohttp.TCPConnector(limit=256, force_close=True))
+            # a host's checks follow each other on one kept-alive connection (it is idle after)
+            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=2.0)
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5), connector=connector)
         return self._http
 
     async def _close_http(self) -> None:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from liftoff.errors import HAProxyError, InvalidInput
 from liftoff.inventory import Environment, LoadBalancerRef
@@ -51,9 +52,9 @@ class PartialApplication(HAProxyError):
         super().__init__(f"{action} applied only partly: done on {ok}; NOT done on {bad}")
 
 
-@dataclass(frozen=True)
-class ServerState:
-    """One server line of one backend on one LB."""
+class ServerState(NamedTuple):
+    """One server line of one backend on one LB (a named tuple: a 1,000-server LB is read
+    several times a batch, and a frozen dataclass costs three times as much to build)."""
 
     lb: str
     backend: str
@@ -91,6 +92,7 @@ class Disagreement:
     states: dict[str, str]  # lb -> "STATUS/admin/weight"; "absent" when an LB lacks it
 
 
+@functools.lru_cache(maxsize=256)
 def base_status(raw: str) -> str:
     """``UP 1/3`` -> UP, ``MAINT (via x/y)`` -> MAINT, ``no check`` -> UP."""
     text = raw.strip()
@@ -130,39 +132,46 @@ def split_answers(text: str, count: int) -> list[str]:
     return answers
 
 
-STAT_FIELDS = ("pxname", "svname", "scur", "status", "weight", "type", "addr")
+def _csv_rows(lines: Iterable[str]) -> Iterator[list[str]]:
+    """CSV rows; a line without quotes (nearly every HAProxy line) is split without the csv
+    module, which costs a fifth as much: a 1,000-server LB is read several times a batch."""
+    for line in lines:
+        if not line or line.isspace():
+            continue
+        yield next(csv.reader([line])) if '"' in line else line.split(",")
 
 
-def parse_stat(text: str, fields: Sequence[str] = STAT_FIELDS) -> list[dict[str, str]]:
-    """Rows of ``show stat`` CSV (header ``# pxname,svname,...``) as dicts of ``fields``."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines or not lines[0].startswith("# "):
+def _stat_rows(text: str) -> tuple[list[str], Iterator[list[str]]]:
+    lines = text.split("\n")
+    first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
+    if first is None or not lines[first].startswith("# "):
         raise HAProxyError(f"unexpected 'show stat' answer: {text[:120]!r}")
-    header = lines[0][2:].split(",")
-    wanted = [(f, header.index(f)) for f in fields if f in header]
-    rows = []
-    for values in csv.reader(lines[1:]):
-        n = len(values)
-        rows.append({f: values[i] for f, i in wanted if i < n})
-    return rows
+    return lines[first][2:].rstrip("\r").split(","), _csv_rows(ln.rstrip("\r") for ln in lines[first + 1:])
 
 
-STATE_FIELDS = ("be_name", "srv_name", "srv_admin_state", "srv_uweight")
-
-
-def parse_servers_state(text: str) -> dict[tuple[str, str], dict[str, str]]:
-    """``show servers state`` (version 1) -> {(backend, server): {admin state, user weight}}."""
-    out: dict[tuple[str, str], dict[str, str]] = {}
-    idx: list[tuple[str, int]] = []
-    for line in text.splitlines():
+def _admin_of(text: str, with_op: bool = False) -> dict[tuple[str, str], tuple]:
+    """``show servers state`` -> {(backend, server): (srv_admin_state, srv_uweight or None)},
+    plus ``srv_op_state`` (or None) when ``with_op``."""
+    out: dict[tuple[str, str], tuple] = {}
+    cols: tuple[int, int, int, int | None, int | None] | None = None
+    need = 0
+    for line in text.split("\n"):
         if line.startswith("# "):
             header = line[2:].split()
-            idx = [(f, header.index(f)) for f in STATE_FIELDS if f in header]
-        elif idx and line.strip() and not line.strip().isdigit():
+            if not {"be_name", "srv_name", "srv_admin_state"} <= set(header):
+                cols = None
+                continue
+            cols = (header.index("be_name"), header.index("srv_name"), header.index("srv_admin_state"),
+                    header.index("srv_uweight") if "srv_uweight" in header else None,
+                    header.index("srv_op_state") if "srv_op_state" in header else None)
+            need = max(c for c in cols if c is not None)
+        elif cols is not None:
             values = line.split()
-            row = {f: values[i] for f, i in idx if i < len(values)}
-            if "be_name" in row and "srv_name" in row:
-                out[(row["be_name"], row["srv_name"])] = row
+            if len(values) <= need:
+                continue
+            b, s, a, w, o = cols
+            row = (values[a], values[w] if w is not None else None)
+            out[(values[b], values[s])] = (*row, values[o] if o is not None else None) if with_op else row
     return out
 
 
@@ -182,26 +191,49 @@ def _int(value: str | None, default: int = 0) -> int:
 
 def server_states(lb: str, stat: str, state: str) -> list[ServerState]:
     """Merge ``show stat`` (status, sessions) with ``show servers state`` (admin, user weight)."""
-    admin_rows = parse_servers_state(state)
+    admin_rows = _admin_of(state)
+    header, rows = _stat_rows(text=stat)
+    if "pxname" not in header or "svname" not in header:
+        raise HAProxyError(f"unexpected 'show stat' header: {','.join(header)[:120]!r}")
+    # absent columns read as "" (index len(values) and beyond are padded below)
+    px, sv, ty, st, wt, sc, ad = (header.index(f) if f in header else len(header) + 8
+                                  for f in ("pxname", "svname", "type", "status", "weight", "scur", "addr"))
+    pad = [""] * 9
     out = []
-    for row in parse_stat(stat):
-        server = row.get("svname", "")
-        if server in ("FRONTEND", "BACKEND") or row.get("type") not in (None, "2"):
+    for values in rows:
+        if len(values) <= max(px, sv):
             continue
-        backend = row.get("pxname", "")
-        extra = admin_rows.get((backend, server), {})
-        raw = row.get("status", "")
+        if len(values) <= len(header) + 8:
+            values = values + pad
+        server = values[sv]
+        if server in ("FRONTEND", "BACKEND") or values[ty] not in ("2", ""):
+            continue
+        backend = values[px]
+        raw = values[st]
         status = base_status(raw)
-        if extra:
-            admin = admin_state(_int(extra.get("srv_admin_state")))
-            weight = _int(extra.get("srv_uweight"), _int(row.get("weight")))
+        extra = admin_rows.get((backend, server))
+        if extra is not None:
+            admin = admin_state(_int(extra[0]))
+            weight = _int(extra[1], _int(values[wt])) if extra[1] is not None else _int(values[wt])
         else:
             admin = "maint" if status == "MAINT" else "drain" if status == "DRAIN" else "ready"
-            weight = _int(row.get("weight"))
+            weight = _int(values[wt])
         if admin == "drain" and status == "UP":
             status = "DRAIN"
-        out.append(ServerState(lb, backend, server, status, admin, weight, _int(row.get("scur")),
-                               row.get("addr", ""), raw))
+        out.append(ServerState(lb, backend, server, status, admin, weight, _int(values[sc]), values[ad], raw))
+    return out
+
+
+def admin_states(lb: str, state: str) -> list[ServerState]:
+    """Server lines from ``show servers state`` alone: admin state and user weight (what the
+    reconcile compares), the status from the operational state (``srv_op_state`` 2: running),
+    no session count. About a quarter of a ``show stat`` read's cost."""
+    out = []
+    for (backend, server), (bits, weight, op) in _admin_of(state, with_op=True).items():
+        admin = admin_state(_int(bits))
+        status = ("MAINT" if admin == "maint" else "DOWN" if op != "2"
+                  else "DRAIN" if admin == "drain" else "UP")
+        out.append(ServerState(lb, backend, server, status, admin, _int(weight), 0))
     return out
 
 
@@ -290,6 +322,15 @@ class HAProxy:
     async def asnapshot(self) -> dict[str, list[ServerState]]:
         """Every server line of every LB; raises HAProxyError naming each unreachable LB."""
         return await self._every_lb(self._read)
+
+    async def aadmin_snapshot(self) -> dict[str, list[ServerState]]:
+        """Every server line's admin state and user weight on every LB (:func:`admin_states`,
+        no session counts): the reconcile's read."""
+
+        async def read(lb: LoadBalancerRef) -> list[ServerState]:
+            return admin_states(lb.name, (await self.asend(lb, ["show servers state"]))[0])
+
+        return await self._every_lb(read)
 
     async def aservers(self, host_name: str | None = None) -> dict[str, list[ServerState]]:
         """``{lb: [ServerState]}`` for one host (every backend it is in), or for every server."""

@@ -163,7 +163,7 @@ async def areconcile(haproxy: HAProxy, store, env_name: str, run_id: str, who: s
     if not haproxy.lbs or store is None:
         return Reconciled()
     changing_before = set(skip()) if callable(skip) else set()
-    snap = await haproxy.asnapshot()
+    snap = await haproxy.aadmin_snapshot()  # admin states and weights: all a plan compares
     # every environment's records count: environments share LBs (production and its canary);
     # the store is read off the event loop, like the rollout's other store calls
     records, settings, locks = await asyncio.to_thread(

@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -951,22 +952,49 @@ class Store:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _upsert_many(self, table: Table, items: list[tuple[dict, dict, dict]]) -> None:
-        """Update-or-insert rows ``(key, values, insert_only)``, all in one transaction."""
-        if not items:
+        """Update-or-insert rows ``(key, values, insert_only)``, all in one transaction (a key
+        given twice: the last wins). One read of the keys that exist, one executemany update and
+        one multi-row insert per shape of row, not two statements a row: a batch of 100 hosts'
+        statuses cost a fifth of the orchestrator's CPU when each row built its own statements."""
+        latest: dict[tuple, tuple[dict, dict, dict]] = {}
+        for key, values, insert_only in items:
+            latest[(tuple(key), tuple(key.values()))] = (key, values, insert_only)
+        shapes: dict[tuple, list[tuple[dict, dict, dict]]] = {}
+        for row in latest.values():
+            shapes.setdefault(tuple(tuple(part) for part in row), []).append(row)
+        if not shapes:
             return
         for _ in range(5):
             try:
                 with self._tx() as conn:
-                    for key, values, insert_only in items:
-                        cond = and_(*(table.c[k] == v for k, v in key.items()))
-                        res = conn.execute(update(table).where(cond).values(**values))
-                        if not res.rowcount:
-                            conn.execute(insert(table).values(**key, **values, **insert_only))
+                    for (kcols, vcols, _), rows in shapes.items():
+                        _upsert_shape(conn, table, kcols, vcols, rows)
                 return
             except IntegrityError:
                 continue  # inserted concurrently: update it on the next round
         raise StoreError(f"could not write {table.name} for {items[0][0]}" + (
             f" and {len(items) - 1} more" if len(items) > 1 else ""))
+
+
+def _upsert_shape(conn: Connection, table: Table, kcols: tuple[str, ...], vcols: tuple[str, ...],
+                  rows: list[tuple[dict, dict, dict]], chunk: int = 400) -> None:
+    """Rows of one shape (the same key, value and insert-only columns): those whose key exists
+    are updated, the others inserted."""
+    keycols = [table.c[k] for k in kcols]
+    existing: set[tuple] = set()
+    for i in range(0, len(rows), chunk):
+        keys = [tuple(key[k] for k in kcols) for key, _, _ in rows[i:i + chunk]]
+        found = conn.execute(select(*keycols).where(tuple_(*keycols).in_(keys)))
+        existing.update(tuple(r) for r in found)
+    old = [r for r in rows if tuple(r[0][k] for k in kcols) in existing]
+    new = [r for r in rows if tuple(r[0][k] for k in kcols) not in existing]
+    if old:
+        stmt = (update(table).where(and_(*(table.c[k] == bindparam(f"k_{k}") for k in kcols)))
+                .values({v: bindparam(f"v_{v}") for v in vcols}))
+        conn.execute(stmt, [{**{f"k_{k}": key[k] for k in kcols}, **{f"v_{v}": values[v] for v in vcols}}
+                            for key, values, _ in old])
+    if new:
+        conn.execute(insert(table), [{**key, **values, **insert_only} for key, values, insert_only in new])
 
 
 def _lock(row) -> Lock:

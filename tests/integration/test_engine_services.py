@@ -33,6 +33,7 @@ from liftoff.alerts import AlertClient, QuietPeriod, check_async, run_quiet_peri
 from liftoff.errors import LockHeld
 from liftoff.metrics import PipelineMetrics
 from liftoff.store import Store
+from tests.unit.test_store import check_many_statuses, many_statuses
 
 NET = "127.56.0"
 BINARIES = {
@@ -503,3 +504,11 @@ def test_postgres_store_round_trip(pg_url):
     assert (again.current_version("gprd"), again.previous_version("gprd")) == ("16.3.0-ee.0", "16.2.0-ee.0")
     assert again.active_halt().patch_id == "p-1"
     again.close()
+
+
+def test_postgres_many_rows_are_updated_or_inserted_in_one_write(pg_url):
+    store = Store(pg_url)
+    try:
+        check_many_statuses(many_statuses(store))
+    finally:
+        store.close()

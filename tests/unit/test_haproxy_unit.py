@@ -10,6 +10,7 @@ from liftoff.errors import HAProxyError, InvalidInput
 from liftoff.haproxy import (
     HAProxy,
     PartialApplication,
+    admin_states,
     base_status,
     disagreements,
     out_of_service,
@@ -55,6 +56,23 @@ def test_statuses_from_real_output():
     assert states[("canary", "web-03-sv-gprd")].status == "UP"
     assert out_of_service({"lb1": list(states.values())}) == {
         "web-01-sv-gprd": "lb1 web DRAIN/drain"}
+
+
+def test_admin_states_from_the_servers_state_alone_agree_with_the_full_read():
+    full = {(s.backend, s.server): (s.status, s.admin, s.weight)
+            for s in server_states("lb1", REAL_STAT, REAL_STATE)}
+    light = {(s.backend, s.server): (s.status, s.admin, s.weight, s.sessions)
+             for s in admin_states("lb1", REAL_STATE)}
+    assert {k: v[:3] for k, v in light.items()} == full
+    assert {v[3] for v in light.values()} == {0}  # no session counts in this read
+
+
+def test_a_stat_line_with_a_quoted_field_is_read_like_the_others():
+    quoted = REAL_STAT.replace("L7OK,127.57.250.11", '"L7OK, 200 OK",127.57.250.11')
+    states = {(s.backend, s.server): s for s in server_states("lb1", quoted, REAL_STATE)}
+    assert states[("web", "web-02-sv-gprd")].address == "127.57.250.11:25701"
+    with pytest.raises(HAProxyError, match="unexpected 'show stat' answer"):
+        server_states("lb1", "No such backend.\n", REAL_STATE)
 
 
 @pytest.mark.parametrize("raw, want", [

@@ -181,6 +181,36 @@ def test_switching_host_key_checking_off_is_refused(tmp_path, monkeypatch, airfl
     assert r.exit_code is None and "no_host_key_check" in r.error and server.connections == 0
 
 
+@pytest.mark.parametrize("pinned", ["right", "wrong"])
+def test_a_pinned_host_key_is_the_only_key_trusted(tmp_path, monkeypatch, pinned):
+    async def body(server):
+        key = server.host_key if pinned == "right" else asyncssh.generate_private_key("ssh-ed25519")
+        line = key.export_public_key().decode().strip()
+        extra = {"key_file": str(server.key_file), "host_key": line}
+        conn = {**json.loads(server.conn()), "extra": extra}
+        monkeypatch.setenv("AIRFLOW_CONN_LIFTOFF_TEST_SSH", json.dumps(conn))
+        async with Remote("liftoff_test_ssh") as remote:
+            first = await remote.run(HOST, "echo hi", 60)
+            second = await remote.run(HostRef("web-02-sv-test", "127.0.0.1"), "echo hi", 60)
+        return server, first, second
+
+    server, first, second = run(tmp_path, monkeypatch, body)
+    if pinned == "right":
+        assert (first.stdout, second.stdout) == ("hi\n", "hi\n") and server.connections == 2
+    else:
+        assert all(r.exit_code is None and "HostKeyNotVerifiable" in r.error for r in (first, second))
+
+
+def test_a_key_file_that_cannot_be_read_is_said_and_nothing_connects(tmp_path, monkeypatch):
+    async def body(server):
+        async with Remote("liftoff_test_ssh") as remote:
+            return server, await remote.run(HOST, "echo hi", 60)
+
+    server, r = run(tmp_path, monkeypatch, body, key_file=str(tmp_path / "no-such-key"))
+    assert r.exit_code is None and "its key cannot be loaded" in r.error and "no-such-key" in r.error
+    assert server.connections == 0
+
+
 def test_unreachable_host_is_a_result_not_an_exception(tmp_path, monkeypatch):
     async def body(server):
         port = server.port

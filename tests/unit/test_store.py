@@ -270,3 +270,32 @@ def test_batch_drain_records_and_statuses(store):
     with pytest.raises(InvalidInput):
         store.record_drained_many("gprd", ["ok", "bad host;rm"], "run-1")
     assert [r.host for r in store.drained("gprd")] == ["web-02"], "bad input touches nothing"
+
+
+def many_statuses(store: Store) -> dict:
+    """450 hosts (more than one key-lookup chunk): 200 written first, then all 450 with one
+    given twice (the last wins); drained records likewise (an environment of their own: the
+    PostgreSQL test shares its database with others)."""
+    hosts = [f"web-{i:03d}-sv-gprd" for i in range(450)]
+    store.set_host_statuses("gmany:v2", "gmany", [(h, "draining", "batch 1") for h in hosts[:200]], "v2")
+    rows = [(h, "done", f"#{i}") for i, h in enumerate(hosts)] + [(hosts[7], "failed", "up: not UP")]
+    store.set_host_statuses("gmany:v2", "gmany", rows, "v2")
+    store.set_host_statuses("gmany:v1", "gmany", [(hosts[0], "done", "older")], "v1")
+    store.record_drained_many("gmany", hosts[:3], "run-1", "deploy")
+    store.record_drained_many("gmany", hosts[1:5], "run-2", "retry")
+    return {"statuses": store.host_statuses("gmany:v2"), "older": store.host_statuses("gmany:v1"),
+            "drained": {r.host: r.run_id for r in store.drained("gmany")}, "hosts": hosts}
+
+
+def check_many_statuses(seen: dict) -> None:
+    statuses, hosts = seen["statuses"], seen["hosts"]
+    assert len(statuses) == 450
+    assert {h: (p.status, p.detail) for h, p in statuses.items() if h != hosts[7]} == {
+        h: ("done", f"#{i}") for i, h in enumerate(hosts) if h != hosts[7]}
+    assert (statuses[hosts[7]].status, statuses[hosts[7]].detail) == ("failed", "up: not UP")
+    assert {h: p.detail for h, p in seen["older"].items()} == {hosts[0]: "older"}
+    assert seen["drained"] == {hosts[0]: "run-1", **{h: "run-2" for h in hosts[1:5]}}
+
+
+def test_many_rows_are_updated_or_inserted_in_one_write(store):
+    check_many_statuses(many_statuses(store))
