@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -105,10 +106,23 @@ class HostState:
 
 
 _pids = itertools.count(int(time.time()) % 50000 + 1000)
+_pid_lock = threading.Lock()
 
 
 def new_pid() -> int:
-    return next(_pids)
+    with _pid_lock:
+        return next(_pids)
+
+
+def pids_above(highest: int) -> None:
+    """The next PIDs this process hands out are above ``highest``: a process that loads hosts
+    another process created (``lab up`` writes them, labd loads them) would otherwise count
+    from the same time-based start in the same second and give a restarted service the PID it
+    had, which liftoff rightly calls a restart that did not happen ("PIDs did not change")."""
+    global _pids
+    with _pid_lock:
+        nxt = next(_pids)
+        _pids = itertools.count(max(nxt, highest + 1))
 
 
 def write_json(path: Path, data) -> None:
@@ -177,6 +191,7 @@ class World:
         for db in set(DATABASE.values()):
             self.databases[db] = json.loads((self.state_dir / "db" / f"{db}.json").read_text())
         self.roles = json.loads((self.state_dir / "roles.json").read_text())
+        pids_above(max((svc.pid for h in self.hosts.values() for svc in h.services.values()), default=0))
 
     def save_host(self, name: str) -> None:
         write_json(self.state_dir / "hosts" / f"{name}.json", self.hosts[name].to_json())

@@ -171,3 +171,25 @@ def test_front_ends(world):
     assert ends["gprd:fe-01-lb-gprd"].url == f"http://{cfg.net}.1.2:{cfg.lb_http_port}"
     assert ends["gprd:fe-02-lb-gprd"].url == f"http://{cfg.net}.1.3:{cfg.lb_http_port}"
     assert ends["gprd-cny"].url == world.topology.env_url("gprd-cny") and ends["gprd-cny"].canary
+
+
+def test_a_process_loading_hosts_another_created_never_hands_out_their_pids(tmp_path, monkeypatch):
+    """``lab up`` creates the hosts and labd, started in the same second, loads them: both
+    count PIDs from the same time-based start. A restart in labd must still give new PIDs."""
+    import itertools
+
+    from lab import model
+
+    start = 40_000
+    monkeypatch.setattr(model, "_pids", itertools.count(start))
+    created = World.open(LabConfig(lab_dir=tmp_path / "lab", octet=53))
+    for name in created.hosts:
+        created.save_host(name)
+    monkeypatch.setattr(model, "_pids", itertools.count(start))  # labd: the same start
+    loaded = World.open(LabConfig(lab_dir=tmp_path / "lab", octet=53))
+    before = {(h.name, s): svc.pid for h in loaded.hosts.values() for s, svc in h.services.items()}
+    for state in loaded.hosts.values():
+        loaded.restart_services(state)
+    after = {(h.name, s): svc.pid for h in loaded.hosts.values() for s, svc in h.services.items()}
+    assert len(before) > 10 and len(set(after.values())) == len(after)
+    assert not set(after.values()) & set(before.values())
