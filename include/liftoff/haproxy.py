@@ -195,16 +195,19 @@ def server_states(lb: str, stat: str, state: str) -> list[ServerState]:
     header, rows = _stat_rows(text=stat)
     if "pxname" not in header or "svname" not in header:
         raise HAProxyError(f"unexpected 'show stat' header: {','.join(header)[:120]!r}")
-    # absent columns read as "" (index len(values) and beyond are padded below)
-    px, sv, ty, st, wt, sc, ad = (header.index(f) if f in header else len(header) + 8
-                                  for f in ("pxname", "svname", "type", "status", "weight", "scur", "addr"))
-    pad = [""] * 9
+    width = len(header)
+    # an absent column is index -1: a short row (or any row, when a column is absent) is padded
+    # to the header's width plus one "" at the end
+    cols = [header.index(f) if f in header else -1
+            for f in ("pxname", "svname", "type", "status", "weight", "scur", "addr")]
+    px, sv, ty, st, wt, sc, ad = cols
+    complete = -1 not in cols
     out = []
     for values in rows:
         if len(values) <= max(px, sv):
             continue
-        if len(values) <= len(header) + 8:
-            values = values + pad
+        if not complete or len(values) < width:
+            values = [*values[:width], *[""] * (width - min(len(values), width)), ""]
         server = values[sv]
         if server in ("FRONTEND", "BACKEND") or values[ty] not in ("2", ""):
             continue

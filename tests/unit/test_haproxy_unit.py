@@ -75,6 +75,13 @@ def test_a_stat_line_with_a_quoted_field_is_read_like_the_others():
         server_states("lb1", "No such backend.\n", REAL_STATE)
 
 
+def test_absent_columns_and_short_rows_read_as_empty():
+    stat = "# pxname,svname,scur,status,weight\nweb,web-01-sv-gprd,2,UP,7\nweb,web-02-sv-gprd\n"
+    states = {s.server: s for s in server_states("lb1", stat, "")}
+    assert states["web-01-sv-gprd"][3:] == ("UP", "ready", 7, 2, "", "UP")
+    assert (states["web-02-sv-gprd"].status, states["web-02-sv-gprd"].weight) == ("DOWN", 0)
+
+
 @pytest.mark.parametrize("raw, want", [
     ("UP", "UP"), ("UP 1/3", "UP"), ("DOWN 1/2", "DOWN"), ("MAINT (via web/x)", "MAINT"),
     ("MAINT(resolution)", "MAINT"), ("no check", "UP"), ("NOLB", "NOLB"), ("DRAIN", "DRAIN"), ("?", "DOWN")])
