@@ -619,7 +619,306 @@ class _Batch:
         return self.on_phase is None or self.on_phase(phase, self)
 
 
-class _Rollout(WindowRollout):
+class _LBPhases:
+    """The batch phases on the load balancers and the records: drain, the sessions' end, the
+    reconcile before the install, ready, UP, clear (a part of :class:`_Rollout`)."""
+
+    async def _drain(self, b: _Batch) -> bool:
+        """Drain the batch on every LB at once; if that fails, the batch fails (hosts stay recorded)."""
+        for h in b.work:
+            self.report.hosts[h.name].step = "drain"
+        try:
+            async with self.lb_turn:  # never while a reconcile reads the LBs and the records
+                try:
+                    if b.lb_work:
+                        await self.haproxy.adrain(b.lb_work, snapshot=self.last_snapshot, label=b.label)
+                finally:
+                    self.unsettled.difference_update(h.name for h in b.work)
+        except HAProxyError as exc:
+            return await self._fail_batch(b, f"drain failed: {exc}")
+        b.lap("drain")
+        return True
+
+    async def _fail_batch(self, b: _Batch, reason: str) -> bool:
+        """Every host of the batch failed at its drain (they stay recorded); False."""
+        for h in b.work:
+            self._fail(h, "drain", reason)
+        if b.draining is not None:
+            await b.draining
+        await self._set_statuses([(h.name, "failed", self.report.hosts[h.name].reason) for h in b.work])
+        return False
+
+    async def _wait_sessions(self, b: _Batch) -> bool:
+        """Wait (bounded) until the drained hosts' sessions end; those still open are noted. Then,
+        right before the install, every LB is read again: one that lost liftoff's state (an LB
+        restarted since the drain) gets it back (:mod:`liftoff.lbstate`), or the batch fails."""
+        timeout = self.options.drain_timeout
+        left = await self.haproxy.await_sessions_zero(b.lb_work, timeout) if b.lb_work else {}
+        b.lap("sessions")
+        for name, n in (left or {}).items():
+            self.report.hosts[name].notes.append(
+                f"{n} session(s) still open after {timeout:.0f}s")
+        try:
+            if b.lb_work:
+                await self.haproxy.amark(b.label)  # a restart from now on is noticed (_wait_up)
+            fixed = await self._reconcile(f"{b.label}, before its install")
+        except HAProxyError as exc:
+            return await self._fail_batch(b, f"could not check every LB before the install: {exc}")
+        for lb, counts in fixed.changed.items():
+            what = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+            for name in b.lb_work:
+                self.report.hosts[name].notes.append(f"{lb} had lost liftoff's state before the install "
+                                                     f"(restarted?): put back ({what} server line(s))")
+        return True
+
+    async def _reconcile(self, why: str) -> lbstate.Reconciled:
+        """Put liftoff's recorded LB state back on an LB that lost it. This rollout's hosts in
+        the middle of a change are left alone: those being put back in service (ready, not yet
+        cleared) and those recorded but not drained yet (another batch, role or window group of
+        this run drains them in a moment). A drain waits for the reconcile (``lb_turn``): what the
+        reconcile reads of the LBs and of the records is not changed by this run meanwhile."""
+        if self.store is None or not self.env.load_balancers:
+            return lbstate.Reconciled()
+        def changing() -> set[str]:  # asked once the LBs and the records are read
+            readying = {n for n, hr in self.report.hosts.items()
+                        if hr.status == "done" or (hr.step == "ready" and hr.status != "failed")}
+            return readying | self.unsettled
+
+        async with self.lb_turn:
+            return await lbstate.areconcile(self.haproxy, self.store, self.env.name, self.run_id, "liftoff",
+                                            skip=changing, why=why)
+
+    async def _note_restarts(self, b: _Batch) -> None:
+        """LBs running another HAProxy process than before the batch's install (marked in
+        :meth:`_wait_sessions`): restarted, they came back with their config's states, the batch's
+        hosts in service while being upgraded. Said in the report, the log and the lock history."""
+        try:
+            restarted = await self.haproxy.arestarted_since(b.label)
+        except HAProxyError:
+            return  # the next read of every LB fails closed
+        if not restarted or not b.lb_work:
+            return
+        what = ", ".join(restarted)
+        sentence = (f"{what} restarted during the install of {b.label} ({len(b.lb_work)} host(s)): they may "
+                    "have been in service there while being upgraded")
+        log.warning("haproxy: %s", sentence)
+        for name in b.lb_work:
+            self.report.hosts[name].notes.append(f"{what} restarted during its install: it may have been in "
+                                                 "service there while it was upgraded")
+        if self.store is not None:
+            await self._db(self.store.record_event, self.env.name, "lb_restarted", self.run_id, "liftoff",
+                           sentence)
+
+    async def _host_flows(self, b: _Batch) -> bool:
+        """Each host's own steps (:meth:`_host`), concurrently; the next batch's inspection starts
+        once every host here is installing."""
+        waiting_to_start = len(b.work)
+
+        def host_started() -> None:
+            nonlocal waiting_to_start
+            waiting_to_start -= 1
+            if waiting_to_start == 0:
+                b.installing_started()
+
+        if b.draining is not None:
+            await b.draining
+        installing = self._set_statuses([(h.name, "installing", f"batch {b.index}") for h in b.work])
+        flows = asyncio.gather(*(self._host(b.role, h, b.flows[h.name], b.insp[h.name], host_started)
+                                 for h in b.work))
+        _, errors = await asyncio.gather(installing, flows)
+        b.lap("hosts")
+        b.good = [h for h, e in zip(b.work, errors, strict=True) if e is None]
+        for h, e in zip(b.work, errors, strict=True):
+            if e is not None:
+                self._fail(h, self.report.hosts[h.name].step, e)
+        return True
+
+    async def _ready(self, b: _Batch) -> bool:
+        """Back in service: ready on every LB (the hosts the LBs know)."""
+        good_lb = [h.name for h in b.good if h.name in self.lb_names]
+        if good_lb:
+            for name in good_lb:
+                self.report.hosts[name].step = "ready"
+            try:
+                await self.haproxy.aready(good_lb, label=b.label)
+                b.lap("ready")
+            except HAProxyError as exc:
+                b.not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
+        return True
+
+    async def _wait_up(self, b: _Batch) -> bool:
+        """Wait until every LB reports the hosts UP; those that are not fail and are drained again.
+        An LB restarted during the batch (its hosts may have been in service there while they
+        were upgraded) is said in the report, the log and the lock history."""
+        await self._note_restarts(b)
+        good_lb = [h.name for h in b.good if h.name in self.lb_names]
+        if good_lb and not b.not_up:
+            try:
+                b.not_up = await self.haproxy.await_up(good_lb, self.options.up_timeout)
+                b.lap("up")
+            except HAProxyError as exc:
+                b.not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
+        if not b.not_up:
+            return True
+        for name, where in b.not_up.items():
+            detail = "; ".join(f"{lb}: {s}" for lb, s in where.items())
+            self._fail(self.env.host(name), "up", f"not UP on every LB after "
+                       f"{self.options.up_timeout:.0f}s: {detail}")
+        try:  # a failed host stays drained
+            await self.haproxy.adrain(list(b.not_up), label=f"{b.label} (not UP)")
+        except HAProxyError as exc:
+            for name in b.not_up:
+                self.report.hosts[name].notes.append(f"could not drain it again: {exc}")
+        b.good = [h for h in b.good if h.name not in b.not_up]
+        return True
+
+    async def _clear(self, b: _Batch) -> bool:
+        """The hosts back in service are done: their drain records go, every host's status is written."""
+        reports = self.report.hosts
+        now = time.monotonic()
+        for h in b.good:
+            hr = reports[h.name]
+            hr.status, hr.step, hr.duration = "done", "done", round(now - b.t0, 3)
+            log.info("%s: %s -> %s in %.1f s (%s%s)", h.name, hr.from_version or "?", self.version,
+                     hr.duration, b.position, ", repaired" if hr.repaired else "")
+
+        def finish() -> None:
+            self.store.clear_drained_many(self.env.name, [h.name for h in b.good])
+            self.store.forget_lb_state([h.name for h in b.good])  # in service now, whatever was set before
+            self._statuses([(h.name, reports[h.name].status, reports[h.name].reason or
+                             ("repaired" if reports[h.name].repaired else "")) for h in b.work])
+
+        if self.store is not None:
+            await asyncio.to_thread(finish)
+        try:  # an LB restarted during the batch gets liftoff's state back (the next read fails closed)
+            await self._reconcile(f"after {b.label}")
+        except HAProxyError as exc:
+            log.warning("could not check every LB after %s: %s", b.label, exc)
+        return True
+
+
+class _HostSteps:
+    """One host's own steps once drained: its SSH session of commands, the PID check, the HTTP
+    or command checks (a part of :class:`_Rollout`)."""
+
+    # -- one host --------------------------------------------------------------------------------
+    async def _host(self, role: Role, h: HostRef, flow: list[Step], insp: _Inspection,
+                    started: Callable[[], None] = lambda: None) -> str | None:
+        """The host's own steps of its flow, in order: consecutive commands in one SSH session
+        (:meth:`_session_steps`), then the checks (:meth:`_checks`). None when it is ready to go
+        back in service, else why not."""
+        own = (s for s in flow if s.kind in HOST_KINDS)
+        for is_session, group in itertools.groupby(own, key=lambda s: s.kind == "run"):
+            steps = list(group)
+            if is_session:
+                commands = [c for s in steps for c in s.commands]
+                err = await self._session_steps(role, h, commands, insp, started)
+                started = _no_callback  # once per host: when its first session runs
+            else:
+                err = await self._checks(h, steps)
+            if err:
+                return err
+        return None
+
+    async def _session_steps(self, role: Role, h: HostRef, steps: list[tuple[str, str]], insp: _Inspection,
+                             started: Callable[[], None]) -> str | None:
+        """Chef stop, install, patches, reconfigure, HUP/restarts, status: one SSH session, stopping
+        at the first step that fails; then the restarted services' PIDs must have changed."""
+        hr = self.report.hosts[h.name]
+        hr.step = STEP_KIND[steps[0][0].split("-", 1)[0]]
+        limit = self.options.install_timeout + self.options.command_timeout * len(steps)
+        r = await self.remote.run(h, chained_command(steps), limit, started=started)
+        done, unfinished = split_step_output(steps, r.stdout)
+        if "chef-stop" in done:
+            hr.chef = "stopped"
+        if unfinished is not None or not r.ok:
+            failed = unfinished or steps[-1][0]
+            hr.step = STEP_KIND[failed.split("-", 1)[0]]
+            what = dataclasses.replace(r, command=dict(steps)[failed]).describe()  # the step, not the chain
+            if r.exit_code is None:  # cut off: the host's output (and so its progress) never came back
+                if not done:
+                    hr.chef = "unknown"
+                    hr.notes.append("the session was cut before the host reported: chef may be stopped")
+                return f"{step_label(failed)} (or a later step) did not finish: {what}"
+            if failed == "chef-stop":
+                return f"could not stop chef: {what}"
+            return f"{step_label(failed)} failed: {what}"
+        return self._pids_changed(role, insp, done["status"]) if "status" in done else None
+
+    @staticmethod
+    def _pids_changed(role: Role, insp: _Inspection, status: str) -> str | None:
+        after = parse_pids(status)
+        before = insp.pids or {}
+        down = sorted(s for s, pid in after.items() if pid is None)
+        if down:
+            return f"services down after restart: {', '.join(down)}"
+        same = [s for s in (*role.hup, *role.restart)
+                if after.get(s) is not None and after.get(s) == before.get(s)]
+        missing = [s for s in (*role.hup, *role.restart) if s not in after]
+        if same or missing:
+            return ("PIDs did not change for " + ", ".join(same) if same else
+                    "services missing from gitlab-ctl status: " + ", ".join(missing))
+        return None
+
+    async def _checks(self, h: HostRef, steps: list[Step]) -> str | None:
+        """The version and health checks: over HTTP (retried until health_timeout, for them all)
+        or the installed version by command."""
+        hr = self.report.hosts[h.name]
+        deadline = time.monotonic() + self.options.health_timeout
+        for step in steps:
+            hr.step = step.kind
+            if step.url:
+                err = await self._http_check(step, deadline)
+                if err:
+                    return err
+                continue
+            r = await self.remote.run(h, step.commands[0][1], self.options.command_timeout)
+            if not r.ok or r.stdout.strip() != self.version:
+                return f"installed version is {r.stdout.strip() or '?'} after install, not {self.version}"
+        return None
+
+    # -- HTTP checks -----------------------------------------------------------------------------
+    async def _session(self) -> Any:
+        if self._http is None:
+            import aiohttp
+
+            # a host's checks follow each other on one kept-alive connection (it is idle after)
+            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=2.0)
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5), connector=connector)
+        return self._http
+
+    async def _close_http(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def _http_check(self, step: Step, deadline: float) -> str | None:
+        """GET the step's URL until it answers as wanted (``verify``: the running version from
+        /api/v4/version; ``health``: 200 from /-/readiness), retried until ``deadline``."""
+        session = await self._session()
+        path = urlsplit(step.url).path
+        last = ""
+        while True:
+            try:
+                async with session.get(step.url) as resp:
+                    if step.kind == "verify":
+                        body = await resp.json(content_type=None) if resp.status == 200 else {}
+                        running = body.get("version") if isinstance(body, dict) else None
+                        if running == self.version:
+                            return None
+                        last = f"GET {path}: HTTP {resp.status}, running {running!r}, want {self.version}"
+                    else:
+                        if resp.status == 200:
+                            return None
+                        last = f"GET {path}: HTTP {resp.status}"
+            except Exception as exc:  # refused, reset, timeout, bad JSON
+                last = f"GET {path}: {type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                return f"{'version check' if step.kind == 'verify' else 'health check'} failed: {last}"
+            await asyncio.sleep(0.5)
+
+
+class _Rollout(_LBPhases, _HostSteps, WindowRollout):
     def __init__(self, env: Environment, version: str, run_id: str, store: Any, remote: Remote,
                  haproxy: HAProxy, options: RolloutOptions):
         self.env = env
@@ -891,178 +1190,6 @@ class _Rollout(WindowRollout):
         b.t0 = time.monotonic()
         return True
 
-    async def _drain(self, b: _Batch) -> bool:
-        """Drain the batch on every LB at once; if that fails, the batch fails (hosts stay recorded)."""
-        for h in b.work:
-            self.report.hosts[h.name].step = "drain"
-        try:
-            async with self.lb_turn:  # never while a reconcile reads the LBs and the records
-                try:
-                    if b.lb_work:
-                        await self.haproxy.adrain(b.lb_work, snapshot=self.last_snapshot, label=b.label)
-                finally:
-                    self.unsettled.difference_update(h.name for h in b.work)
-        except HAProxyError as exc:
-            return await self._fail_batch(b, f"drain failed: {exc}")
-        b.lap("drain")
-        return True
-
-    async def _fail_batch(self, b: _Batch, reason: str) -> bool:
-        """Every host of the batch failed at its drain (they stay recorded); False."""
-        for h in b.work:
-            self._fail(h, "drain", reason)
-        if b.draining is not None:
-            await b.draining
-        await self._set_statuses([(h.name, "failed", self.report.hosts[h.name].reason) for h in b.work])
-        return False
-
-    async def _wait_sessions(self, b: _Batch) -> bool:
-        """Wait (bounded) until the drained hosts' sessions end; those still open are noted. Then,
-        right before the install, every LB is read again: one that lost liftoff's state (an LB
-        restarted since the drain) gets it back (:mod:`liftoff.lbstate`), or the batch fails."""
-        timeout = self.options.drain_timeout
-        left = await self.haproxy.await_sessions_zero(b.lb_work, timeout) if b.lb_work else {}
-        b.lap("sessions")
-        for name, n in (left or {}).items():
-            self.report.hosts[name].notes.append(
-                f"{n} session(s) still open after {timeout:.0f}s")
-        try:
-            if b.lb_work:
-                await self.haproxy.amark(b.label)  # a restart from now on is noticed (_wait_up)
-            fixed = await self._reconcile(f"{b.label}, before its install")
-        except HAProxyError as exc:
-            return await self._fail_batch(b, f"could not check every LB before the install: {exc}")
-        for lb, counts in fixed.changed.items():
-            what = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
-            for name in b.lb_work:
-                self.report.hosts[name].notes.append(f"{lb} had lost liftoff's state before the install "
-                                                     f"(restarted?): put back ({what} server line(s))")
-        return True
-
-    async def _reconcile(self, why: str) -> lbstate.Reconciled:
-        """Put liftoff's recorded LB state back on an LB that lost it. This rollout's hosts in
-        the middle of a change are left alone: those being put back in service (ready, not yet
-        cleared) and those recorded but not drained yet (another batch, role or window group of
-        this run drains them in a moment). A drain waits for the reconcile (``lb_turn``): what the
-        reconcile reads of the LBs and of the records is not changed by this run meanwhile."""
-        if self.store is None or not self.env.load_balancers:
-            return lbstate.Reconciled()
-        def changing() -> set[str]:  # asked once the LBs and the records are read
-            readying = {n for n, hr in self.report.hosts.items()
-                        if hr.status == "done" or (hr.step == "ready" and hr.status != "failed")}
-            return readying | self.unsettled
-
-        async with self.lb_turn:
-            return await lbstate.areconcile(self.haproxy, self.store, self.env.name, self.run_id, "liftoff",
-                                            skip=changing, why=why)
-
-    async def _note_restarts(self, b: _Batch) -> None:
-        """LBs running another HAProxy process than before the batch's install (marked in
-        :meth:`_wait_sessions`): restarted, they came back with their config's states, the batch's
-        hosts in service while being upgraded. Said in the report, the log and the lock history."""
-        try:
-            restarted = await self.haproxy.arestarted_since(b.label)
-        except HAProxyError:
-            return  # the next read of every LB fails closed
-        if not restarted or not b.lb_work:
-            return
-        what = ", ".join(restarted)
-        sentence = (f"{what} restarted during the install of {b.label} ({len(b.lb_work)} host(s)): they may "
-                    "have been in service there while being upgraded")
-        log.warning("haproxy: %s", sentence)
-        for name in b.lb_work:
-            self.report.hosts[name].notes.append(f"{what} restarted during its install: it may have been in "
-                                                 "service there while it was upgraded")
-        if self.store is not None:
-            await self._db(self.store.record_event, self.env.name, "lb_restarted", self.run_id, "liftoff",
-                           sentence)
-
-    async def _host_flows(self, b: _Batch) -> bool:
-        """Each host's own steps (:meth:`_host`), concurrently; the next batch's inspection starts
-        once every host here is installing."""
-        waiting_to_start = len(b.work)
-
-        def host_started() -> None:
-            nonlocal waiting_to_start
-            waiting_to_start -= 1
-            if waiting_to_start == 0:
-                b.installing_started()
-
-        if b.draining is not None:
-            await b.draining
-        installing = self._set_statuses([(h.name, "installing", f"batch {b.index}") for h in b.work])
-        flows = asyncio.gather(*(self._host(b.role, h, b.flows[h.name], b.insp[h.name], host_started)
-                                 for h in b.work))
-        _, errors = await asyncio.gather(installing, flows)
-        b.lap("hosts")
-        b.good = [h for h, e in zip(b.work, errors, strict=True) if e is None]
-        for h, e in zip(b.work, errors, strict=True):
-            if e is not None:
-                self._fail(h, self.report.hosts[h.name].step, e)
-        return True
-
-    async def _ready(self, b: _Batch) -> bool:
-        """Back in service: ready on every LB (the hosts the LBs know)."""
-        good_lb = [h.name for h in b.good if h.name in self.lb_names]
-        if good_lb:
-            for name in good_lb:
-                self.report.hosts[name].step = "ready"
-            try:
-                await self.haproxy.aready(good_lb, label=b.label)
-                b.lap("ready")
-            except HAProxyError as exc:
-                b.not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
-        return True
-
-    async def _wait_up(self, b: _Batch) -> bool:
-        """Wait until every LB reports the hosts UP; those that are not fail and are drained again.
-        An LB restarted during the batch (its hosts may have been in service there while they
-        were upgraded) is said in the report, the log and the lock history."""
-        await self._note_restarts(b)
-        good_lb = [h.name for h in b.good if h.name in self.lb_names]
-        if good_lb and not b.not_up:
-            try:
-                b.not_up = await self.haproxy.await_up(good_lb, self.options.up_timeout)
-                b.lap("up")
-            except HAProxyError as exc:
-                b.not_up = {name: {"*": f"ready failed: {exc}"} for name in good_lb}
-        if not b.not_up:
-            return True
-        for name, where in b.not_up.items():
-            detail = "; ".join(f"{lb}: {s}" for lb, s in where.items())
-            self._fail(self.env.host(name), "up", f"not UP on every LB after "
-                       f"{self.options.up_timeout:.0f}s: {detail}")
-        try:  # a failed host stays drained
-            await self.haproxy.adrain(list(b.not_up), label=f"{b.label} (not UP)")
-        except HAProxyError as exc:
-            for name in b.not_up:
-                self.report.hosts[name].notes.append(f"could not drain it again: {exc}")
-        b.good = [h for h in b.good if h.name not in b.not_up]
-        return True
-
-    async def _clear(self, b: _Batch) -> bool:
-        """The hosts back in service are done: their drain records go, every host's status is written."""
-        reports = self.report.hosts
-        now = time.monotonic()
-        for h in b.good:
-            hr = reports[h.name]
-            hr.status, hr.step, hr.duration = "done", "done", round(now - b.t0, 3)
-            log.info("%s: %s -> %s in %.1f s (%s%s)", h.name, hr.from_version or "?", self.version,
-                     hr.duration, b.position, ", repaired" if hr.repaired else "")
-
-        def finish() -> None:
-            self.store.clear_drained_many(self.env.name, [h.name for h in b.good])
-            self.store.forget_lb_state([h.name for h in b.good])  # in service now, whatever was set before
-            self._statuses([(h.name, reports[h.name].status, reports[h.name].reason or
-                             ("repaired" if reports[h.name].repaired else "")) for h in b.work])
-
-        if self.store is not None:
-            await asyncio.to_thread(finish)
-        try:  # an LB restarted during the batch gets liftoff's state back (the next read fails closed)
-            await self._reconcile(f"after {b.label}")
-        except HAProxyError as exc:
-            log.warning("could not check every LB after %s: %s", b.label, exc)
-        return True
 
     async def _chef_at_batch_end(self, b: _Batch) -> bool:
         """Chef starts on the done hosts now (``chef_start="host"``; "role": at the role's end)."""
@@ -1078,121 +1205,6 @@ class _Rollout(WindowRollout):
     async def _close(self, hosts: list[HostRef]) -> None:
         await asyncio.gather(*(self.remote.close_host(h) for h in hosts), return_exceptions=True)
 
-    # -- one host --------------------------------------------------------------------------------
-    async def _host(self, role: Role, h: HostRef, flow: list[Step], insp: _Inspection,
-                    started: Callable[[], None] = lambda: None) -> str | None:
-        """The host's own steps of its flow, in order: consecutive commands in one SSH session
-        (:meth:`_session_steps`), then the checks (:meth:`_checks`). None when it is ready to go
-        back in service, else why not."""
-        own = (s for s in flow if s.kind in HOST_KINDS)
-        for is_session, group in itertools.groupby(own, key=lambda s: s.kind == "run"):
-            steps = list(group)
-            if is_session:
-                commands = [c for s in steps for c in s.commands]
-                err = await self._session_steps(role, h, commands, insp, started)
-                started = _no_callback  # once per host: when its first session runs
-            else:
-                err = await self._checks(h, steps)
-            if err:
-                return err
-        return None
-
-    async def _session_steps(self, role: Role, h: HostRef, steps: list[tuple[str, str]], insp: _Inspection,
-                             started: Callable[[], None]) -> str | None:
-        """Chef stop, install, patches, reconfigure, HUP/restarts, status: one SSH session, stopping
-        at the first step that fails; then the restarted services' PIDs must have changed."""
-        hr = self.report.hosts[h.name]
-        hr.step = STEP_KIND[steps[0][0].split("-", 1)[0]]
-        limit = self.options.install_timeout + self.options.command_timeout * len(steps)
-        r = await self.remote.run(h, chained_command(steps), limit, started=started)
-        done, unfinished = split_step_output(steps, r.stdout)
-        if "chef-stop" in done:
-            hr.chef = "stopped"
-        if unfinished is not None or not r.ok:
-            failed = unfinished or steps[-1][0]
-            hr.step = STEP_KIND[failed.split("-", 1)[0]]
-            what = dataclasses.replace(r, command=dict(steps)[failed]).describe()  # the step, not the chain
-            if r.exit_code is None:  # cut off: the host's output (and so its progress) never came back
-                if not done:
-                    hr.chef = "unknown"
-                    hr.notes.append("the session was cut before the host reported: chef may be stopped")
-                return f"{step_label(failed)} (or a later step) did not finish: {what}"
-            if failed == "chef-stop":
-                return f"could not stop chef: {what}"
-            return f"{step_label(failed)} failed: {what}"
-        return self._pids_changed(role, insp, done["status"]) if "status" in done else None
-
-    @staticmethod
-    def _pids_changed(role: Role, insp: _Inspection, status: str) -> str | None:
-        after = parse_pids(status)
-        before = insp.pids or {}
-        down = sorted(s for s, pid in after.items() if pid is None)
-        if down:
-            return f"services down after restart: {', '.join(down)}"
-        same = [s for s in (*role.hup, *role.restart)
-                if after.get(s) is not None and after.get(s) == before.get(s)]
-        missing = [s for s in (*role.hup, *role.restart) if s not in after]
-        if same or missing:
-            return ("PIDs did not change for " + ", ".join(same) if same else
-                    "services missing from gitlab-ctl status: " + ", ".join(missing))
-        return None
-
-    async def _checks(self, h: HostRef, steps: list[Step]) -> str | None:
-        """The version and health checks: over HTTP (retried until health_timeout, for them all)
-        or the installed version by command."""
-        hr = self.report.hosts[h.name]
-        deadline = time.monotonic() + self.options.health_timeout
-        for step in steps:
-            hr.step = step.kind
-            if step.url:
-                err = await self._http_check(step, deadline)
-                if err:
-                    return err
-                continue
-            r = await self.remote.run(h, step.commands[0][1], self.options.command_timeout)
-            if not r.ok or r.stdout.strip() != self.version:
-                return f"installed version is {r.stdout.strip() or '?'} after install, not {self.version}"
-        return None
-
-    # -- HTTP checks -----------------------------------------------------------------------------
-    async def _session(self) -> Any:
-        if self._http is None:
-            import aiohttp
-
-            # a host's checks follow each other on one kept-alive connection (it is idle after)
-            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=2.0)
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5), connector=connector)
-        return self._http
-
-    async def _close_http(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-
-    async def _http_check(self, step: Step, deadline: float) -> str | None:
-        """GET the step's URL until it answers as wanted (``verify``: the running version from
-        /api/v4/version; ``health``: 200 from /-/readiness), retried until ``deadline``."""
-        session = await self._session()
-        path = urlsplit(step.url).path
-        last = ""
-        while True:
-            try:
-                async with session.get(step.url) as resp:
-                    if step.kind == "verify":
-                        body = await resp.json(content_type=None) if resp.status == 200 else {}
-                        running = body.get("version") if isinstance(body, dict) else None
-                        if running == self.version:
-                            return None
-                        last = f"GET {path}: HTTP {resp.status}, running {running!r}, want {self.version}"
-                    else:
-                        if resp.status == 200:
-                            return None
-                        last = f"GET {path}: HTTP {resp.status}"
-            except Exception as exc:  # refused, reset, timeout, bad JSON
-                last = f"GET {path}: {type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                return f"{'version check' if step.kind == 'verify' else 'health check'} failed: {last}"
-            await asyncio.sleep(0.5)
 
     # -- chef --------------------------------------------------------------------------------------
     async def _chef_role_at_target(self) -> bool:
