@@ -380,70 +380,8 @@ def _safe_url(url: str) -> str:
         return "<unparsable url>"
 
 
-class Store:
-    """The state store at a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``)."""
-
-    def __init__(self, url: str, *, create: bool = True, echo: bool = False):
-        self.url = url
-        try:
-            parsed = make_url(url)
-        except Exception:
-            raise StoreError(f"not a database URL: {_safe_url(url)}") from None
-        kwargs: dict = {"echo": echo}
-        # An in-memory SQLite database is one connection shared by every thread (StaticPool):
-        # transactions on it must take turns, or two threads' BEGINs collide.
-        self._shared_connection: threading.Lock | contextlib.nullcontext = contextlib.nullcontext()
-        if parsed.get_backend_name() == "sqlite":
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-            if parsed.database in (None, "", ":memory:"):
-                kwargs["poolclass"] = StaticPool
-                self._shared_connection = threading.Lock()
-        else:
-            kwargs["pool_pre_ping"] = True
-        try:
-            self.engine: Engine = create_engine(parsed, **kwargs)
-        except Exception as exc:
-            raise StoreError(
-                f"cannot open state store {_safe_url(url)}: {type(exc).__name__}: {exc}") from None
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_on_connect)
-            event.listen(self.engine, "begin", _sqlite_on_begin)
-        if create:
-            self.create_tables()
-
-    @classmethod
-    def from_settings(cls, inventory=None) -> Store:
-        from liftoff.settings import state_url
-
-        return cls(state_url(inventory))
-
-    def __repr__(self) -> str:
-        return f"Store({_safe_url(self.url)!r})"
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    def create_tables(self) -> None:
-        """Create the tables if missing (safe when several processes start at once)."""
-        for attempt in range(5):
-            try:
-                metadata.create_all(self.engine)
-                return
-            except (IntegrityError, ProgrammingError, OperationalError) as exc:
-                if attempt == 4:
-                    raise StoreError(f"cannot create tables in {_safe_url(self.url)}: {exc.orig}") from None
-                time.sleep(0.1 * (attempt + 1))
-
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        try:
-            with self._shared_connection, self.engine.begin() as conn:
-                yield conn
-        except (IntegrityError, LockHeld, InvalidInput):
-            raise
-        except SQLAlchemyError as exc:
-            raise StoreError(f"state store {_safe_url(self.url)} failed: {type(exc).__name__}: "
-                             f"{getattr(exc, 'orig', exc)}") from None
+class _LockRecords:
+    """The environments' locks and their history (a part of :class:`Store`)."""
 
     # -- locks -----------------------------------------------------------------------------------
     def acquire(self, env: str, run_id: str, who: str, reason: str = "") -> Lock:
@@ -530,6 +468,11 @@ class Store:
                at: float) -> None:
         conn.execute(insert(lock_events_t).values(env=env, action=action, run_id=run_id, who=who,
                                                   reason=reason, at=at))
+
+
+class _FleetRecords:
+    """What a rollout writes as it goes: drain records, LB settings, host progress, the audit
+    trail (a part of :class:`Store`)."""
 
     # -- drain records (write-ahead) ------------------------------------------------------------
     def record_drained(self, env: str, host: str, run_id: str, reason: str = "") -> DrainRecord:
@@ -693,6 +636,11 @@ class Store:
             rows = conn.execute(q).all()
         return [AuditRecord(r.id, _dt(r.at), r.run_id, r.env, r.host, r.command, r.exit_code, r.duration_s,
                             r.output_tail) for r in rows]
+
+
+class _ReleaseRecords:
+    """Deployments, patches and halts, freezes, approved checks, reports, step failures, canary
+    judgements (a part of :class:`Store`)."""
 
     # -- deployments --------------------------------------------------------------------------------
     def record_deployment(self, env: str, version: str, run_id: str, kind: str = "deploy",
@@ -949,6 +897,72 @@ class Store:
             rows = conn.execute(q).all()
         return [AnalysisRecord(r.run_id, r.env, r.stage, r.weight, r.verdict, r.score, r.decision,
                                r.verdict_json, _dt(r.at)) for r in reversed(rows)]
+
+
+class Store(_LockRecords, _FleetRecords, _ReleaseRecords):
+    """The state store at a SQLAlchemy URL (``sqlite:///path`` or ``postgresql://...``)."""
+
+    def __init__(self, url: str, *, create: bool = True, echo: bool = False):
+        self.url = url
+        try:
+            parsed = make_url(url)
+        except Exception:
+            raise StoreError(f"not a database URL: {_safe_url(url)}") from None
+        kwargs: dict = {"echo": echo}
+        # An in-memory SQLite database is one connection shared by every thread (StaticPool):
+        # transactions on it must take turns, or two threads' BEGINs collide.
+        self._shared_connection: threading.Lock | contextlib.nullcontext = contextlib.nullcontext()
+        if parsed.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            if parsed.database in (None, "", ":memory:"):
+                kwargs["poolclass"] = StaticPool
+                self._shared_connection = threading.Lock()
+        else:
+            kwargs["pool_pre_ping"] = True
+        try:
+            self.engine: Engine = create_engine(parsed, **kwargs)
+        except Exception as exc:
+            raise StoreError(
+                f"cannot open state store {_safe_url(url)}: {type(exc).__name__}: {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine, "begin", _sqlite_on_begin)
+        if create:
+            self.create_tables()
+
+    @classmethod
+    def from_settings(cls, inventory=None) -> Store:
+        from liftoff.settings import state_url
+
+        return cls(state_url(inventory))
+
+    def __repr__(self) -> str:
+        return f"Store({_safe_url(self.url)!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create_tables(self) -> None:
+        """Create the tables if missing (safe when several processes start at once)."""
+        for attempt in range(5):
+            try:
+                metadata.create_all(self.engine)
+                return
+            except (IntegrityError, ProgrammingError, OperationalError) as exc:
+                if attempt == 4:
+                    raise StoreError(f"cannot create tables in {_safe_url(self.url)}: {exc.orig}") from None
+                time.sleep(0.1 * (attempt + 1))
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self._shared_connection, self.engine.begin() as conn:
+                yield conn
+        except (IntegrityError, LockHeld, InvalidInput):
+            raise
+        except SQLAlchemyError as exc:
+            raise StoreError(f"state store {_safe_url(self.url)} failed: {type(exc).__name__}: "
+                             f"{getattr(exc, 'orig', exc)}") from None
 
     # -- helpers -----------------------------------------------------------------------------------
     def _upsert_many(self, table: Table, items: list[tuple[dict, dict, dict]]) -> None:
