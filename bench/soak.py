@@ -160,172 +160,9 @@ def dag_mix(short: bool, dags: list[str] | None = None) -> list[tuple[str, int]]
     return [(d, w) for d, w in DAG_MIX if d in (dags or default)]
 
 
-class Soak:
-    def __init__(self, lab: Lab, stack: Stack | None, seed: int, short: bool, faults: list[str] | None = None,
-                 *, dags: list[str] | None = None, celery: bool = False, store=None, inventory=None):
-        from liftoff.inventory import load_inventory
-        from liftoff.store import Store
-
-        self.lab = lab
-        self.stack = stack
-        self.seed = seed
-        self.short = short
-        self.celery = celery
-        self.fault_kinds = fault_kinds(faults, celery)
-        self.dag_mix = dag_mix(short, dags)
-        self.inventory = inventory if inventory is not None else load_inventory()
-        if store is None:
-            url = (stack.state_url if stack is not None and getattr(stack, "state_database", None)
-                   else json.loads(lab.env["AIRFLOW_CONN_LIFTOFF_STATE"])["extra"]["url"])
-            store = Store(url)
-        self.store = store
-        self.checker = Checker(lab, self.store, self.inventory)
-        self.runs: dict[str, str] = {}  # run id -> state, every run the soak started
-        self.run_dags: dict[str, str] = {}
-        self.seq = 7500
-        self.good: dict[str, str] = {}  # env -> newest good build deployed there
-        self.verified: str | None = None  # the build the last successful deploy_canary verified
-        self.patches: list[str] = []  # post-deployment patches applied: every later build includes them
-        self.rejected: set[str] = set()  # runs whose production checks the soak rejected
-        self.faults = Counter()
-        self.recoveries = Counter()
-        self.violations: list[dict] = []
-        self.outcomes = Counter()
-        self.fast_canary_weights: Counter = Counter()  # canary weights seen in fast deploys to gprd-cny
-        self.audit = lab.config.path("state", "audit.log")
-        self.cli_env = stack.cli_env() if stack is not None else {}
-
-    # -- builds ---------------------------------------------------------------------------------
-    def new_build(self, rng: random.Random, env: str, kind: str) -> str:
-        self.seq += 1
-        sha = f"{rng.getrandbits(28):07x}"
-        version = f"17.9.0+rnightly.{self.seq}.{sha}-0"
-        attrs: dict = {"nightly": True}
-        if self.patches:
-            attrs["includes_patches"] = list(self.patches)  # the patches are merged: a build has them
-        if kind == "migration_fails":
-            attrs["migration_fails"] = True
-        elif kind == "install_fails":
-            hosts = [h.name for h in self.lab.topology.env_hosts(env) if h.role in ("web", "api", "git")]
-            attrs["install_fails_on"] = [rng.choice(hosts)]
-        elif kind == "internal":
-            attrs["internal"] = True
-            self.checker.internal_versions.add(version)
-        self.lab.build_add(version, **attrs)
-        return version
-
-    # -- plans ------------------------------------------------------------------------------------
-    def promotable(self) -> str | None:
-        """The build deploy_production may promote: the one the last deploy_canary verified, while
-        the canary still runs it (liftoff's record)."""
-        if self.verified and self.store.current_version("gprd-cny") == self.verified:
-            return self.verified
-        return None
-
-    def plan(self, index: int) -> Plan:
-        rng = random.Random(f"{self.seed}/{index}")
-        dags, weights = zip(*self.dag_mix, strict=True)
-        dag = rng.choices(dags, weights)[0]
-        env = rng.choice(["gstg", "gprd-cny", "gprd"])
-        build_kind = rng.choices(["good", "migration_fails", "install_fails", "internal"], [6, 2, 2, 1])[0]
-        if dag == "rollback" and not self.store.previous_version(env):
-            dag = "fast_deploy"  # nothing to roll back to yet
-        if dag == "deploy_production" and not self.promotable():
-            dag = "deploy_canary"  # nothing verified on the canary yet: verify one first
-        if dag == "fast_deploy":
-            version = self.new_build(rng, env, build_kind)
-            conf = {"environment": env, "version": version, "reason": f"soak seed {self.seed} run {index}",
-                    "internal": build_kind == "internal"}
-        elif dag == "deploy_canary":
-            env = "gstg"
-            if build_kind == "internal":
-                build_kind = "good"  # deploy_canary takes public builds
-            version = self.new_build(rng, env, build_kind)
-            conf = {"version": version, "on_failure": rng.choice(["halt", "rollback"]),
-                    "quiet_period_seconds": QUIET}
-        elif dag == "deploy_production":
-            env, build_kind, version = "gprd", "good", self.promotable()
-            conf = {"version": version, "on_failure": rng.choice(["halt", "rollback"]),
-                    "quiet_period_seconds": QUIET}
-        elif dag == "rollback":
-            build_kind, version = "-", None
-            conf = {"environment": env, "target_version": None, "mode": rng.choice(["fast", "normal"])
-                    if not self.short else "fast", "reason": f"soak seed {self.seed} run {index}",
-                    "quiet_period_seconds": QUIET}
-        elif dag == "post_deploy_patch":
-            build_kind, version = "-", None
-            present = sorted({h.role for h in self.lab.topology.env_hosts(env)} & set(PATCH_ROLES))
-            patch_id = f"soak-{self.seed}-{index}"
-            roles = sorted(rng.sample(present, rng.randint(1, 2)))
-            conf = {"environment": env, "patch_id": patch_id, "roles": roles,
-                    "patch": f"--- a/soak\n+++ b/soak\n@@ -1 +1 @@\n-{index}\n+{index + 1}\n",
-                    "reason": f"soak seed {self.seed} run {index}", "action": "apply"}
-            self.patches.append(patch_id)  # recorded with its halt before any host: later builds carry it
-        else:
-            build_kind, version, env = "-", None, "gprd-cny"
-            conf = {"weight": rng.choice([0, 5, 10, 25, 50]), "force": False}
-        plan = Plan(index, dag, conf, env, build_kind, version)
-        kinds, w = zip(*self.fault_kinds, strict=True)
-        installs_on = [h.name for e in (("gstg", "gprd-cny") if dag == "deploy_canary" else (env,))
-                       for h in self.lab.topology.env_hosts(e)]
-        for _ in range(rng.choice([1, 1, 2])):
-            kind = rng.choices(kinds, w)[0]
-            commands = None if dag == "canary_weight" else rng.randint(1, 40)
-            fault = Fault(kind, commands, rng.uniform(1, 12), rng.uniform(3, 20))
-            if kind == "host_down":
-                fault.target = rng.choice([h.name for h in self.lab.topology.env_hosts(env)])
-            elif kind == "haproxy_kill":
-                fault.target = rng.choice([lb.name for lb in self.lab.topology.lbs_for(env)])
-            elif kind == "gitlab_api_stop":
-                fault.heal_after *= 3  # 9-60 s: long enough to meet a QA trigger or its polling
-            elif kind == "slow_install":
-                # from the run's start (before its installs), lifted when the run ends
-                fault.at_commands, fault.heal_after = 0, float("inf")
-                fault.target = rng.choice(installs_on)
-                fault.seconds = round(rng.uniform(*SLOW_INSTALL_S), 1)
-            plan.faults.append(fault)
-        if build_kind in ("migration_fails", "install_fails"):
-            self.faults[build_kind] += 1
-        return plan
-
-    # -- driving Airflow ----------------------------------------------------------------------------
-    def liftoff(self, *argv: str) -> tuple[int, str]:
-        from liftoff.chatops.cli import main
-
-        out, err = io.StringIO(), io.StringIO()
-        code = main(list(argv), env=self.cli_env, stdout=out, stderr=err)
-        return code, out.getvalue() + err.getvalue()
-
-    def trigger(self, dag: str, conf: dict) -> str:
-        for attempt in range(30):
-            try:
-                run_id = self.stack.trigger(dag, conf)["dag_run_id"]
-                break
-            except (StackError, OSError) as exc:
-                if getattr(exc, "status", None) == 400 or attempt == 29:
-                    raise
-                time.sleep(2)
-        self.runs[run_id] = "queued"
-        self.run_dags[run_id] = dag
-        return run_id
-
-    def state(self, run_id: str) -> str | None:
-        try:
-            state = self.stack.dag_run(self.run_dags[run_id], run_id).get("state")
-        except Exception:  # the api-server may be down (a fault): ask again next poll
-            return None
-        self.runs[run_id] = state
-        return state
-
-    def commands_since(self, offset: int) -> int:
-        if not self.audit.exists():
-            return 0
-        with open(self.audit, "rb") as f:
-            f.seek(offset)
-            return sum(1 for line in f if b"chef-client (interval run)" not in line)
-
-    def audit_offset(self) -> int:
-        return self.audit.stat().st_size if self.audit.exists() else 0
+class _Faults:
+    """Injecting the planned faults into the lab and Airflow, and healing them (a part of
+    :class:`Soak`)."""
 
     # -- faults ---------------------------------------------------------------------------------------
     def inject(self, plan: Plan, fault: Fault, extra_runs: list[str]) -> None:
@@ -446,6 +283,272 @@ class Soak:
                 self.stack.start(name)
         self._wait_api()
 
+
+class _Recovery:
+    """What a release manager does after a run, and the invariants checked after it (a part
+    of :class:`Soak`)."""
+
+    # -- recovery -----------------------------------------------------------------------------------
+    def recover(self, plan: Plan, run_id: str) -> None:
+        """As the README says: a good build's failed stage is retried (at most twice); a bad
+        build is fixed forward with a fast deploy of a good one."""
+        if run_id in self.rejected:
+            return  # nothing changed: the run ended at its production checks
+        good_build = plan.build in ("good", "internal", "-")
+        for _ in range(2 if good_build else 0):
+            tis = self.stack.task_instances(plan.dag, run_id)
+            failed = sorted(t["task_id"] for t in tis if t.get("state") == "failed"
+                            and t["task_id"] not in ("finalize", "halt", "finalize_env"))
+            if not failed:
+                break
+            stage = failed[0].split(".", 1)[0]
+            code, out = self.liftoff("retry", run_id, stage, "--dag", plan.dag)
+            if code != 0:
+                log(f"  retry refused: {out.strip().splitlines()[-1] if out.strip() else code}")
+                break
+            self.recoveries["liftoff retry"] += 1
+            state = self.wait(run_id, RUN_TIMEOUT[plan.dag])
+            log(f"  liftoff retry {run_id} {stage}: {state}")
+            if state == "success":
+                self.succeeded(plan)
+                return
+        rng = random.Random(f"{self.seed}/{plan.index}/recovery")
+        version = self.new_build(rng, plan.env, "good")
+        fix = self.trigger("fast_deploy", {"environment": plan.env, "version": version,
+                                           "reason": f"soak: fix forward after run {plan.index}",
+                                           "internal": False})
+        self.recoveries["fix forward (fast_deploy)"] += 1
+        state = self.wait(fix, RUN_TIMEOUT["fast_deploy"])
+        log(f"  fix forward {fix}: {state}")
+        if state == "success":
+            self.good[plan.env] = version
+        else:
+            self.recoveries["fix forward failed"] += 1
+
+    # -- invariants -----------------------------------------------------------------------------------
+    def violation(self, plan: Plan, text: str) -> None:
+        entry = {"seed": self.seed, "run": plan.index, "step": plan.describe(), "violation": text,
+                 "replay": f"python bench/soak.py --seed {self.seed} --runs {plan.index + 1}"
+                           + (" --short" if self.short else "")}
+        self.violations.append(entry)
+        log(f"  VIOLATION seed {self.seed} run {plan.index}: {text}\n    step: {plan.describe()}\n"
+            f"    replay: {entry['replay']}")
+
+    def self_test(self) -> dict:
+        """The checker must see a violation: one production web server drained by hand on one of
+        its two LBs (no record) fails invariants 1 and 2; made ready again, both pass."""
+        host = next(h for h in self.lab.topology.env_hosts("gprd") if h.role == "web")
+        lb = self.lab.topology.lbs_for("gprd")[0]
+        backends = [host.role]  # a main-fleet host sits in its role's backend only
+        for backend in backends:
+            self.lab.haproxy(lb.name, f"set server {backend}/{host.name} state drain")
+        self.checker._snap = None
+        try:
+            status = self.lab.status()
+            seen = self.checker.hosts_in_service_or_recorded(status) + self.checker.lbs_agree(status)
+        finally:
+            for backend in backends:
+                self.lab.haproxy(lb.name, f"set server {backend}/{host.name} state ready")
+        status = self.lab.status()
+        after = self.checker.hosts_in_service_or_recorded(status) + self.checker.lbs_agree(status)
+        ok = ({v[:2] for v in seen if host.name in v} == {"1:", "2:"}
+              and not any(host.name in v for v in after))
+        return {"planted": f"{host.name} drained on {lb.name} without a record", "seen": seen[:3],
+                "ok": ok}
+
+    def check(self, plan: Plan) -> None:
+        for run_id in list(self.runs):
+            if self.runs[run_id] not in ("success", "failed"):
+                self.state(run_id)
+        found = self.checker.check(self.runs)
+        for text in found:
+            self.violation(plan, text)
+        if found:  # what liftoff's records said then, for the replay
+            store = self.checker.store
+            drained = "; ".join(f"{d.env}/{d.host} by {d.run_id}" for d in store.drained())
+            settings = "; ".join(f"{s.env} {s.kind} {s.value} {','.join(s.hosts)} by {s.run_id}"
+                                 for s in store.lb_settings())
+            log(f"    records: drained {drained} | LB settings {settings}"
+                + " | last events " + "; ".join(f"{e.env} {e.action} {e.run_id}: {e.reason[:160]}"
+                                               for e in store.lock_events()[:6]))
+
+
+class Soak(_Faults, _Recovery):
+    def __init__(self, lab: Lab, stack: Stack | None, seed: int, short: bool, faults: list[str] | None = None,
+                 *, dags: list[str] | None = None, celery: bool = False, store=None, inventory=None):
+        from liftoff.inventory import load_inventory
+        from liftoff.store import Store
+
+        self.lab = lab
+        self.stack = stack
+        self.seed = seed
+        self.short = short
+        self.celery = celery
+        self.fault_kinds = fault_kinds(faults, celery)
+        self.dag_mix = dag_mix(short, dags)
+        self.inventory = inventory if inventory is not None else load_inventory()
+        if store is None:
+            url = (stack.state_url if stack is not None and getattr(stack, "state_database", None)
+                   else json.loads(lab.env["AIRFLOW_CONN_LIFTOFF_STATE"])["extra"]["url"])
+            store = Store(url)
+        self.store = store
+        self.checker = Checker(lab, self.store, self.inventory)
+        self.runs: dict[str, str] = {}  # run id -> state, every run the soak started
+        self.run_dags: dict[str, str] = {}
+        self.seq = 7500
+        self.good: dict[str, str] = {}  # env -> newest good build deployed there
+        self.verified: str | None = None  # the build the last successful deploy_canary verified
+        self.patches: list[str] = []  # post-deployment patches applied: every later build includes them
+        self.rejected: set[str] = set()  # runs whose production checks the soak rejected
+        self.faults = Counter()
+        self.recoveries = Counter()
+        self.violations: list[dict] = []
+        self.outcomes = Counter()
+        self.fast_canary_weights: Counter = Counter()  # canary weights seen in fast deploys to gprd-cny
+        self.audit = lab.config.path("state", "audit.log")
+        self.cli_env = stack.cli_env() if stack is not None else {}
+
+    # -- builds ---------------------------------------------------------------------------------
+    def new_build(self, rng: random.Random, env: str, kind: str) -> str:
+        self.seq += 1
+        sha = f"{rng.getrandbits(28):07x}"
+        version = f"17.9.0+rnightly.{self.seq}.{sha}-0"
+        attrs: dict = {"nightly": True}
+        if self.patches:
+            attrs["includes_patches"] = list(self.patches)  # the patches are merged: a build has them
+        if kind == "migration_fails":
+            attrs["migration_fails"] = True
+        elif kind == "install_fails":
+            hosts = [h.name for h in self.lab.topology.env_hosts(env) if h.role in ("web", "api", "git")]
+            attrs["install_fails_on"] = [rng.choice(hosts)]
+        elif kind == "internal":
+            attrs["internal"] = True
+            self.checker.internal_versions.add(version)
+        self.lab.build_add(version, **attrs)
+        return version
+
+    # -- plans ------------------------------------------------------------------------------------
+    def promotable(self) -> str | None:
+        """The build deploy_production may promote: the one the last deploy_canary verified, while
+        the canary still runs it (liftoff's record)."""
+        if self.verified and self.store.current_version("gprd-cny") == self.verified:
+            return self.verified
+        return None
+
+    def plan(self, index: int) -> Plan:
+        """Run ``index``'s pipeline, conf and faults, from the seed alone (the random draws in a
+        fixed order: the same seed replays the same plan)."""
+        rng = random.Random(f"{self.seed}/{index}")
+        dags, weights = zip(*self.dag_mix, strict=True)
+        dag = rng.choices(dags, weights)[0]
+        env = rng.choice(["gstg", "gprd-cny", "gprd"])
+        build_kind = rng.choices(["good", "migration_fails", "install_fails", "internal"], [6, 2, 2, 1])[0]
+        if dag == "rollback" and not self.store.previous_version(env):
+            dag = "fast_deploy"  # nothing to roll back to yet
+        if dag == "deploy_production" and not self.promotable():
+            dag = "deploy_canary"  # nothing verified on the canary yet: verify one first
+        env, build_kind, version, conf = self._conf(rng, index, dag, env, build_kind)
+        plan = Plan(index, dag, conf, env, build_kind, version)
+        plan.faults.extend(self._faults(rng, dag, env))
+        if build_kind in ("migration_fails", "install_fails"):
+            self.faults[build_kind] += 1
+        return plan
+
+    def _conf(self, rng: random.Random, index: int, dag: str, env: str,
+              build_kind: str) -> tuple[str, str, str | None, dict]:
+        """The run's environment, kind of build, version and DAG conf."""
+        why = f"soak seed {self.seed} run {index}"
+        if dag == "fast_deploy":
+            version = self.new_build(rng, env, build_kind)
+            return env, build_kind, version, {"environment": env, "version": version, "reason": why,
+                                              "internal": build_kind == "internal"}
+        if dag == "deploy_canary":
+            build_kind = "good" if build_kind == "internal" else build_kind  # public builds only
+            version = self.new_build(rng, "gstg", build_kind)
+            on_failure = rng.choice(["halt", "rollback"])
+            return "gstg", build_kind, version, {"version": version, "on_failure": on_failure,
+                                                 "quiet_period_seconds": QUIET}
+        if dag == "deploy_production":
+            version, on_failure = self.promotable(), rng.choice(["halt", "rollback"])
+            return "gprd", "good", version, {"version": version, "on_failure": on_failure,
+                                             "quiet_period_seconds": QUIET}
+        if dag == "rollback":
+            mode = rng.choice(["fast", "normal"]) if not self.short else "fast"
+            return env, "-", None, {"environment": env, "target_version": None, "mode": mode, "reason": why,
+                                    "quiet_period_seconds": QUIET}
+        if dag == "post_deploy_patch":
+            present = sorted({h.role for h in self.lab.topology.env_hosts(env)} & set(PATCH_ROLES))
+            patch_id = f"soak-{self.seed}-{index}"
+            roles = sorted(rng.sample(present, rng.randint(1, 2)))
+            self.patches.append(patch_id)  # recorded with its halt before any host: later builds carry it
+            return env, "-", None, {"environment": env, "patch_id": patch_id, "roles": roles, "reason": why,
+                                    "patch": f"--- a/soak\n+++ b/soak\n@@ -1 +1 @@\n-{index}\n+{index + 1}\n",
+                                    "action": "apply"}
+        return "gprd-cny", "-", None, {"weight": rng.choice([0, 5, 10, 25, 50]), "force": False}
+
+    def _faults(self, rng: random.Random, dag: str, env: str) -> list[Fault]:
+        """One or two faults, each at a random count of audited commands (or a delay)."""
+        kinds, w = zip(*self.fault_kinds, strict=True)
+        installs_on = [h.name for e in (("gstg", "gprd-cny") if dag == "deploy_canary" else (env,))
+                       for h in self.lab.topology.env_hosts(e)]
+        faults = []
+        for _ in range(rng.choice([1, 1, 2])):
+            kind = rng.choices(kinds, w)[0]
+            commands = None if dag == "canary_weight" else rng.randint(1, 40)
+            fault = Fault(kind, commands, rng.uniform(1, 12), rng.uniform(3, 20))
+            if kind == "host_down":
+                fault.target = rng.choice([h.name for h in self.lab.topology.env_hosts(env)])
+            elif kind == "haproxy_kill":
+                fault.target = rng.choice([lb.name for lb in self.lab.topology.lbs_for(env)])
+            elif kind == "gitlab_api_stop":
+                fault.heal_after *= 3  # 9-60 s: long enough to meet a QA trigger or its polling
+            elif kind == "slow_install":
+                # from the run's start (before its installs), lifted when the run ends
+                fault.at_commands, fault.heal_after = 0, float("inf")
+                fault.target = rng.choice(installs_on)
+                fault.seconds = round(rng.uniform(*SLOW_INSTALL_S), 1)
+            faults.append(fault)
+        return faults
+
+    # -- driving Airflow ----------------------------------------------------------------------------
+    def liftoff(self, *argv: str) -> tuple[int, str]:
+        from liftoff.chatops.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        code = main(list(argv), env=self.cli_env, stdout=out, stderr=err)
+        return code, out.getvalue() + err.getvalue()
+
+    def trigger(self, dag: str, conf: dict) -> str:
+        for attempt in range(30):
+            try:
+                run_id = self.stack.trigger(dag, conf)["dag_run_id"]
+                break
+            except (StackError, OSError) as exc:
+                if getattr(exc, "status", None) == 400 or attempt == 29:
+                    raise
+                time.sleep(2)
+        self.runs[run_id] = "queued"
+        self.run_dags[run_id] = dag
+        return run_id
+
+    def state(self, run_id: str) -> str | None:
+        try:
+            state = self.stack.dag_run(self.run_dags[run_id], run_id).get("state")
+        except Exception:  # the api-server may be down (a fault): ask again next poll
+            return None
+        self.runs[run_id] = state
+        return state
+
+    def commands_since(self, offset: int) -> int:
+        if not self.audit.exists():
+            return 0
+        with open(self.audit, "rb") as f:
+            f.seek(offset)
+            return sum(1 for line in f if b"chef-client (interval run)" not in line)
+
+    def audit_offset(self) -> int:
+        return self.audit.stat().st_size if self.audit.exists() else 0
+
     # -- one run ----------------------------------------------------------------------------------
     def run(self, plan: Plan) -> None:
         log(plan.describe())
@@ -557,90 +660,6 @@ class Soak:
             weights = canary_weight_now(self.lab, cny_hosts)
             if any(w != {0} for w in weights.values()):
                 self.violation(plan, f"6: canary weight {weights} while {rolling[0]} of {run_id} was running")
-
-    # -- recovery -----------------------------------------------------------------------------------
-    def recover(self, plan: Plan, run_id: str) -> None:
-        """As the README says: a good build's failed stage is retried (at most twice); a bad
-        build is fixed forward with a fast deploy of a good one."""
-        if run_id in self.rejected:
-            return  # nothing changed: the run ended at its production checks
-        good_build = plan.build in ("good", "internal", "-")
-        for _ in range(2 if good_build else 0):
-            tis = self.stack.task_instances(plan.dag, run_id)
-            failed = sorted(t["task_id"] for t in tis if t.get("state") == "failed"
-                            and t["task_id"] not in ("finalize", "halt", "finalize_env"))
-            if not failed:
-                break
-            stage = failed[0].split(".", 1)[0]
-            code, out = self.liftoff("retry", run_id, stage, "--dag", plan.dag)
-            if code != 0:
-                log(f"  retry refused: {out.strip().splitlines()[-1] if out.strip() else code}")
-                break
-            self.recoveries["liftoff retry"] += 1
-            state = self.wait(run_id, RUN_TIMEOUT[plan.dag])
-            log(f"  liftoff retry {run_id} {stage}: {state}")
-            if state == "success":
-                self.succeeded(plan)
-                return
-        rng = random.Random(f"{self.seed}/{plan.index}/recovery")
-        version = self.new_build(rng, plan.env, "good")
-        fix = self.trigger("fast_deploy", {"environment": plan.env, "version": version,
-                                           "reason": f"soak: fix forward after run {plan.index}",
-                                           "internal": False})
-        self.recoveries["fix forward (fast_deploy)"] += 1
-        state = self.wait(fix, RUN_TIMEOUT["fast_deploy"])
-        log(f"  fix forward {fix}: {state}")
-        if state == "success":
-            self.good[plan.env] = version
-        else:
-            self.recoveries["fix forward failed"] += 1
-
-    # -- invariants -----------------------------------------------------------------------------------
-    def violation(self, plan: Plan, text: str) -> None:
-        entry = {"seed": self.seed, "run": plan.index, "step": plan.describe(), "violation": text,
-                 "replay": f"python bench/soak.py --seed {self.seed} --runs {plan.index + 1}"
-                           + (" --short" if self.short else "")}
-        self.violations.append(entry)
-        log(f"  VIOLATION seed {self.seed} run {plan.index}: {text}\n    step: {plan.describe()}\n"
-            f"    replay: {entry['replay']}")
-
-    def self_test(self) -> dict:
-        """The checker must see a violation: one production web server drained by hand on one of
-        its two LBs (no record) fails invariants 1 and 2; made ready again, both pass."""
-        host = next(h for h in self.lab.topology.env_hosts("gprd") if h.role == "web")
-        lb = self.lab.topology.lbs_for("gprd")[0]
-        backends = [host.role]  # a main-fleet host sits in its role's backend only
-        for backend in backends:
-            self.lab.haproxy(lb.name, f"set server {backend}/{host.name} state drain")
-        self.checker._snap = None
-        try:
-            status = self.lab.status()
-            seen = self.checker.hosts_in_service_or_recorded(status) + self.checker.lbs_agree(status)
-        finally:
-            for backend in backends:
-                self.lab.haproxy(lb.name, f"set server {backend}/{host.name} state ready")
-        status = self.lab.status()
-        after = self.checker.hosts_in_service_or_recorded(status) + self.checker.lbs_agree(status)
-        ok = ({v[:2] for v in seen if host.name in v} == {"1:", "2:"}
-              and not any(host.name in v for v in after))
-        return {"planted": f"{host.name} drained on {lb.name} without a record", "seen": seen[:3],
-                "ok": ok}
-
-    def check(self, plan: Plan) -> None:
-        for run_id in list(self.runs):
-            if self.runs[run_id] not in ("success", "failed"):
-                self.state(run_id)
-        found = self.checker.check(self.runs)
-        for text in found:
-            self.violation(plan, text)
-        if found:  # what liftoff's records said then, for the replay
-            store = self.checker.store
-            drained = "; ".join(f"{d.env}/{d.host} by {d.run_id}" for d in store.drained())
-            settings = "; ".join(f"{s.env} {s.kind} {s.value} {','.join(s.hosts)} by {s.run_id}"
-                                 for s in store.lb_settings())
-            log(f"    records: drained {drained} | LB settings {settings}"
-                + " | last events " + "; ".join(f"{e.env} {e.action} {e.run_id}: {e.reason[:160]}"
-                                               for e in store.lock_events()[:6]))
 
 
 def run_soak(args: argparse.Namespace, tmp: Path) -> dict:
