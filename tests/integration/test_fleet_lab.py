@@ -361,3 +361,54 @@ def test_the_rollout_runs_exactly_the_commands_its_plan_lists(fleet_env, store):
     # the comparison sees a step the plan leaves out: a plan unaware of the patches differs on api
     unaware = plan(env, ["web", "api"], NEXT, run_id=run_id, options=options)
     assert {p.host for p in unaware if p.commands != planned[p.host]} == api
+
+
+def window_env(lab):
+    """gprd with HTTP checks and its web role rolled as a sliding window of 2 hosts (floor 1)."""
+    env = with_app_port(lab)
+    web = dataclasses.replace(env.role("web"), batch="2", capacity_floor="1", rollout="window")
+    return dataclasses.replace(env, roles=tuple(web if r.name == "web" else r for r in env.roles))
+
+
+def test_a_sliding_window_rolls_the_real_lab_and_stops_drained_after_a_failure(fleet_env, store, caplog):
+    """The window mode end to end on real sshd, HAProxy and hosts: a good build reaches every
+    web host, each back UP and ready on both LBs, no record left; then a build failing on
+    web-02 fails it, leaves it drained and recorded, and drains nothing after the failure."""
+    lab = fleet_env
+    good, bad, fix = "17.8.590-ee.0", "17.8.591-ee.0", "17.8.592-ee.0"
+    lab.build_add(good)
+    lab.build_add(bad, install_fails_on=["web-02-sv-gprd"])
+    lab.build_add(fix)
+    env = window_env(lab)
+    web = [h.name for h in env.role("web").hosts]
+
+    caplog.set_level(logging.INFO, logger="liftoff")
+    report = roll(env, good, "fleet-window-1", store)
+    assert report.status == "success", report.to_json()
+    drains = [r.getMessage() for r in caplog.records if r.getMessage().startswith("haproxy drain:")]
+    group_line = r"haproxy drain: window group \d+ of web, [12] host\(s\) on 2 LB\(s\)"
+    assert drains and all(re.fullmatch(group_line, m) for m in drains), drains
+    assert report.counts() == {"done": 3}
+    assert all(len(group) <= 2 for group in report.roles["web"].batches), report.roles["web"].batches
+    assert store.drained(ENV) == []
+    for h in web:
+        assert lb_states(env, h) == {"UP/ready"}
+        assert (lab.host_status(h)["installed"], lab.host_status(h)["running"]) == (good, good)
+
+    failed = roll(env, bad, "fleet-window-2", store)
+    assert failed.status == "failed" and list(failed.failed_hosts) == ["web-02-sv-gprd"]
+    assert "install failed" in failed.failed_hosts["web-02-sv-gprd"]
+    assert lb_states(env, "web-02-sv-gprd") == {"DRAIN/drain"}
+    assert [r.host for r in store.drained(ENV)] == ["web-02-sv-gprd"]
+    assert store.host_statuses(f"{ENV}:{bad}")["web-02-sv-gprd"].status == "failed"
+    # the other hosts: done (in flight with web-02) or never drained, and in service either way
+    for h in ("web-01-sv-gprd", "web-03-sv-gprd"):
+        assert failed.hosts[h].status in ("done", "pending"), failed.hosts[h]
+        assert lb_states(env, h) == {"UP/ready"}
+        want = bad if failed.hosts[h].status == "done" else good
+        assert lab.host_status(h)["installed"] == want
+
+    repaired = roll(env, fix, "fleet-window-3", store)  # a fixed build: web-02 repaired
+    assert repaired.status == "success", repaired.to_json()
+    assert repaired.hosts["web-02-sv-gprd"].repaired and store.drained(ENV) == []
+    assert all(lb_states(env, h) == {"UP/ready"} for h in web)
