@@ -993,15 +993,18 @@ class Store(_LockRecords, _FleetRecords, _ReleaseRecords):
 def _upsert_shape(conn: Connection, table: Table, kcols: tuple[str, ...], vcols: tuple[str, ...],
                   rows: list[tuple[dict, dict, dict]], chunk: int = 400) -> None:
     """Rows of one shape (the same key, value and insert-only columns): those whose key exists
-    are updated, the others inserted."""
+    are updated, the others inserted. The existing rows are read FOR UPDATE (PostgreSQL): a row
+    another transaction deletes meanwhile (``forget_lb_state``) is waited for and then inserted,
+    never updated into nothing."""
     keycols = [table.c[k] for k in kcols]
+    keyed = [(tuple(r[0][k] for k in kcols), r) for r in rows]
     existing: set[tuple] = set()
-    for i in range(0, len(rows), chunk):
-        keys = [tuple(key[k] for k in kcols) for key, _, _ in rows[i:i + chunk]]
-        found = conn.execute(select(*keycols).where(tuple_(*keycols).in_(keys)))
+    for i in range(0, len(keyed), chunk):
+        keys = [k for k, _ in keyed[i:i + chunk]]
+        found = conn.execute(select(*keycols).where(tuple_(*keycols).in_(keys)).with_for_update())
         existing.update(tuple(r) for r in found)
-    old = [r for r in rows if tuple(r[0][k] for k in kcols) in existing]
-    new = [r for r in rows if tuple(r[0][k] for k in kcols) not in existing]
+    old = [r for k, r in keyed if k in existing]
+    new = [r for k, r in keyed if k not in existing]
     if old:
         stmt = (update(table).where(and_(*(table.c[k] == bindparam(f"k_{k}") for k in kcols)))
                 .values({v: bindparam(f"v_{v}") for v in vcols}))

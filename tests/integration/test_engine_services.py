@@ -512,3 +512,45 @@ def test_postgres_many_rows_are_updated_or_inserted_in_one_write(pg_url):
         check_many_statuses(many_statuses(store))
     finally:
         store.close()
+
+
+def test_postgres_a_setting_recorded_while_its_row_is_deleted_is_not_lost(pg_url):
+    """``forget_lb_state`` deletes a state row (locked) while a new setting for the same key is
+    being recorded: the recording waits for the lock and, the row gone, inserts it. Reading the
+    keys without a lock saw the row, then updated nothing once it was deleted: the new setting
+    was lost (the batched upsert before it read its keys FOR UPDATE)."""
+    from sqlalchemy import text
+
+    store = Store(pg_url)
+    store.record_lb_setting("gprd-cny", "state", "drain", ["web-01-sv-gprd-cny"], [], "run-a", "bot")
+    holder = store.engine.connect()
+    tx = holder.begin()
+    row = "FROM liftoff_lb_settings WHERE env = 'gprd-cny' AND kind = 'state'"
+    holder.execute(text(f"SELECT 1 {row} FOR UPDATE"))
+    holder.execute(text(f"DELETE {row}"))
+    errors: list[BaseException] = []
+
+    def record() -> None:
+        try:
+            store.record_lb_setting("gprd-cny", "state", "maint", ["web-02-sv-gprd-cny"], [], "run-b", "bot")
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=record)
+    writer.start()
+    watcher = store.engine.connect()
+    deadline = time.monotonic() + 30
+    while True:  # the writer waits on the holder's row lock
+        waiting = watcher.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%liftoff_lb_settings%'")).scalar()
+        if waiting or not writer.is_alive() or time.monotonic() > deadline:
+            break
+    watcher.close()
+    tx.commit()
+    holder.close()
+    writer.join(30)
+    assert errors == [] and not writer.is_alive()
+    settings = [(s.kind, s.value, s.hosts, s.run_id) for s in store.lb_settings("gprd-cny")]
+    assert settings == [("state", "maint", ("web-02-sv-gprd-cny",), "run-b")], settings
+    store.close()
