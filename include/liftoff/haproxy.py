@@ -149,10 +149,10 @@ def _stat_rows(text: str) -> tuple[list[str], Iterator[list[str]]]:
     return lines[first][2:].rstrip("\r").split(","), _csv_rows(ln.rstrip("\r") for ln in lines[first + 1:])
 
 
-def _admin_of(text: str, with_op: bool = False) -> dict[tuple[str, str], tuple]:
-    """``show servers state`` -> {(backend, server): (srv_admin_state, srv_uweight or None)},
-    plus ``srv_op_state`` (or None) when ``with_op``."""
-    out: dict[tuple[str, str], tuple] = {}
+def _admin_of(text: str) -> dict[tuple[str, str], tuple[str, str | None, str | None]]:
+    """``show servers state`` -> {(backend, server): (srv_admin_state, srv_uweight, srv_op_state)},
+    the last two None when the header lacks them."""
+    out: dict[tuple[str, str], tuple[str, str | None, str | None]] = {}
     cols: tuple[int, int, int, int | None, int | None] | None = None
     need = 0
     for line in text.split("\n"):
@@ -170,8 +170,8 @@ def _admin_of(text: str, with_op: bool = False) -> dict[tuple[str, str], tuple]:
             if len(values) <= need:
                 continue
             b, s, a, w, o = cols
-            row = (values[a], values[w] if w is not None else None)
-            out[(values[b], values[s])] = (*row, values[o] if o is not None else None) if with_op else row
+            out[(values[b], values[s])] = (values[a], None if w is None else values[w],
+                                           None if o is None else values[o])
     return out
 
 
@@ -192,7 +192,7 @@ def _int(value: str | None, default: int = 0) -> int:
 def server_states(lb: str, stat: str, state: str) -> list[ServerState]:
     """Merge ``show stat`` (status, sessions) with ``show servers state`` (admin, user weight)."""
     admin_rows = _admin_of(state)
-    header, rows = _stat_rows(text=stat)
+    header, rows = _stat_rows(stat)
     if "pxname" not in header or "svname" not in header:
         raise HAProxyError(f"unexpected 'show stat' header: {','.join(header)[:120]!r}")
     width = len(header)
@@ -217,7 +217,7 @@ def server_states(lb: str, stat: str, state: str) -> list[ServerState]:
         extra = admin_rows.get((backend, server))
         if extra is not None:
             admin = admin_state(_int(extra[0]))
-            weight = _int(extra[1], _int(values[wt])) if extra[1] is not None else _int(values[wt])
+            weight = _int(extra[1], _int(values[wt]))
         else:
             admin = "maint" if status == "MAINT" else "drain" if status == "DRAIN" else "ready"
             weight = _int(values[wt])
@@ -232,7 +232,7 @@ def admin_states(lb: str, state: str) -> list[ServerState]:
     reconcile compares), the status from the operational state (``srv_op_state`` 2: running),
     no session count. About a quarter of a ``show stat`` read's cost."""
     out = []
-    for (backend, server), (bits, weight, op) in _admin_of(state, with_op=True).items():
+    for (backend, server), (bits, weight, op) in _admin_of(state).items():
         admin = admin_state(_int(bits))
         status = ("MAINT" if admin == "maint" else "DOWN" if op != "2"
                   else "DRAIN" if admin == "drain" else "UP")
