@@ -676,7 +676,14 @@ class _LBPhases:
         the middle of a change are left alone: those being put back in service (ready, not yet
         cleared) and those recorded but not drained yet (another batch, role or window group of
         this run drains them in a moment). A drain waits for the reconcile (``lb_turn``): what the
-        reconcile reads of the LBs and of the records is not changed by this run meanwhile."""
+        reconcile reads of the LBs and of the records is not changed by this run meanwhile.
+
+        An LB loses state by restarting (HAProxy keeps runtime changes while its process lives):
+        when every LB runs the process it ran at this rollout's last full reconcile, and no LB
+        command failed or was refused since (an LB may hold part of a change), nothing was lost
+        and the reconcile is one ``show info`` per LB instead of every LB's every server and the
+        records (a batch's cost no longer grows with the fleet). The first reconcile of a
+        rollout is always full, as is the door's (:mod:`liftoff.guard`) before it."""
         if self.store is None or not self.env.load_balancers:
             return lbstate.Reconciled()
         def changing() -> set[str]:  # asked once the LBs and the records are read
@@ -685,8 +692,14 @@ class _LBPhases:
             return readying | self.unsettled
 
         async with self.lb_turn:
-            return await lbstate.areconcile(self.haproxy, self.store, self.env.name, self.run_id, "liftoff",
+            processes = await self.haproxy.aprocesses()
+            seen = (processes, self.haproxy.failures)
+            if seen == self.lb_settled and None not in processes.values():
+                return lbstate.Reconciled()
+            done = await lbstate.areconcile(self.haproxy, self.store, self.env.name, self.run_id, "liftoff",
                                             skip=changing, why=why)
+            self.lb_settled = seen
+            return done
 
     async def _note_restarts(self, b: _Batch) -> None:
         """LBs running another HAProxy process than before the batch's install (marked in
@@ -935,6 +948,8 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
         self.unsettled: set[str] = set()  # drain recorded, drain not applied yet (see _reconcile)
         self.lb_turn = asyncio.Lock()  # a drain and a reconcile take turns (see _reconcile)
         self.last_snapshot: dict[str, list[ServerState]] | None = None
+        # each LB's process and the LB failures at the last full reconcile (see _reconcile)
+        self.lb_settled: tuple[dict[str, str | None], int] | None = None
         self.patches: dict[str, tuple[str, ...]] = {}  # pending patches and their roles
         self.previous: dict[str, str] = {}  # host statuses of earlier runs of this rollout
         self.reason = options.reason or chef_mod.deploy_reason(run_id)

@@ -21,7 +21,7 @@ import csv
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -141,17 +141,32 @@ def _csv_rows(lines: Iterable[str]) -> Iterator[list[str]]:
         yield next(csv.reader([line])) if '"' in line else line.split(",")
 
 
-def _stat_rows(text: str) -> tuple[list[str], Iterator[list[str]]]:
+def _stat_rows(text: str, only: Collection[str] | None = None) -> tuple[list[str], Iterator[list[str]]]:
+    """The header and the rows of a ``show stat`` answer; with ``only``, the rows of those
+    servers (and any quoted row, which the caller sorts out): a batch's read of a 1,000-server
+    LB splits a hundred rows, not a thousand."""
     lines = text.split("\n")
     first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
     if first is None or not lines[first].startswith("# "):
         raise HAProxyError(f"unexpected 'show stat' answer: {text[:120]!r}")
-    return lines[first][2:].rstrip("\r").split(","), _csv_rows(ln.rstrip("\r") for ln in lines[first + 1:])
+    header = lines[first][2:].rstrip("\r").split(",")
+    body: Iterable[str] = (ln.rstrip("\r") for ln in lines[first + 1:])
+    if only is not None and "svname" in header:
+        sv = header.index("svname")
+        body = (ln for ln in body if '"' in ln or _field(ln, ",", sv) in only)
+    return header, _csv_rows(body)
 
 
-def _admin_of(text: str) -> dict[tuple[str, str], tuple[str, str | None, str | None]]:
+def _field(line: str, sep: str | None, index: int) -> str | None:
+    """Field ``index`` of a line without splitting the rest of it (None when it is short)."""
+    parts = line.split(sep, index + 1)
+    return parts[index] if len(parts) > index else None
+
+
+def _admin_of(text: str, only: Collection[str] | None = None
+              ) -> dict[tuple[str, str], tuple[str, str | None, str | None]]:
     """``show servers state`` -> {(backend, server): (srv_admin_state, srv_uweight, srv_op_state)},
-    the last two None when the header lacks them."""
+    the last two None when the header lacks them; with ``only``, those servers' lines."""
     out: dict[tuple[str, str], tuple[str, str | None, str | None]] = {}
     cols: tuple[int, int, int, int | None, int | None] | None = None
     need = 0
@@ -166,6 +181,8 @@ def _admin_of(text: str) -> dict[tuple[str, str], tuple[str, str | None, str | N
                     header.index("srv_op_state") if "srv_op_state" in header else None)
             need = max(c for c in cols if c is not None)
         elif cols is not None:
+            if only is not None and _field(line, None, cols[1]) not in only:
+                continue
             values = line.split()
             if len(values) <= need:
                 continue
@@ -189,10 +206,11 @@ def _int(value: str | None, default: int = 0) -> int:
         return default
 
 
-def server_states(lb: str, stat: str, state: str) -> list[ServerState]:
-    """Merge ``show stat`` (status, sessions) with ``show servers state`` (admin, user weight)."""
-    admin_rows = _admin_of(state)
-    header, rows = _stat_rows(stat)
+def server_states(lb: str, stat: str, state: str, only: Collection[str] | None = None) -> list[ServerState]:
+    """Merge ``show stat`` (status, sessions) with ``show servers state`` (admin, user weight);
+    with ``only``, the lines of those servers alone."""
+    admin_rows = _admin_of(state, only)
+    header, rows = _stat_rows(stat, only)
     if "pxname" not in header or "svname" not in header:
         raise HAProxyError(f"unexpected 'show stat' header: {','.join(header)[:120]!r}")
     width = len(header)
@@ -209,7 +227,8 @@ def server_states(lb: str, stat: str, state: str) -> list[ServerState]:
         if not complete or len(values) < width:
             values = [*values[:width], *[""] * (width - min(len(values), width)), ""]
         server = values[sv]
-        if server in ("FRONTEND", "BACKEND") or values[ty] not in ("2", ""):
+        if server in ("FRONTEND", "BACKEND") or values[ty] not in ("2", "") or (only is not None
+                                                                               and server not in only):
             continue
         backend = values[px]
         raw = values[st]
@@ -263,6 +282,9 @@ class HAProxy:
         self.timeout = timeout
         self.poll = poll
         self.marks: dict[str, dict[str, str | None]] = {}  # amark(): LB processes under a key
+        # LB commands that failed or were refused so far: an LB may hold part of a change
+        # (liftoff.fleet reconciles it in full at its next batch boundary)
+        self.failures = 0
 
     @classmethod
     def for_env(cls, env: Environment, **kwargs) -> HAProxy:
@@ -276,6 +298,7 @@ class HAProxy:
             for chunk in _chunks(commands):
                 answers.extend(await self._send_line(lb, chunk))
         except HAProxyError as exc:
+            self.failures += 1
             if answers:
                 raise HAProxyError(f"{exc} (after {len(answers)} of {len(commands)} command(s) were answered "
                                    "on earlier connections)") from None
@@ -309,9 +332,9 @@ class HAProxy:
         except HAProxyError as exc:
             raise HAProxyError(f"load balancer {lb.name} ({lb.admin}): {exc}") from None
 
-    async def _read(self, lb: LoadBalancerRef) -> list[ServerState]:
+    async def _read(self, lb: LoadBalancerRef, only: Collection[str] | None = None) -> list[ServerState]:
         stat, state = await self.asend(lb, ["show stat -1 4 -1", "show servers state"])
-        return server_states(lb.name, stat, state)
+        return server_states(lb.name, stat, state, only)
 
     # -- reading ---------------------------------------------------------------------------------
     async def _every_lb(self, read: Callable[[LoadBalancerRef], Any]) -> dict[str, Any]:
@@ -322,9 +345,10 @@ class HAProxy:
             raise HAProxyError("; ".join(errors))
         return {lb.name: r for lb, r in zip(self.lbs, results, strict=True)}
 
-    async def asnapshot(self) -> dict[str, list[ServerState]]:
-        """Every server line of every LB; raises HAProxyError naming each unreachable LB."""
-        return await self._every_lb(self._read)
+    async def asnapshot(self, only: Collection[str] | None = None) -> dict[str, list[ServerState]]:
+        """Every server line of every LB (with ``only``: of those servers); raises HAProxyError
+        naming each unreachable LB."""
+        return await self._every_lb(lambda lb: self._read(lb, only))
 
     async def aadmin_snapshot(self) -> dict[str, list[ServerState]]:
         """Every server line's admin state and user weight on every LB (:func:`admin_states`,
@@ -337,10 +361,7 @@ class HAProxy:
 
     async def aservers(self, host_name: str | None = None) -> dict[str, list[ServerState]]:
         """``{lb: [ServerState]}`` for one host (every backend it is in), or for every server."""
-        snap = await self.asnapshot()
-        if host_name is None:
-            return snap
-        return {lb: [s for s in states if s.server == host_name] for lb, states in snap.items()}
+        return await self.asnapshot(None if host_name is None else {host_name})
 
     async def aprocesses(self) -> dict[str, str | None]:
         """Which HAProxy process each LB runs (``show info``: ``Pid@Start_time_sec``; None when it
@@ -379,7 +400,7 @@ class HAProxy:
         # every LB must answer before anything changes (a caller may pass a snapshot it has just
         # taken of every LB)
         snap = snapshot if snapshot is not None and set(snapshot) == {lb.name for lb in self.lbs} \
-            else await self.asnapshot()
+            else await self.asnapshot(wanted)
         targets: dict[str, list[str]] = {}
         for lb in self.lbs:
             here = [f"{validate_name('backend', s.backend)}/{s.server}"
@@ -438,6 +459,7 @@ class HAProxy:
             answers = await self.asend(lb_by_name[name], commands[name])
             errors = [f"{t}: {a.strip()}" for t, a in zip(shown[name], answers, strict=True) if a.strip()]
             if errors:
+                self.failures += 1
                 raise HAProxyError("; ".join(errors))
 
         todo = list(commands)
@@ -456,7 +478,7 @@ class HAProxy:
         names = set(hosts)
         deadline = time.monotonic() + timeout
         while True:
-            snap = await self.asnapshot()
+            snap = await self.asnapshot(names)
             left: dict[str, int] = {}
             for states in snap.values():
                 for s in states:
@@ -472,7 +494,7 @@ class HAProxy:
         names = set(hosts)
         deadline = time.monotonic() + timeout
         while True:
-            snap = await self.asnapshot()
+            snap = await self.asnapshot(names)
             bad: dict[str, dict[str, str]] = {}
             for lb, states in snap.items():
                 for s in states:

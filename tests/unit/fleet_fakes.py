@@ -9,6 +9,7 @@ line). ``FakeRemote`` has ``Remote``'s interface and simulates Omnibus hosts.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import shlex
@@ -37,6 +38,9 @@ class FakeServer:
     sessions: int = 0
 
 
+_PIDS = itertools.count(4000)
+
+
 class FakeLB:
     """One load balancer: ``backends[backend][server] = FakeServer``."""
 
@@ -49,6 +53,7 @@ class FakeLB:
         self.server: asyncio.Server | None = None
         self.refuse = False  # close connections at once (an LB that fails mid-change)
         self.sessions_drop_after: dict[str, int] = {}  # server -> polls until sessions reach 0
+        self.pid = next(_PIDS)  # the HAProxy process ("show info"); a restart runs another
 
     def add(self, backend: str, server: str, addr: str, weight: int = 100) -> None:
         self.backends.setdefault(backend, {})[server] = FakeServer(addr, weight)
@@ -123,7 +128,13 @@ class FakeLB:
                 return "No such server.\n"
             s.weight = int(m.group(3))
             return ""
+        if cmd == "show info":
+            return f"Name: HAProxy\nPid: {self.pid}\nStart_time_sec: 1796321166\n"
         return "Unknown command.\n"
+
+    def restarted(self) -> None:
+        """Another HAProxy process from now on (what a kill -9 and start gives)."""
+        self.pid = next(_PIDS)
 
     def server_state(self, name: str) -> list[FakeServer]:
         return [servers[name] for servers in self.backends.values() if name in servers]

@@ -82,6 +82,22 @@ def test_absent_columns_and_short_rows_read_as_empty():
     assert (states["web-02-sv-gprd"].status, states["web-02-sv-gprd"].weight) == ("DOWN", 0)
 
 
+def test_a_read_of_some_servers_equals_the_full_read_cut_to_them():
+    """A batch reads its own servers' lines (``only``): the same states as the full read, quoted
+    and short lines included, and nothing of the other servers."""
+    quoted = REAL_STAT.replace("L7OK,127.57.250.11", '"L7OK, 200 OK",127.57.250.11')
+    full = server_states("lb1", quoted, REAL_STATE)
+    names = sorted({s.server for s in full})
+    assert len(names) >= 2
+    for only in ({names[0]}, {names[1]}, set(names[:2]), {"nowhere"}):
+        want = [s for s in full if s.server in only]
+        assert server_states("lb1", quoted, REAL_STATE, only) == want
+    # web-01 is drained in 'show servers state' alone: a filtered read still merges it
+    assert {s.admin for s in server_states("lb1", quoted, REAL_STATE, {"web-01-sv-gprd"})} == {"drain", "maint"}
+    stat = "# pxname,svname,scur,status,weight\nweb,web-01-sv-gprd,2,UP,7\nweb\n"
+    assert [s.server for s in server_states("lb1", stat, "", {"web-01-sv-gprd"})] == ["web-01-sv-gprd"]
+
+
 @pytest.mark.parametrize("raw, want", [
     ("UP", "UP"), ("UP 1/3", "UP"), ("DOWN 1/2", "DOWN"), ("MAINT (via web/x)", "MAINT"),
     ("MAINT(resolution)", "MAINT"), ("no check", "UP"), ("NOLB", "NOLB"), ("DRAIN", "DRAIN"), ("?", "DOWN")])
@@ -155,8 +171,8 @@ def test_lb_failing_mid_change_is_reported_as_partial(two_lbs):
     lb2 = two_lbs.lbs[1]
     read = ha.asnapshot
 
-    async def read_then_break_lb2():
-        result = await read()  # both LBs answer the read ...
+    async def read_then_break_lb2(only=None):
+        result = await read(only)  # both LBs answer the read ...
         lb2.refuse = True  # ... then fe-02 drops the change connection unanswered
         return result
 

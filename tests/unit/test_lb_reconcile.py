@@ -70,7 +70,9 @@ def make_run(lbs, store, run_id="unit-run-1") -> Run:
 
 
 def restart(lb) -> None:
-    """kill -9 and start again without a server-state file: every server back to its config."""
+    """kill -9 and start again without a server-state file: every server back to its config,
+    another process."""
+    lb.restarted()
     for backend, servers in lb.backends.items():
         for name, s in servers.items():
             s.admin = "ready"
@@ -359,6 +361,66 @@ def test_hosts_a_rollout_put_back_in_service_are_not_drained_again_by_an_older_s
         restart(own.lbs[1])
         assert not asyncio.run(lbstate.areconcile(HAProxy.for_env(env), store, "gprd", "run-2", "bob"))
         assert {s.admin for lb in own.lbs for n in names for s in lb.server_state(n)} == {"ready"}
+
+
+def full_reads(lb) -> int:
+    """How often the reconcile read every server of ``lb`` (``show servers state`` alone)."""
+    return sum(1 for line in lb.lines if line == "show servers state")
+
+
+class OnInstall(FakeRemote):
+    """Runs ``act(host)`` when a host's package install starts."""
+
+    def __init__(self, fleet_, act):
+        super().__init__(fleet_)
+        self.act = act
+
+    async def run(self, host, command, timeout=None, started=None):
+        if "apt-get install" in command:
+            self.act(host.name)
+        return await super().run(host, command, timeout, started)
+
+
+@pytest.mark.parametrize("event", ["nothing", "restart", "refused"])
+def test_a_batch_boundary_reads_every_server_again_only_after_a_restart_or_a_failed_lb_command(store, event):
+    """HAProxy loses runtime state only by restarting: after a rollout's first full reconcile a
+    batch boundary asks each LB which process it runs ("show info") and reads every server and
+    the records again only when an LB runs another process, or an LB command failed or was
+    refused since (an LB may hold part of a change). Four batches of one host."""
+    with LBThread("fe-01-lb-gprd", "fe-02-lb-gprd") as own:
+        env = make_env(own.lbs, {"web": {"hosts": 4, "batch": 1, "floor": "0%"}})
+        fleet_ = FakeFleet()
+        wire(env, fleet_, own.lbs, OLD)
+        fleet_.builds.add(NEW)
+        hosts = [h.name for h in env.hosts()]
+        fe02 = own.lbs[1]
+        answer = fe02.execute
+
+        def refuse_third_ready(cmd: str) -> str:
+            return "No such server.\n" if cmd.endswith(f"/{hosts[2]} state ready") else answer(cmd)
+
+        def act(host: str) -> None:
+            if host == hosts[2] and event == "restart":
+                restart(fe02)
+            if host == hosts[2] and event == "refused":
+                fe02.execute = refuse_third_ready
+
+        report = asyncio.run(fleet.rollout(env, NEW, run_id="run-1", store=store, remote=OnInstall(fleet_, act),
+                                           haproxy=HAProxy.for_env(env, poll=0.05), options=FAST))
+        assert all(any(line == "show info" for line in lb.lines) for lb in own.lbs)
+        reads = [full_reads(lb) for lb in own.lbs]
+        if event == "nothing":  # one full reconcile (batch 1, before its install); 7 by process
+            assert report.status == "success", report.to_json()
+            assert reads == [1, 1]
+        elif event == "restart":  # and the one after the third batch's install
+            assert report.status == "success", report.to_json()
+            assert reads == [2, 2]
+            assert {s.admin for lb in own.lbs for h in hosts for s in lb.server_state(h)} == {"ready"}
+        else:  # the third host failed (not ready on fe-02): its batch's end reads in full
+            assert report.hosts[hosts[2]].status == "failed", report.to_json()
+            assert reads == [2, 2]
+            assert {lb.name: {s.admin for s in lb.server_state(hosts[2])} for lb in own.lbs} == \
+                {"fe-01-lb-gprd": {"drain"}, "fe-02-lb-gprd": {"drain"}}
 
 
 def test_an_lb_restarted_during_the_install_is_noticed_in_the_report_log_and_history(store, caplog):
