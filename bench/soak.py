@@ -756,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(p, argv)
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix=f"liftoff-soak-{args.seed}-"))
     tmp.mkdir(parents=True, exist_ok=True)
+    # a SIGTERM (a caller's timeout, Ctrl-C's sibling) takes the lab and Airflow down on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         summary = run_soak(args, tmp)
     except Exception as exc:  # noqa: BLE001 - the soak could not run: say why, exit 2

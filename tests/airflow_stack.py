@@ -275,7 +275,7 @@ class Stack:
                 ok: tuple[int, ...] = (200, 201)) -> requests.Response:
         """One call to ``/api/v2{path}``; a status outside ``ok`` raises StackError with the detail."""
         resp = requests.request(method, f"{self.base_url}/api/v2{path}", json=body, params=params,
-                                headers={"Authorization": f"Bearer {self.token()}"}, timeout=60)
+                                headers={"Authorization": f"Bearer {self.token()}"}, timeout=180)
         if resp.status_code not in ok:
             try:
                 detail = resp.json()

@@ -10,8 +10,10 @@ hand without a record is reported), and no violation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 OCTET = int(os.environ.get("LIFTOFF_SOAK_SLICE_LAB_OCTET", "76"))
 SEED = 21
 RUNS = 6
+TIMEOUT_S = 1500  # 133-382 s on this project's CI machine; several times that on a slower one
 # Every fault kind of the LocalExecutor soak (the default; the Celery worker kill needs
 # --celery), the scheduler, api-server and HAProxy kills included: the two violations they found
 # (audit rows lost to a kill -9, a restarted HAProxy's lost state) are fixed, each with a
@@ -34,12 +37,18 @@ RUNS = 6
 
 def test_a_short_soak_keeps_every_invariant(tmp_path: Path):
     summary_file = tmp_path / "soak.json"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "soak.py"), "--seed", str(SEED), "--runs", str(RUNS), "--short",
          "--octet", str(OCTET),
          "--tmp", str(tmp_path / "soak"), "--json", str(summary_file)],
-        capture_output=True, text=True, timeout=900, cwd=REPO)
-    log = proc.stdout[-6000:] + proc.stderr[-4000:]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        out, err = stop_soak(proc, tmp_path / "soak" / "lab")
+        pytest.fail(f"the soak slice did not end within {TIMEOUT_S} s (stopped; its lab and Airflow taken "
+                    f"down):\n{out[-6000:]}{err[-4000:]}")
+    log = out[-6000:] + err[-4000:]
     assert summary_file.exists(), f"the soak wrote no summary (exit {proc.returncode}):\n{log}"
     summary = json.loads(summary_file.read_text())
     assert summary["checker_self_test"]["ok"], summary["checker_self_test"]
@@ -49,3 +58,22 @@ def test_a_short_soak_keeps_every_invariant(tmp_path: Path):
                            for v in summary["violations"])
     assert summary["violations_total"] == 0, f"invariant violations:\n{violations}"
     assert proc.returncode == 0, log
+
+
+def stop_soak(proc: subprocess.Popen, lab_dir: Path) -> tuple[str, str]:
+    """SIGTERM: the soak takes its Airflow and lab down; whatever is left of its process group
+    is killed, and the lab is taken down again (its daemons leave the group), so nothing of it
+    slows the tests after this one."""
+    proc.terminate()
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        out, err = "", ""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        out, err = proc.communicate()
+    if lab_dir.exists():
+        subprocess.run([sys.executable, "-m", "lab", "--lab-dir", str(lab_dir), "down"], cwd=REPO,
+                       capture_output=True, timeout=120)
+    return out or "", err or ""

@@ -59,7 +59,7 @@ from liftoff.remote import Remote
 from liftoff.rollback import begin_rollback
 from liftoff.runs import Run
 from liftoff.store import Store
-from tests.labkit import Lab, running_lab
+from tests.labkit import Lab, running_lab, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -200,6 +200,9 @@ def survived(fault: str) -> None:
 
 # -- a host unreachable mid-batch -------------------------------------------------------------------
 
+INSTALL_S = 3.0  # the victim's install in the host-down test
+
+
 class HostDownDuringInstall(Remote):
     """A real Remote that takes ``victim`` off the network (labd host-down: its app stops
     answering, sshd refuses it, its remaining commands do not run) while its package install
@@ -215,8 +218,15 @@ class HostDownDuringInstall(Remote):
         if host.name != self.victim or "apt-get install" not in command or self.downed is not None:
             return await super().run(host, command, timeout, started=started)
 
+        seen = len(lab_audit(self.lab))  # before the chain is sent
+
         async def down() -> None:
-            await asyncio.sleep(0.08)  # the lab's install takes 0.2 s
+            # once the host has stopped chef, its install runs (INSTALL_S, the slow-install fault)
+            def chef_stopped() -> bool:
+                return any(h == self.victim and c.startswith("chef-client-disable")
+                           for h, c, _ in lab_audit(self.lab)[seen:])
+
+            await asyncio.to_thread(wait_for, "the victim's install to start", chef_stopped, 60, 0.05)
             await asyncio.to_thread(processes.control, self.lab.config, "POST", "/faults/host-down",
                                     {"host": self.victim})
             await self.close_host(host)
@@ -245,13 +255,24 @@ def test_host_unreachable_mid_batch_stays_drained_recorded_and_a_retry_finishes(
             return await fleet.rollout(env, V1, run_id=run.run_id, store=store, roles=["web"], remote=remote,
                                        options=OPTIONS)
 
-    report = asyncio.run(first())
+    # the victim's install lasts seconds: the host goes down and its connection drops while it
+    # runs, however loaded the machine (the lab's usual 0.2 s install left 0.12 s for both)
+    processes.control(lab.config, "POST", "/faults/slow-install", {"host": victim, "seconds": INSTALL_S})
+    try:
+        report = asyncio.run(first())
+    finally:
+        processes.control(lab.config, "POST", "/faults/slow-install", {"host": victim, "seconds": 0})
     try:
         assert report.status == "failed"
         assert list(report.failed_hosts) == [victim]
         reason = report.failed_hosts[victim]
-        assert "did not finish" in reason and ("connection lost" in reason or "no exit status" in reason)
-        assert report.hosts[victim].chef == "unknown" and victim in report.chef_stopped
+        # the connection dropped mid-install; or, on a loaded machine, labd noticed the host down
+        # first and its next command ended like ssh's (exit 255, the chain's marks up to the install)
+        lost = "did not finish" in reason and ("connection lost" in reason or "no exit status" in reason)
+        closed = "install failed" in reason and "exit 255" in reason and "closed by remote host" in reason
+        assert lost or closed, reason
+        assert report.hosts[victim].chef == ("unknown" if lost else "stopped")
+        assert victim in report.chef_stopped
         assert report.roles["web"].batches == [[other, victim]], "the stage stops after that batch"
         with pytest.raises(fleet.RolloutFailed, match=victim):
             report.raise_for_failure()
@@ -266,6 +287,11 @@ def test_host_unreachable_mid_batch_stays_drained_recorded_and_a_retry_finishes(
         assert lab.host_status(victim)["reachable"] is False
         assert_nothing_lost(lab, store, before)
     finally:
+        # the host comes back once its interrupted install has ended in the lab (its chain stops
+        # there, the host being down), so that chain runs nothing after it
+        wait_for("the victim's interrupted install to end", lambda: any(
+            h == victim and "apt-get install" in c for h, c, _ in lab_audit(lab)[before.lab_lines:]),
+            INSTALL_S + 30, interval=0.2)
         processes.control(lab.config, "POST", "/faults/host-up", {"host": victim})
 
     # the host is back: the same run, retried, repairs it first and finishes the role

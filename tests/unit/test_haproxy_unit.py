@@ -93,7 +93,8 @@ def test_a_read_of_some_servers_equals_the_full_read_cut_to_them():
         want = [s for s in full if s.server in only]
         assert server_states("lb1", quoted, REAL_STATE, only) == want
     # web-01 is drained in 'show servers state' alone: a filtered read still merges it
-    assert {s.admin for s in server_states("lb1", quoted, REAL_STATE, {"web-01-sv-gprd"})} == {"drain", "maint"}
+    web01 = server_states("lb1", quoted, REAL_STATE, {"web-01-sv-gprd"})
+    assert {s.admin for s in web01} == {"drain", "maint"}
     stat = "# pxname,svname,scur,status,weight\nweb,web-01-sv-gprd,2,UP,7\nweb\n"
     assert [s.server for s in server_states("lb1", stat, "", {"web-01-sv-gprd"})] == ["web-01-sv-gprd"]
 

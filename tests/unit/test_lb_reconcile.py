@@ -405,7 +405,8 @@ def test_a_batch_boundary_reads_every_server_again_only_after_a_restart_or_a_fai
             if host == hosts[2] and event == "refused":
                 fe02.execute = refuse_third_ready
 
-        report = asyncio.run(fleet.rollout(env, NEW, run_id="run-1", store=store, remote=OnInstall(fleet_, act),
+        remote = OnInstall(fleet_, act)
+        report = asyncio.run(fleet.rollout(env, NEW, run_id="run-1", store=store, remote=remote,
                                            haproxy=HAProxy.for_env(env, poll=0.05), options=FAST))
         assert all(any(line == "show info" for line in lb.lines) for lb in own.lbs)
         reads = [full_reads(lb) for lb in own.lbs]
