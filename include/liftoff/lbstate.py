@@ -19,7 +19,9 @@ one is right, so the intent comes from liftoff's records (:func:`intent_from_rec
 :func:`areconcile` reads every LB (an unreachable LB raises HAProxyError naming it: the caller
 fails closed, as before), re-applies the intent where an LB differs, logs one line per LB it
 changed (what and how many), and records an ``lb_reconciled`` event in the environment's lock
-history. The admin state of hosts someone else is changing right now is left alone: ``skip`` (a
+history (a rollout's batch boundaries call it only when an LB may have lost state: see
+``liftoff.fleet._LBPhases._reconcile``). The admin state of hosts someone else is changing right
+now is left alone: ``skip`` (a
 rollout's own hosts being put back in service, ready but not yet cleared) and hosts whose drain
 record belongs to another run that holds a lock (:func:`busy_hosts`; that run reconciles them
 at its own batch boundaries and on its retry). A rollout that puts hosts back in service also
