@@ -238,6 +238,15 @@ def test_changes_that_do_not_need_the_lbs_put_them_right_too_but_go_on_when_one_
                for r in caplog.records)
 
 
+def web_fleet(own, hosts: int):
+    """A web role of ``hosts`` hosts in batches of one behind ``own``'s LBs, at OLD; NEW exists."""
+    env = make_env(own.lbs, {"web": {"hosts": hosts, "batch": 1, "floor": "0%"}})
+    fleet_ = FakeFleet()
+    wire(env, fleet_, own.lbs, OLD)
+    fleet_.builds.add(NEW)
+    return env, fleet_
+
+
 # -- a rollout whose LB restarts between the drain and the install ----------------------------------
 
 class RestartAfterSessions(HAProxy):
@@ -274,10 +283,7 @@ class WatchingRemote(FakeRemote):
 
 def test_a_rollout_drains_again_on_an_lb_restarted_between_drain_and_install(store, caplog):
     with LBThread("fe-01-lb-gprd", "fe-02-lb-gprd") as own:
-        env = make_env(own.lbs, {"web": {"hosts": 3, "batch": 1, "floor": "0%"}})
-        fleet_ = FakeFleet()
-        wire(env, fleet_, own.lbs, OLD)
-        fleet_.builds.add(NEW)
+        env, fleet_ = web_fleet(own, 3)
         remote = WatchingRemote(fleet_, own.lbs)
         haproxy = RestartAfterSessions(env.load_balancers, own.lbs[1], poll=0.05)
         with caplog.at_level(logging.WARNING, logger="liftoff.lbstate"):
@@ -347,10 +353,7 @@ def test_hosts_a_rollout_put_back_in_service_are_not_drained_again_by_an_older_s
     and readies its hosts: that is the last thing liftoff did to them, so no later check drains
     them again."""
     with LBThread("fe-01-lb-gprd", "fe-02-lb-gprd") as own:
-        env = make_env(own.lbs, {"web": {"hosts": 2, "batch": 1, "floor": "0%"}})
-        fleet_ = FakeFleet()
-        wire(env, fleet_, own.lbs, OLD)
-        fleet_.builds.add(NEW)
+        env, fleet_ = web_fleet(own, 2)
         names = [h.name for h in env.hosts()]
         store.record_lb_setting("gprd", "state", "drain", names, [], "shield-run", "liftoff")
         HAProxy.for_env(env).drain(names)
@@ -388,10 +391,7 @@ def test_a_batch_boundary_reads_every_server_again_only_after_a_restart_or_a_fai
     the records again only when an LB runs another process, or an LB command failed or was
     refused since (an LB may hold part of a change). Four batches of one host."""
     with LBThread("fe-01-lb-gprd", "fe-02-lb-gprd") as own:
-        env = make_env(own.lbs, {"web": {"hosts": 4, "batch": 1, "floor": "0%"}})
-        fleet_ = FakeFleet()
-        wire(env, fleet_, own.lbs, OLD)
-        fleet_.builds.add(NEW)
+        env, fleet_ = web_fleet(own, 4)
         hosts = [h.name for h in env.hosts()]
         fe02 = own.lbs[1]
         answer = fe02.execute
@@ -428,10 +428,7 @@ def test_an_lb_restarted_during_the_install_is_noticed_in_the_report_log_and_his
     """A restart while the batch installs cannot be undone; liftoff says so (the LB runs another
     HAProxy process than before the install) and puts back whatever else the LB lost."""
     with LBThread("fe-01-lb-gprd", "fe-02-lb-gprd") as own:
-        env = make_env(own.lbs, {"web": {"hosts": 2, "batch": 1, "floor": "0%"}})
-        fleet_ = FakeFleet()
-        wire(env, fleet_, own.lbs, OLD)
-        fleet_.builds.add(NEW)
+        env, fleet_ = web_fleet(own, 2)
         pids = {lb.name: 100 + i for i, lb in enumerate(own.lbs)}  # each fake HAProxy's process
         for lb in own.lbs:
             answer = lb.execute
