@@ -9,6 +9,8 @@ export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__UNIT_TEST_MODE=False
 # Stuck tasks (README): a task whose worker died is failed after 60 s without a heartbeat (not 300).
 export AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="${AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT:-60}"
+# A task's supervisor waits this long for the api-server before its task is killed (default 5 s).
+export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="${AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT:-60}"
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-sqlite:///$AIRFLOW_HOME/airflow.db}"
 export PYTHONPATH="$_liftoff_root/include:$_liftoff_root/plugins:$_liftoff_root${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$_liftoff_root/.venv/bin:$PATH"

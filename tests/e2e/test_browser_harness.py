@@ -164,7 +164,9 @@ def test_the_fleet_view_shows_versions_a_halted_stage_a_lock_and_the_canary_weig
     for dag_id in ("fast_deploy", "canary_weight"):
         stack.wait_until_dag_parsed(dag_id)
     lab.build_add(FIRST, nightly=True)
-    run_to_end(stack, "fast_deploy", {"environment": "gstg", "version": FIRST, "reason": "browser test"})
+    first = run_to_end(stack, "fast_deploy",
+                       {"environment": "gstg", "version": FIRST, "reason": "browser test"})
+    assert stack.dag_run("fast_deploy", first)["state"] == "success", stack.task_states("fast_deploy", first)
     web = gstg_web(lab)
     with browser(tmp_path) as driver:
         login(driver, stack)
