@@ -661,7 +661,7 @@ class _LBPhases:
         try:
             if b.lb_work:
                 await self.haproxy.amark(b.label)  # a restart from now on is noticed (_wait_up)
-            fixed = await self._reconcile(f"{b.label}, before its install")
+            fixed = await self._reconcile(f"{b.label}, before its install", self.haproxy.marks.get(b.label))
         except HAProxyError as exc:
             return await self._fail_batch(b, f"could not check every LB before the install: {exc}")
         for lb, counts in fixed.changed.items():
@@ -671,7 +671,8 @@ class _LBPhases:
                                                      f"(restarted?): put back ({what} server line(s))")
         return True
 
-    async def _reconcile(self, why: str) -> lbstate.Reconciled:
+    async def _reconcile(self, why: str,
+                         processes: dict[str, str | None] | None = None) -> lbstate.Reconciled:
         """Put liftoff's recorded LB state back on an LB that lost it. This rollout's hosts in
         the middle of a change are left alone: those being put back in service (ready, not yet
         cleared) and those recorded but not drained yet (another batch, role or window group of
@@ -683,7 +684,8 @@ class _LBPhases:
         command failed or was refused since (an LB may hold part of a change), nothing was lost
         and the reconcile is one ``show info`` per LB instead of every LB's every server and the
         records (a batch's cost no longer grows with the fleet). The first reconcile of a
-        rollout is always full, as is the door's (:mod:`liftoff.guard`) before it."""
+        rollout is always full, as is the door's (:mod:`liftoff.guard`) before it. ``processes``:
+        the LBs' processes just read (the batch's mark), not read again."""
         if self.store is None or not self.env.load_balancers:
             return lbstate.Reconciled()
         def changing() -> set[str]:  # asked once the LBs and the records are read
@@ -692,7 +694,7 @@ class _LBPhases:
             return readying | self.unsettled
 
         async with self.lb_turn:
-            processes = await self.haproxy.aprocesses()
+            processes = processes or await self.haproxy.aprocesses()
             seen = (processes, self.haproxy.failures)
             if seen == self.lb_settled and None not in processes.values():
                 return lbstate.Reconciled()
