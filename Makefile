@@ -45,11 +45,12 @@ demo: setup
 demo-stop: venv
 	$(ENV) python scripts/demo_api.py stop; status=$$?; python -m lab down || status=1; exit $$status
 
-# Two workers, a test file stays on one (its lab and Airflow stack are the file's); a worker's
-# session labs take octets of their own (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+# Two workers, a test file stays on one (its lab and Airflow stack are the file's), the files that
+# start Airflow stacks all on one, first, the longest files first on the other (tests/conftest.py);
+# a worker's session labs take octets of their own. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(ENV) python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
+	$(ENV) python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 tests
 
 test-e2e: setup
 	$(ENV) python -m pytest -q tests/e2e
