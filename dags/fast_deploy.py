@@ -64,7 +64,8 @@ def deploy(stage: str) -> dict:
     from liftoff.deploy import roll_stage
 
     env, version, _, internal = _conf()
-    result = roll_stage(dagkit.run_handle(PIPELINE), env, version, stage, "fast")
+    result = roll_stage(dagkit.run_handle(PIPELINE), env, version, stage, "fast",
+                        rollout_mode=dagkit.rollout_mode())
     return dagkit.scrub_internal(result, version, internal)
 
 
@@ -94,6 +95,7 @@ def finish_env() -> dict:
         "internal": Param(False, type="boolean", title="Internal build",
                           description="An undisclosed security build: its version is left out of metric "
                                       "labels, notifications, task logs and XComs."),
+        "rollout_mode": dagkit.rollout_param(),
     },
     doc_md=__doc__,
 )

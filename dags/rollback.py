@@ -84,7 +84,7 @@ def roll(stage: str) -> dict:
     from liftoff.rollback import roll as roll_stage
 
     env, mode, _, _ = _conf()
-    return roll_stage(_run(), env, _target(), stage, mode)
+    return roll_stage(_run(), env, _target(), stage, mode, dagkit.rollout_mode())
 
 
 @task
@@ -132,6 +132,7 @@ def rollback_done() -> dict:
         "reason": dagkit.reason_param("Reason", "Why roll back (recorded with the lock)."),
         "check_only": Param(False, type="boolean", title="Check only",
                             description="Only run the safety check (rollback check) and report."),
+        "rollout_mode": dagkit.rollout_param(),
         "override_reason": dagkit.reason_param(
             "Override the safety check (reason)",
             "Roll back even though post-deployment migrations newer than the target ran (or cannot "

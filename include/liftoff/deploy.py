@@ -62,11 +62,14 @@ def fast_environment(env: Environment) -> Environment:
     return dataclasses.replace(env, roles=tuple(roles))
 
 
-def rollout_options(mode: str, included_patches: tuple[str, ...] = ()) -> fleet.RolloutOptions:
+def rollout_options(mode: str, included_patches: tuple[str, ...] = (),
+                    rollout_mode: str | None = None) -> fleet.RolloutOptions:
     """Cleanup starts chef; fast mode waits briefly for sessions; the patches the build
-    includes are not re-applied."""
+    includes are not re-applied; ``rollout_mode`` (lockstep or window) for every role, None:
+    each role's own (the inventory's ``rollout``)."""
     drain = FAST_DRAIN_TIMEOUT if check_mode(mode) == "fast" else NORMAL_DRAIN_TIMEOUT
-    return fleet.RolloutOptions(chef_start="cleanup", drain_timeout=drain, included_patches=included_patches)
+    return fleet.RolloutOptions(chef_start="cleanup", drain_timeout=drain, included_patches=included_patches,
+                                rollout_mode=rollout_mode)
 
 
 def prepare_env(run: Run, env: Environment, version: str) -> dict:
@@ -110,13 +113,15 @@ def migrate(run: Run, env_name: str, version: str, *, post: bool) -> dict:
 
 def deploy_roles(run: Run, env_name: str, version: str, stage: str | None = None,
                  roles: list[str] | None = None, dry_run: bool = False,
-                 options: fleet.RolloutOptions | None = None, mode: str = "normal") -> dict:
+                 options: fleet.RolloutOptions | None = None, mode: str = "normal",
+                 rollout_mode: str | None = None) -> dict:
     """Roll ``version`` onto ``roles`` (default: the stage's, see :func:`stage_roles`) in drained
-    batches (fast mode: big batches, short drain wait); a dry run plans; raises when a host failed."""
+    batches (fast mode: big batches, short drain wait; ``rollout_mode``: see
+    :func:`rollout_options`); a dry run plans; raises when a host failed."""
     env = run.env(env_name)
     version = str(parse_version(version))
     selected = list(roles) if roles else stage_roles(env, stage)
-    options = options or rollout_options(mode, builds.included_patches(run.inventory, version))
+    options = options or rollout_options(mode, builds.included_patches(run.inventory, version), rollout_mode)
     target_env = fast_environment(env) if mode == "fast" else env
     if dry_run:
         patches = fleet.pending_patches(run.store, env.name)
@@ -151,9 +156,9 @@ def keep_report(run: Run, report: fleet.RolloutReport, part: str) -> dict:
 
 
 def roll_stage(run: Run, env_name: str, version: str, stage: str | None, mode: str = "normal", *,
-               dry_run: bool = False) -> dict:
+               dry_run: bool = False, rollout_mode: str | None = None) -> dict:
     """Roll one stage's roles (``gitaly``, ``fleet``, or every role for None); see :func:`deploy_roles`."""
-    out = deploy_roles(run, env_name, version, stage, dry_run=dry_run, mode=mode)
+    out = deploy_roles(run, env_name, version, stage, dry_run=dry_run, mode=mode, rollout_mode=rollout_mode)
     return out if dry_run or "skipped" in out else {**out, "stage": stage, "mode": mode}
 
 

@@ -153,6 +153,7 @@ class RoleReport:
     batch_durations: list[float] = field(default_factory=list)
     batch_phases: list[dict[str, float]] = field(default_factory=list)  # seconds per phase of each batch
     error: str = ""
+    mode: str = ""  # lockstep or window, once the role has started
 
 
 @dataclass
@@ -210,7 +211,7 @@ class RolloutReport:
             for h in hosts:
                 counts[h.status] = counts.get(h.status, 0) + 1
             small = len(hosts) <= max_names
-            roles[name] = {"status": rr.status, "counts": counts,
+            roles[name] = {"status": rr.status, "counts": counts, **({"mode": rr.mode} if rr.mode else {}),
                            "batches": [list(b) if small else len(b) for b in rr.batches],
                            **({"error": _short(rr.error)} if rr.error else {})}
         failed = self.failed_hosts
@@ -1031,8 +1032,9 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
     async def _role(self, role: Role, batches: list[list[HostRef]]) -> None:
         rr = self.report.roles[role.name]
         rr.status = "running"
+        rr.mode = self._mode(role)
         try:
-            if self._mode(role) == "window":
+            if rr.mode == "window":
                 await self._window(role, [h for batch in batches for h in batch])
             else:
                 await self._lockstep(role, batches)

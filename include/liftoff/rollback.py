@@ -132,9 +132,11 @@ def begin_rollback(run: Run, env_name: str, target: str, mode: str, reason: str 
             "chef": deploy.prepare_env(run, env, target)}
 
 
-def roll(run: Run, env_name: str, target: str, stage: str, mode: str) -> dict:
-    """One stage of the reverse rollout (``fleet`` first, then ``gitaly``)."""
-    return deploy.roll_stage(run, env_name, target, stage, mode)
+def roll(run: Run, env_name: str, target: str, stage: str, mode: str,
+         rollout_mode: str | None = None) -> dict:
+    """One stage of the reverse rollout (``fleet`` first, then ``gitaly``); ``rollout_mode``:
+    see :func:`liftoff.deploy.rollout_options`."""
+    return deploy.roll_stage(run, env_name, target, stage, mode, rollout_mode=rollout_mode)
 
 
 def rollback_done(run: Run, env_name: str, target: str) -> dict:

@@ -16,6 +16,7 @@ from typing import Any
 from airflow.sdk import Asset, Param, TriggerRule, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from liftoff.inventory import ROLLOUT_MODES
 from liftoff_airflow.operators import QAGateOperator, QuietPeriodSensor
 from liftoff_airflow.params import REASON_PATTERN, VERSION_PATTERN
 
@@ -113,6 +114,26 @@ def reason_param(title: str, description: str, required: bool = False) -> Param:
     )
 
 
+# The trigger form's choice of rollout mode; "role": each role's own (the inventory's ``rollout``).
+ROLLOUT_CHOICES = ("role", *ROLLOUT_MODES)
+
+
+def rollout_param() -> Param:
+    return Param("role", enum=list(ROLLOUT_CHOICES), title="Rollout mode",
+                 values_display={"role": "each role's own (the inventory's rollout)",
+                                 "lockstep": "lockstep: batch after batch",
+                                 "window": "window: at most a batch out, the next host as one is back"},
+                 description="How each role's hosts go out of service: lockstep batches (GitLab's deployer) "
+                             "or a sliding window of at most a batch (a slow host holds only itself). "
+                             "The capacity floor and the drain records hold either way.")
+
+
+def rollout_mode() -> str | None:
+    """The run's rollout mode for the engine: None for "role" (or unset)."""
+    choice = params().get("rollout_mode", "role")
+    return None if choice in (None, "role") else choice
+
+
 COMMON_PARAMS: dict[str, Param] = {
     "dry_run": Param(False, type="boolean", title="Dry run",
                      description="Plan only: list every host and step in order, touch nothing."),
@@ -127,6 +148,7 @@ COMMON_PARAMS: dict[str, Param] = {
                                   description="Alert-free window after each stage; empty: the inventory's. "
                                               "Negative values are refused; a window below the inventory's "
                                               "minimum needs the allow_precheck_failure reason."),
+    "rollout_mode": rollout_param(),
 }
 
 
@@ -450,7 +472,8 @@ def deploy(pipeline: str, env: str, version: str, stage: str | None) -> dict:
     """Roll a stage's roles (gitaly, fleet, or all) in drained batches; a dry run plans."""
     from liftoff.deploy import roll_stage
 
-    return roll_stage(run_handle(pipeline), env, version, stage, dry_run=params()["dry_run"])
+    return roll_stage(run_handle(pipeline), env, version, stage, dry_run=params()["dry_run"],
+                      rollout_mode=rollout_mode())
 
 
 @task

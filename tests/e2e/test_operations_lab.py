@@ -315,6 +315,8 @@ def test_fast_deploy_records_its_reason_and_hides_an_internal_version(lab, dagba
                                              "reason": "CVE-2026-1111 critical fix"})
     assert result.state == "success" and on_version(lab, "gstg", FAST)
     assert "qa" not in result.tis and "quiet_period" not in result.tis
+    fleet_modes = {r["mode"] for r in result.xcom("deploy_fleet")["roles"].values()}
+    assert fleet_modes == {"lockstep"}  # the trigger form's default: each role's own (the lab's: lockstep)
     assert result.xcom("finish_env")["metric_pushed"] is True
     metrics = pushgateway(lab)
     assert re.search(r'liftoff_fast_deploy_info\{[^}]*env="gstg"[^}]*reason="CVE-2026-1111 critical fix"'
@@ -325,8 +327,12 @@ def test_fast_deploy_records_its_reason_and_hides_an_internal_version(lab, dagba
 
     lab.build_add(INTERNAL)
     internal = run_dag(dagbag, "fast_deploy", {"environment": "gstg", "version": INTERNAL, "internal": True,
-                                               "reason": f"embargoed security fix in {INTERNAL}"})
+                                               "reason": f"embargoed security fix in {INTERNAL}",
+                                               "rollout_mode": "window"})
     assert internal.state == "success" and on_version(lab, "gstg", INTERNAL)
+    for stage in ("deploy_gitaly", "deploy_fleet"):  # the form's choice, for every role of the run
+        roles = internal.xcom(stage)["roles"]
+        assert roles and {r["mode"] for r in roles.values()} == {"window"}, (stage, roles)
     metrics = pushgateway(lab)
     assert INTERNAL not in metrics
     assert re.search(r'liftoff_deployed_version_info\{[^}]*env="gstg"[^}]*version="internal"\} 1', metrics)

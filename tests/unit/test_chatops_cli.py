@@ -266,6 +266,21 @@ def test_promote_takes_a_quiet_period_and_its_reason(fake):
     assert code == 2 and "quiet-period" in err and len(fake.triggers()) == 1
 
 
+def test_rollout_mode_is_passed_to_every_pipeline_that_rolls_a_fleet(fake, capsys):
+    assert run_cli(fake, "deploy", GOOD, "--rollout", "window")[0] == 0
+    assert run_cli(fake, "promote", GOOD, "--rollout", "lockstep")[0] == 0
+    assert run_cli(fake, "rollback", "gprd", "--rollout", "window")[0] == 0
+    assert [(t["path"].split("/")[4], t["body"]["conf"]["rollout_mode"]) for t in fake.triggers()] == [
+        ("deploy_canary", "window"), ("deploy_production", "lockstep"), ("rollback", "window")]
+    code = run_cli(fake, "deploy", GOOD, "--rollout", "sliding")[0]
+    err = capsys.readouterr().err  # argparse's own refusal
+    assert code == 2 and "--rollout: invalid choice: 'sliding'" in err and len(fake.triggers()) == 3
+    from liftoff.chatops.cli import deploy_conf
+
+    with pytest.raises(InvalidInput, match="^rollout must be one of lockstep, window, got 'sliding'$"):
+        deploy_conf(GOOD, rollout="sliding")
+
+
 def test_status_into_a_closed_pipe_ends_quietly(fake):
     """`liftoff status | head`: the reader went away; no BrokenPipeError traceback."""
     import os

@@ -106,6 +106,18 @@ def test_trigger_form_refuses_bad_conf(bag: DagBag, conf: dict, message: str):
         _validate(bag.dags["deploy_canary"], conf)
 
 
+@pytest.mark.parametrize("dag_id", ["deploy_canary", "deploy_production", "fast_deploy", "rollback"])
+def test_every_pipeline_that_rolls_a_fleet_offers_the_rollout_mode(bag: DagBag, dag_id: str):
+    """The trigger form's choice: each role's own (the default), lockstep or window; anything
+    else is refused before the run."""
+    param = bag.dags[dag_id].params.get_param("rollout_mode")
+    assert param.value == "role" and param.schema["enum"] == ["role", "lockstep", "window"]
+    choices = ("role", "lockstep", "window")
+    assert [copy.deepcopy(param).resolve(choice) for choice in choices] == list(choices)
+    with pytest.raises(ParamValidationError, match=re.escape("'sliding' is not one of ['role', 'lockstep'")):
+        copy.deepcopy(param).resolve("sliding")
+
+
 def _patterns(schema: dict) -> list[str]:
     found = [schema["pattern"]] if "pattern" in schema else []
     for key in ("items", "anyOf", "oneOf"):

@@ -134,6 +134,7 @@ def test_never_more_than_a_batch_out_of_service(lbs, store, caplog):
     report = roll(env, remote, store, dataclasses.replace(WINDOW, up_timeout=30))
     assert report.status == "success", report.error
     assert report.counts() == {"done": 12}
+    assert report.summary()["roles"]["web"]["mode"] == "window"  # the option over the inventory's lockstep
     assert timeline.most_out() == 3, timeline.out  # the window is used, never exceeded
     assert all(len(o) <= 3 for o in timeline.out)
     assert timeline.out[-1] == frozenset()
@@ -222,6 +223,7 @@ def test_lockstep_option_runs_batch_after_batch(lbs, store, caplog):
     caplog.set_level(logging.INFO, logger="liftoff")
     report = roll(env, remote, store, LOCKSTEP)  # the options override the inventory's window
     assert report.status == "success", report.error
+    assert report.roles["web"].mode == "lockstep" and report.summary()["roles"]["web"]["mode"] == "lockstep"
     batches = report.roles["web"].batches
     assert batches == [[host(1), host(2)], [host(3), host(4)], [host(5), host(6)]]
     for before, after in zip(batches, batches[1:], strict=False):  # drained once the batch before is back

@@ -45,6 +45,7 @@ from liftoff.chatops.api import (
     q,
 )
 from liftoff.errors import InvalidInput
+from liftoff.inventory import ROLLOUT_MODES
 from liftoff.versions import parse_version, validate_name, validate_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
@@ -82,9 +83,19 @@ def _reason(value: str | None, field: str = "reason") -> str | None:
     return None if value is None else validate_reason(value, field_name=field)
 
 
+ROLLOUT_HELP = "every role in lockstep batches or a sliding window (default: each role's own)"
+
+
+def _rollout(conf: dict[str, Any], rollout: str | None) -> dict[str, Any]:
+    if rollout is not None:
+        conf["rollout_mode"] = _choice(rollout, ROLLOUT_MODES, "rollout")
+    return conf
+
+
 def deploy_conf(version: str, *, dry_run: bool = False, allow_precheck_failure: str | None = None,
-                on_failure: str | None = None, quiet_period_seconds: int | None = None) -> dict:
-    conf: dict[str, Any] = {"version": _version(version), "dry_run": bool(dry_run)}
+                on_failure: str | None = None, quiet_period_seconds: int | None = None,
+                rollout: str | None = None) -> dict:
+    conf: dict[str, Any] = _rollout({"version": _version(version), "dry_run": bool(dry_run)}, rollout)
     if allow_precheck_failure is not None:
         conf["allow_precheck_failure"] = _reason(allow_precheck_failure, "allow-precheck-failure")
     if on_failure is not None:
@@ -97,8 +108,8 @@ def deploy_conf(version: str, *, dry_run: bool = False, allow_precheck_failure: 
 def promote_conf(version: str, *, override_reason: str | None = None, approval: bool = False,
                  canary_weight: int | None = None, on_failure: str | None = None,
                  dry_run: bool = False, quiet_period_seconds: int | None = None,
-                 allow_precheck_failure: str | None = None) -> dict:
-    conf: dict[str, Any] = {"version": _version(version), "approval": bool(approval)}
+                 allow_precheck_failure: str | None = None, rollout: str | None = None) -> dict:
+    conf: dict[str, Any] = _rollout({"version": _version(version), "approval": bool(approval)}, rollout)
     if dry_run:
         conf["dry_run"] = True
     if quiet_period_seconds is not None:
@@ -115,13 +126,14 @@ def promote_conf(version: str, *, override_reason: str | None = None, approval: 
 
 
 def rollback_conf(env: str, *, to: str | None = None, fast: bool = False, reason: str | None = None,
-                  check_only: bool = False, override_reason: str | None = None) -> dict:
-    conf: dict[str, Any] = {
+                  check_only: bool = False, override_reason: str | None = None,
+                  rollout: str | None = None) -> dict:
+    conf: dict[str, Any] = _rollout({
         "environment": validate_name("env", env),
         "target_version": None if to is None else _version(to),
         "mode": "fast" if fast else "normal",
         "reason": _reason(reason),
-    }
+    }, rollout)
     if override_reason is not None:
         conf["override_reason"] = _reason(override_reason, "override-reason")
     if check_only:
@@ -342,7 +354,8 @@ def trigger(client: AirflowClient, out: Output, dag_id: str, conf: dict, what: s
 
 def cmd_deploy(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
     conf = deploy_conf(args.version, dry_run=args.dry_run, allow_precheck_failure=args.allow_precheck_failure,
-                       on_failure=args.on_failure, quiet_period_seconds=args.quiet_period)
+                       on_failure=args.on_failure, quiet_period_seconds=args.quiet_period,
+                       rollout=args.rollout)
     what = f"deploy {conf['version']}" + (" (dry run: plan only)" if args.dry_run else "")
     return _triggered(client, out, args, trigger(client, out, DAG_CANARY, conf, what))
 
@@ -351,7 +364,7 @@ def cmd_promote(client: AirflowClient, out: Output, args: argparse.Namespace) ->
     conf = promote_conf(args.version, override_reason=args.override_reason, approval=args.approval,
                         canary_weight=args.canary_weight, on_failure=args.on_failure, dry_run=args.dry_run,
                         quiet_period_seconds=args.quiet_period,
-                        allow_precheck_failure=args.allow_precheck_failure)
+                        allow_precheck_failure=args.allow_precheck_failure, rollout=args.rollout)
     return _triggered(client, out, args,
                       trigger(client, out, DAG_PRODUCTION, conf, f"promote {conf['version']} to production"))
 
@@ -364,7 +377,7 @@ def cmd_rollback(client: AirflowClient, out: Output, args: argparse.Namespace) -
         raise InvalidInput("usage: liftoff rollback ENV [--to VERSION] [--fast] [--reason R] "
                            "| liftoff rollback check ENV")
     conf = rollback_conf(target[0], to=args.to, fast=args.fast, reason=args.reason,
-                         override_reason=args.override_reason)
+                         override_reason=args.override_reason, rollout=args.rollout)
     what = f"rollback {conf['environment']} to {conf['target_version'] or 'the previous version'}"
     return _triggered(client, out, args, trigger(client, out, DAG_ROLLBACK, conf, what))
 
@@ -1207,6 +1220,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--allow-precheck-failure", metavar="REASON", help="let failed prechecks pass (recorded)")
     d.add_argument("--on-failure", choices=["rollback", "halt"])
     d.add_argument("--quiet-period", type=int, metavar="SECONDS", help="alert-free window after each stage")
+    d.add_argument("--rollout", choices=ROLLOUT_MODES, help=ROLLOUT_HELP)
     d.set_defaults(func=cmd_deploy)
 
     pr = sub.add_parser("promote", parents=parents, help="promote a build to production (deploy_production)")
@@ -1214,6 +1228,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--override-reason", metavar="R", help="override failed production checks (recorded)")
     pr.add_argument("--approval", action="store_true", help="the release manager approves the promotion")
     pr.add_argument("--canary-weight", type=int, metavar="N")
+    pr.add_argument("--rollout", choices=ROLLOUT_MODES, help=ROLLOUT_HELP)
     pr.add_argument("--on-failure", choices=["rollback", "halt"])
     pr.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     pr.add_argument("--quiet-period", type=int, metavar="SECONDS",
@@ -1228,6 +1243,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("target", nargs="+", metavar="ENV")
     r.add_argument("--to", metavar="VERSION", help="target version (default: the previous one)")
     r.add_argument("--fast", action="store_true", help="big batches, short waits")
+    r.add_argument("--rollout", choices=ROLLOUT_MODES, help=ROLLOUT_HELP)
     r.add_argument("--reason", metavar="R")
     r.add_argument("--override-reason", metavar="R", help="roll back even if the safety check refuses")
     r.add_argument("--max-wait", type=_positive, default=900.0, metavar="SECONDS",
