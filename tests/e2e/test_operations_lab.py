@@ -142,10 +142,13 @@ def test_rollback_after_a_bad_canary_restores_every_host_fleet_before_gitaly(lab
 
     started = datetime.now().astimezone()
     result = run_dag(dagbag, "rollback", {"environment": "gprd-cny", "reason": "QA fails on the canary",
-                                          "quiet_period_seconds": 5})
+                                          "quiet_period_seconds": 5, "rollout_mode": "window"})
     assert result.state == "success", result.tis
     for task in ("rollback_fleet", "rollback_gitaly", "qa", "quiet_period", "rollback_done"):
         assert result.task(task) == "success"
+    for task in ("rollback_fleet", "rollback_gitaly"):  # the form's rollout mode, for every role
+        roles = result.xcom(task)["roles"]
+        assert roles and {r["mode"] for r in roles.values()} == {"window"}, (task, roles)
     assert on_version(lab, "gprd-cny", BASE)
 
     installs = {host: when for when, host, command in audit(lab)
