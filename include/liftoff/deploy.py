@@ -125,7 +125,8 @@ def deploy_roles(run: Run, env_name: str, version: str, stage: str | None = None
     target_env = fast_environment(env) if mode == "fast" else env
     if dry_run:
         patches = fleet.pending_patches(run.store, env.name)
-        return {"env": env.name, "dry_run": True, "plan": [
+        modes = {r.name: fleet.role_mode(r, options) for r in fleet.select_roles(env, selected)}
+        return {"env": env.name, "dry_run": True, "modes": modes, "plan": [
             p.to_dict() for p in fleet.plan(target_env, selected, version, run_id=run.run_id, options=options,
                                             patches=patches)]}
     if not selected:

@@ -537,6 +537,11 @@ def batch_phases(flow: Sequence[Step]) -> list[str]:
 
 # -- plan (dry run) ----------------------------------------------------------------------------------
 
+def role_mode(role: Role, options: RolloutOptions) -> str:
+    """``lockstep`` or ``window``: the options' choice, else the role's (inventory)."""
+    return options.rollout_mode or role.rollout
+
+
 def plan(env: Environment, roles: Iterable[str] | None, version: str, *, run_id: str = "dry-run",
          options: RolloutOptions | None = None,
          patches: Mapping[str, Sequence[str]] | Sequence[str] = (),
@@ -1026,8 +1031,7 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
         return rep
 
     def _mode(self, role: Role) -> str:
-        """``lockstep`` or ``window``: the options' choice, else the role's (inventory)."""
-        return self.options.rollout_mode or role.rollout
+        return role_mode(role, self.options)
 
     async def _role(self, role: Role, batches: list[list[HostRef]]) -> None:
         rr = self.report.roles[role.name]

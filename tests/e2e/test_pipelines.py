@@ -29,7 +29,7 @@ BASE = "17.5.0-ee.0"
 def full_conf(dag, **conf) -> dict:
     """Every param spelled out: dag.test() keeps the previous run's conf in dag.params."""
     defaults = {"dry_run": False, "on_failure": "rollback", "allow_precheck_failure": None,
-                "quiet_period_seconds": 5}
+                "quiet_period_seconds": 5, "rollout_mode": "role"}
     return {k: v for k, v in {**defaults, **conf}.items() if k in dag.params}
 
 
@@ -87,12 +87,13 @@ def test_dry_run_plans_every_stage_and_touches_nothing(pipelines, e2e_lab: Lab):
     audit = e2e_lab.config.path("state", "audit.log")
     before = audit.read_text() if audit.exists() else ""
     dag = pipelines["deploy_canary"]
-    dag_run = dag.test(run_conf=full_conf(dag, version=dry, dry_run=True))
+    dag_run = dag.test(run_conf=full_conf(dag, version=dry, dry_run=True, rollout_mode="window"))
     assert dag_run.state == "success"
     tis = {ti.task_id: ti for ti in dag_run.get_task_instances()}
     assert tis["stage_6_canary_fleet.canary_verified"].state == "skipped"
     plan = tis["stage_3_staging_fleet.deploy"].xcom_pull(task_ids="stage_3_staging_fleet.deploy")
     assert plan["dry_run"] and {p["host"] for p in plan["plan"]} >= {"web-01-sv-gstg", "sidekiq-01-sv-gstg"}
+    assert plan["modes"] and set(plan["modes"].values()) == {"window"}, plan["modes"]  # the form's choice
     after = audit.read_text() if audit.exists() else ""
     changed = [line for line in after[len(before):].splitlines()
                if not any(q in line for q in ("dpkg-query", "gitlab-ctl status", "db:migrate:status",
