@@ -535,12 +535,12 @@ def batch_phases(flow: Sequence[Step]) -> list[str]:
     return phases
 
 
-# -- plan (dry run) ----------------------------------------------------------------------------------
-
 def role_mode(role: Role, options: RolloutOptions) -> str:
     """``lockstep`` or ``window``: the options' choice, else the role's (inventory)."""
     return options.rollout_mode or role.rollout
 
+
+# -- plan (dry run) ----------------------------------------------------------------------------------
 
 def plan(env: Environment, roles: Iterable[str] | None, version: str, *, run_id: str = "dry-run",
          options: RolloutOptions | None = None,
