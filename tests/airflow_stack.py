@@ -502,6 +502,10 @@ def airflow_env(home: Path, db_url: str, port: int, password_file: Path, stack_i
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        # no nightly deploy_canary of its own (default 02:00 UTC): a stack up at that hour would
+        # start deploying the newest nightly to its lab in the middle of a test (a CI run at 02:40
+        # saw staging migrate during a rejected promotion); a test may still set a cron in `extra`
+        "LIFTOFF_CANARY_CRON": "",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         # a task's supervisor waits this long for the api-server (default 5 s) before the task is
         # killed with "no reason given": two stacks on two slow cores answered in more than 5 s

@@ -236,3 +236,12 @@ def test_an_unreachable_lb_is_named_in_watch(lab_stack):
         assert run["dag_run_id"].startswith("canary_weight_10__") and run["note"] == sentence
     finally:
         processes.up(lab.config)
+
+
+def test_the_stack_starts_no_nightly_of_its_own(lab_stack):
+    """Test stacks turn deploy_canary's nightly off (tests/airflow_stack.py): one up at 02:00 UTC
+    started deploying the newest nightly to its lab in the middle of other tests."""
+    _, stack = lab_stack
+    assert stack.request("GET", f"/dags/{DAG}").json()["timetable_summary"] in (None, "None")
+    runs = stack.dag_runs(DAG)
+    assert runs and {r["run_type"] for r in runs} == {"manual"}, runs
