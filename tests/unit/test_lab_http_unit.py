@@ -193,3 +193,18 @@ def test_a_process_loading_hosts_another_created_never_hands_out_their_pids(tmp_
     after = {(h.name, s): svc.pid for h in loaded.hosts.values() for s, svc in h.services.items()}
     assert len(before) > 10 and len(set(after.values())) == len(after)
     assert not set(after.values()) & set(before.values())
+
+
+def test_error_series_exist_at_zero_from_a_handlers_first_request(world):
+    """A series born at its first error hides that error from rate(): the canary judge read a
+    sparse 2% error rate as 0. The error series start at 0 with the handler's first request."""
+    m = HostMetrics()
+    m.observe("GET", "/explore", 200, 0.01)
+    text = m.render(world.hosts["web-01-sv-gstg"])
+    assert value(text, 'http_requests_total{method="GET",handler="/explore",status="500"}') == 0
+    assert value(text, 'http_requests_total{method="GET",handler="/explore",status="502"}') == 0
+    m.observe("GET", "/explore", 500, 0.01)
+    text = m.render(world.hosts["web-01-sv-gstg"])
+    assert value(text, 'http_requests_total{method="GET",handler="/explore",status="500"}') == 1
+    assert value(text, 'http_requests_total{method="GET",handler="/explore",status="200"}') == 1
+    assert 'handler="/",' not in text  # only the handlers that served something
