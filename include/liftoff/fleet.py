@@ -35,7 +35,9 @@ listed in the report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -740,6 +742,7 @@ class _LBPhases:
             waiting_to_start -= 1
             if waiting_to_start == 0:
                 b.installing_started()
+                self._close_pending()
 
         if b.draining is not None:
             await b.draining
@@ -966,6 +969,8 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
         self._role_flows: dict[tuple[str, bool], Callable[[HostRef], list[Step]]] = {}
         self._chef_role_ok: asyncio.Task | None = None
         self._http: Any = None
+        self._closable: list[HostRef] = []  # hosts of ended batches whose connections are still open
+        self._closing: set[asyncio.Task] = set()
 
     # -- store (off the event loop) ------------------------------------------------------------
     async def _db(self, fn, *args) -> Any:
@@ -998,6 +1003,17 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
 
     # -- main ------------------------------------------------------------------------------------
     async def run(self, roles: list[Role]) -> RolloutReport:
+        # the first batches' SSH connections open (no command runs) while the LBs and the records
+        # are read: at 1,000 hosts, connecting a batch is the longest wait of the first batch
+        first = [h for r in stage_groups(roles)[0] for h in r.hosts[:r.batch_size()]] if roles else []
+        warm = asyncio.create_task(self.remote.prepare(first))
+        try:
+            return await self._run(roles)
+        finally:
+            warm.cancel()
+            await asyncio.gather(warm, return_exceptions=True)
+
+    async def _run(self, roles: list[Role]) -> RolloutReport:
         out, _ = await self._out_of_service()  # every LB must answer before anything changes
         plans: dict[str, list[list[HostRef]]] = {}
         for role in roles:
@@ -1049,6 +1065,7 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
                 done = [h for h in role.hosts if self.report.hosts[h.name].status == "done"]
                 await self._start_chef(done)
         finally:
+            await asyncio.gather(*self._closing, return_exceptions=True)
             await asyncio.gather(*(self.remote.close_host(h) for h in role.hosts), return_exceptions=True)
 
     async def _lockstep(self, role: Role, batches: list[list[HostRef]]) -> None:
@@ -1152,7 +1169,7 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
                 return False
             b.tell(kind)
         b.lap("finish")
-        await self._close(hosts)
+        self._closable.extend(hosts)  # closed once the next batch installs (_close_pending)
         return not b.failed_early and len(b.good) == len(b.work)
 
     def _flow(self, role: Role, host: HostRef, install: bool) -> list[Step]:
@@ -1228,6 +1245,16 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
     async def _close(self, hosts: list[HostRef]) -> None:
         await asyncio.gather(*(self.remote.close_host(h) for h in hosts), return_exceptions=True)
 
+    def _close_pending(self) -> None:
+        """The connections of the batches that ended close now, while a batch installs: closing
+        a hundred between two batches held the next drain, and the hosts' sshd ended them while
+        the next batch's sessions started (the role's end closes whatever is left)."""
+        if self._closable:
+            hosts, self._closable = self._closable, []
+            task = asyncio.create_task(self._close(hosts))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
 
     # -- chef --------------------------------------------------------------------------------------
     async def _chef_role_at_target(self) -> bool:
@@ -1263,6 +1290,9 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
                 hr.notes.append(f"could not start chef: {r.describe()}")
 
 
+GC_YOUNG_THRESHOLD = 20_000
+
+
 def _no_callback() -> None:
     pass
 
@@ -1286,10 +1316,27 @@ async def rollout(env: Environment, version: str, *, run_id: str, store: Any,
                         timeout=max(options.command_timeout, 30.0))
     haproxy = haproxy or HAProxy.for_env(env)
     try:
-        return await _Rollout(env, version, run_id, store, remote, haproxy, options).run(selected)
+        with _startup_objects_frozen():
+            return await _Rollout(env, version, run_id, store, remote, haproxy, options).run(selected)
     finally:
         if own_remote:
             await remote.close()
+
+
+@contextlib.contextmanager
+def _startup_objects_frozen():
+    """The objects alive when the rollout starts (imported modules, Airflow's and the task's
+    state) are left out of the garbage collector's scans while it runs (``gc.freeze``): at 1,000
+    hosts its full collections kept scanning them and cost 0.8 ms of CPU per host (14%, bench/
+    fleet_rollout.py). Nothing is lost: they are scanned again once the rollout ends."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(threshold[0], GC_YOUNG_THRESHOLD), *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 def run_rollout(env: Environment, version: str, **kwargs) -> RolloutReport:

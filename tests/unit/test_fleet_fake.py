@@ -481,3 +481,64 @@ def test_keep_report_puts_the_report_in_the_xcom_when_the_store_refuses(lbs, sto
     summary = deploy.keep_report(SimpleNamespace(run_id="run-1", store=Broken()), report, "fleet")
     assert summary["full_report"] == report.to_dict()
     assert "state store down" in summary["report"]["store_error"]
+
+
+class _Watched(FakeRemote):
+    """A FakeRemote keeping the order of connections prepared, commands and closes, and the
+    garbage collector's settings while commands run."""
+
+    def __init__(self, fleet):
+        super().__init__(fleet)
+        self.events: list[tuple[str, str]] = []
+        self.gc_seen: set[tuple[int, bool]] = set()
+
+    async def prepare(self, hosts) -> None:
+        self.events += [("prepare", h.name) for h in hosts]
+
+    async def run(self, host, command, timeout=None, started=None):
+        import gc
+
+        self.gc_seen.add((gc.get_threshold()[0], gc.get_freeze_count() > 0))
+        self.events.append(("run " + command, host.name))
+        return await super().run(host, command, timeout, started)
+
+    async def close_host(self, host) -> None:
+        await super().close_host(host)
+        self.events.append(("close", host if isinstance(host, str) else host.name))
+
+
+def test_connections_open_ahead_and_a_batch_closes_while_the_next_installs(lbs, store):
+    """The first batch's connections are opened before its first command; a batch's connections
+    close once the next batch's installs run, not between the two batches; all close by the end."""
+    env, fleet, _ = setup(lbs, {"web": {"hosts": 6, "batch": "2", "floor": "50%"}})
+    remote = _Watched(fleet)
+    assert roll(env, remote, store).status == "success"
+    ev = remote.events
+    first_batch = ["web-01-sv-gprd", "web-02-sv-gprd"]
+    assert [h for kind, h in ev if kind == "prepare"] == first_batch
+    first_run = next(i for i, (kind, _) in enumerate(ev) if kind.startswith("run"))
+    assert max(i for i, (kind, h) in enumerate(ev) if kind == "prepare") < first_run
+
+    def installs(host: str) -> int:
+        return next(i for i, (kind, h) in enumerate(ev) if h == host and "apt-get install" in kind)
+
+    def closed(host: str) -> int:
+        return next(i for i, (kind, h) in enumerate(ev) if kind == "close" and h == host)
+
+    for done, next_host in (("web-01-sv-gprd", "web-03-sv-gprd"), ("web-03-sv-gprd", "web-05-sv-gprd")):
+        assert closed(done) > installs(next_host), ev
+    assert {h for kind, h in ev if kind == "close"} == {h.name for h in env.role("web").hosts}
+
+
+def test_the_collector_skips_the_startup_objects_only_while_a_rollout_runs(lbs, store):
+    import gc
+
+    from liftoff.fleet import GC_YOUNG_THRESHOLD
+
+    env, fleet, _ = setup(lbs, {"web": {"hosts": 4, "floor": "50%"}})
+    remote = _Watched(fleet)
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    assert roll(env, remote, store).status == "success"
+    assert remote.gc_seen == {(max(before[0], GC_YOUNG_THRESHOLD), True)}
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
