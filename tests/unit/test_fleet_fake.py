@@ -542,3 +542,20 @@ def test_the_collector_skips_the_startup_objects_only_while_a_rollout_runs(lbs, 
     assert roll(env, remote, store).status == "success"
     assert remote.gc_seen == {(max(before[0], GC_YOUNG_THRESHOLD), True)}
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_overlapping_rollouts_leave_the_collector_as_they_found_it():
+    """Two rollouts in one process that end in either order: the collector is quiet while either
+    runs and back to its settings once both ended."""
+    import gc
+
+    from liftoff.fleet import GC_YOUNG_THRESHOLD, _startup_objects_frozen
+
+    before = gc.get_threshold()
+    first, second = _startup_objects_frozen(), _startup_objects_frozen()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first to start ends first
+    assert gc.get_threshold()[0] == max(before[0], GC_YOUNG_THRESHOLD) and gc.get_freeze_count() > 0
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
