@@ -742,7 +742,6 @@ class _LBPhases:
             waiting_to_start -= 1
             if waiting_to_start == 0:
                 b.installing_started()
-                self._close_pending()
 
         if b.draining is not None:
             await b.draining
@@ -1046,13 +1045,10 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
         rep.duration = rep.finished - rep.started
         return rep
 
-    def _mode(self, role: Role) -> str:
-        return role_mode(role, self.options)
-
     async def _role(self, role: Role, batches: list[list[HostRef]]) -> None:
         rr = self.report.roles[role.name]
         rr.status = "running"
-        rr.mode = self._mode(role)
+        rr.mode = role_mode(role, self.options)
         try:
             if rr.mode == "window":
                 await self._window(role, [h for batch in batches for h in batch])
@@ -1090,6 +1086,7 @@ class _Rollout(_LBPhases, _HostSteps, WindowRollout):
                 def start_prefetch(hosts: list[HostRef] | None = upcoming) -> None:
                     # called once this batch's hosts are installing (the quiet part of the batch)
                     nonlocal prefetch
+                    self._close_pending()
                     if hosts is not None and prefetch is None:
                         prefetch = asyncio.create_task(self._inspect_all(hosts))
 
