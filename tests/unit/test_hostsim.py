@@ -10,7 +10,7 @@ import pytest
 from lab import chef
 from lab.config import LabConfig
 from lab.hostsim import parse, relay_script, run_command
-from lab.model import BASE_VERSION, World
+from lab.model import BASE_VERSION, IN_PLACE_MAX_BYTES, World, overwrite_json
 
 NEW = "17.6.0-ee.0"
 WEB = "web-01-sv-gstg"
@@ -34,6 +34,34 @@ def run(world: World, host: str, command: str) -> tuple[int, str, str]:
 
 def on_disk(world: World, host: str) -> dict:
     return json.loads((world.state_dir / "hosts" / f"{host}.json").read_text())
+
+
+def test_a_host_file_is_rewritten_in_place_and_whole_when_shorter(world):
+    file = world.state_dir / "hosts" / f"{WEB}.json"
+    inode = file.stat().st_ino
+    world.hosts[WEB].chef_disabled_reason = "x" * 300
+    world.save_host(WEB)
+    longer = file.stat().st_size
+    world.hosts[WEB].chef_disabled_reason = ""
+    world.save_host(WEB)
+    assert file.stat().st_ino == inode  # no new file renamed over the old one
+    assert file.stat().st_size == longer  # padded, not truncated
+    assert file.read_bytes().endswith(b" ") and on_disk(world, WEB) == world.hosts[WEB].to_json()
+    assert World.open(world.config).hosts[WEB].chef_disabled_reason == ""
+
+
+def test_overwrite_json_creates_the_folder_and_writes_large_data_whole(tmp_path):
+    small = tmp_path / "new" / "small.json"
+    overwrite_json(small, {"a": 1})
+    assert json.loads(small.read_text()) == {"a": 1}
+    big = {"log": ["y" * 100] * (IN_PLACE_MAX_BYTES // 100 + 1)}
+    overwrite_json(small, big)  # over a page: written aside and renamed over it
+    assert json.loads(small.read_text()) == big
+    overwrite_json(small, {"a": 2})  # a file over a page shrinks once, then is rewritten in place
+    assert small.read_text().rstrip() == json.dumps({"a": 2}, indent=1)
+    inode = small.stat().st_ino
+    overwrite_json(small, {"a": 3})
+    assert small.stat().st_ino == inode and json.loads(small.read_text()) == {"a": 3}
 
 
 def test_parse_strips_sudo_and_env_prefixes():
