@@ -11,8 +11,9 @@ One stack for the module, three runs in file order, versions going up (no downgr
    run's events in order, the failure with its reason, and every link in those messages
    resolves: the run's own name a run (and task) the api-server knows and answer 200, the lab
    GitLab's (QA pipeline and jobs, the range of changes) exist there;
-3. fast_deploy of an internal (undisclosed security) build: no message carries its version,
-   nor the part after its '+', and the fast deploy message says "internal".
+3. fast_deploy of an internal (undisclosed security) build, started with ``liftoff fast-deploy
+   --internal --watch``: no message carries its version, nor the part after its '+', the fast
+   deploy message says "internal", and the CLI printed only the build's label.
 
 Links start at ``LIFTOFF_AIRFLOW_URL`` (include/liftoff/notify.py); the stack gets the URL of
 its own api-server, whose port is chosen before the stack starts.
@@ -321,9 +322,14 @@ def test_an_internal_fast_deploy_is_told_as_internal_without_its_version(lab_sta
     lab, stack = lab_stack
     set_chat(lab, "--fail", "off", "--slow", "0")
     reason = f"embargoed security fix {INTERNAL}"
-    run_id, state = run_to_end(stack, FAST, {"environment": "gstg", "version": INTERNAL, "internal": True,
-                                             "reason": reason})
-    assert state == "success", stack.task_states(FAST, run_id)
+    # from chat, through the CLI: `liftoff fast-deploy ... --internal --watch` until the run ends
+    cli = subprocess.run([LIFTOFF, "--json", "fast-deploy", "gstg", INTERNAL, "--internal", "--reason",
+                          reason, "--watch", "--interval", "1"], env=stack.cli_env(), capture_output=True,
+                         text=True, timeout=600)
+    run_id = json.loads(cli.stdout.splitlines()[0])["dag_run_id"]
+    state = stack.wait_run(FAST, run_id, timeout=60)
+    assert (cli.returncode, state) == (0, "success"), (cli.stderr, stack.task_states(FAST, run_id))
+    assert stack.get(f"/dags/{FAST}/dagRuns/{quote(run_id, safe='')}")["conf"]["version"] == INTERNAL
     hosts = lab.status()["environments"]["gstg"]["hosts"]
     assert {h["installed"] for h in hosts} == {INTERNAL}, hosts  # this build went out, silently
 
@@ -336,6 +342,7 @@ def test_an_internal_fast_deploy_is_told_as_internal_without_its_version(lab_sta
     for message in messages:
         shown = json.dumps(message)
         assert not [t for t in traces if t in shown], shown
+    assert not [t for t in traces if t in cli.stdout + cli.stderr + run_id], cli.stdout  # the CLI's own
     told = messages[0]
     assert ":zap: fast deploy of internal to gstg" in told["payload"]["text"]
     no_trace_anywhere(lab, stack, run_id, traces)

@@ -31,7 +31,7 @@ class FakeAirflow:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.dags = {"deploy_canary", "rollback", "deploy_production", "canary_weight", "post_deploy_patch",
-                     "deploy_lock"}
+                     "deploy_lock", "fast_deploy"}
         self.run_states: list[str] = ["success"]  # successive answers of GET dagRuns/{id}
         self.task_instances: list[dict] = []
         self.xcoms: dict[tuple[str, str], object] = {}
@@ -310,6 +310,51 @@ def test_rollback_conf(fake):
     assert run_cli(fake, "rollback", "gstg")[0] == 0
     assert fake.triggers()[1]["body"]["conf"] == {"environment": "gstg", "target_version": None,
                                                   "mode": "normal", "reason": None}
+
+
+def test_fast_deploy_triggers_fast_deploy_with_its_conf(fake):
+    code, out, _ = run_cli(fake, "fast-deploy", "gprd", "17.6.1-ee.0", "--reason", "CVE-2026-1 fix",
+                           "--rollout", "window")
+    assert code == 0
+    [req] = fake.triggers()
+    assert req["path"] == "/api/v2/dags/fast_deploy/dagRuns"
+    assert req["body"]["conf"] == {"environment": "gprd", "version": "17.6.1-ee.0",
+                                   "reason": "CVE-2026-1 fix", "internal": False, "rollout_mode": "window"}
+    assert req["body"]["note"] == "fast deploy 17.6.1-ee.0 to gprd (liftoff CLI)"
+    assert req["body"]["dag_run_id"].startswith("fast_deploy_17.6.1-ee.0_to_gprd__")
+    assert RUN in out
+
+
+def test_an_internal_fast_deploy_shows_its_label_and_never_its_version(fake):
+    from liftoff.status import internal_label
+
+    secret = "17.6.2+rnightly.5703.c57c57c-0"
+    traces = (secret, secret.replace("+", "_"), "rnightly.5703.c57c57c-0", "c57c57c", "17.6.2")
+    for as_json in ((), ("--json",)):
+        code, out, err = run_cli(fake, *as_json, "fast-deploy", "gstg", secret, "--internal",
+                                 "--reason", f"embargoed fix, build {secret}, commit c57c57c")
+        assert code == 0, err
+        assert internal_label(secret) in out
+        assert not [t for t in traces if t in out + err], out
+    for req in fake.triggers():  # the DAG alone gets the version
+        assert req["body"]["conf"]["version"] == secret and req["body"]["conf"]["internal"] is True
+        shown = json.dumps({k: v for k, v in req["body"].items() if k != "conf"})
+        assert not [t for t in traces if t in shown], shown
+    printed = json.loads(out)["conf"]
+    label = internal_label(secret)
+    assert printed["version"] == label
+    assert printed["reason"] == f"embargoed fix, build {label}, commit {label}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("fast-deploy", "gprd", "17.6.1-ee.0", "--reason", " "), "reason"),
+    (("fast-deploy", "gp rd", "17.6.1-ee.0", "--reason", "CVE fix"), "env"),
+    (("fast-deploy", "gprd", "17.6.1-ee.0\n", "--reason", "CVE fix"), "version"),
+])
+def test_fast_deploy_refuses_bad_input_in_one_line_and_triggers_nothing(fake, argv, message):
+    code, _, err = run_cli(fake, *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert fake.triggers() == []
 
 
 def test_rollback_check_waits_and_reads_the_safety_check_xcom(fake):

@@ -4,6 +4,7 @@
     liftoff promote 17.6.0-ee.0 [--override-reason R] [--approval]
     liftoff rollback gprd [--to VERSION] [--fast] [--reason R]
     liftoff rollback check gprd
+    liftoff fast-deploy gprd 17.6.1-ee.0 --reason "CVE-... fix" [--internal]
     liftoff canary weight 5 | --drain | --ready | --maint  [--force]
     liftoff patch gprd fix-123.patch --roles web,api --reason "..."
     liftoff lock gprd --reason "..."      liftoff unlock gprd --reason "..."
@@ -46,6 +47,7 @@ from liftoff.chatops.api import (
 )
 from liftoff.errors import InvalidInput
 from liftoff.inventory import ROLLOUT_MODES
+from liftoff.status import internal_label, internal_traces
 from liftoff.versions import parse_version, validate_name, validate_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
@@ -56,6 +58,7 @@ DAG_ROLLBACK = "rollback"
 DAG_CANARY_WEIGHT = "canary_weight"
 DAG_PATCH = "post_deploy_patch"
 DAG_LOCK = "deploy_lock"
+DAG_FAST = "fast_deploy"
 STATUS_DAGS = (DAG_CANARY, DAG_PRODUCTION)
 SAFETY_TASK = "safety_check"
 MAX_PATCH_BYTES = 256 * 1024
@@ -139,6 +142,12 @@ def rollback_conf(env: str, *, to: str | None = None, fast: bool = False, reason
     if check_only:
         conf["check_only"] = True
     return conf
+
+
+def fast_deploy_conf(env: str, version: str, *, reason: str, internal: bool = False,
+                     rollout: str | None = None) -> dict:
+    return _rollout({"environment": validate_name("env", env), "version": _version(version),
+                     "reason": validate_reason(reason), "internal": bool(internal)}, rollout)
 
 
 def canary_weight_conf(weight: int | str, *, force: bool = False) -> dict:
@@ -326,11 +335,22 @@ class Output:
 # -- commands ---------------------------------------------------------------------------------
 
 def _conf_summary(conf: Mapping[str, Any]) -> dict:
-    """The conf to show: a patch's content as its size."""
+    """The conf to show: a patch's content as its size; an internal build's version (and every
+    form of it, in any field) as its label."""
     shown = dict(conf)
     if isinstance(shown.get("patch"), str):
         shown["patch"] = f"<{len(shown['patch'].encode())} bytes>"
+    if shown.get("internal") is True:
+        shown = {k: _hide_internal(v, str(conf["version"])) if isinstance(v, str) else v
+                 for k, v in shown.items()}
     return shown
+
+
+def _hide_internal(text: str, version: str) -> str:
+    label = internal_label(version)
+    for trace in internal_traces(version):
+        text = text.replace(trace, label)
+    return text
 
 
 def readable_run_id(what: str, now: datetime | None = None) -> str:
@@ -441,6 +461,16 @@ def cmd_rollback_check(client: AirflowClient, out: Output, args: argparse.Namesp
         out.line(f"  {text}")
     out.line(f"  {url}")
     return EXIT_OK if safe is True and state == "success" else EXIT_FAILED
+
+
+def cmd_fast_deploy(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    """An internal build is named by its label (``liftoff status`` shows the same) in the run's
+    id, note and everything printed: its version goes only into the run's conf."""
+    conf = fast_deploy_conf(args.env, args.version, reason=args.reason, internal=args.internal,
+                            rollout=args.rollout)
+    shown = internal_label(conf["version"]) if conf["internal"] else conf["version"]
+    what = f"fast deploy {shown} to {conf['environment']}"
+    return _triggered(client, out, args, trigger(client, out, DAG_FAST, conf, what))
 
 
 def cmd_canary(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
@@ -1249,6 +1279,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-wait", type=_positive, default=900.0, metavar="SECONDS",
                    help="check: seconds to wait for the result (default 900)")
     r.set_defaults(func=cmd_rollback)
+
+    fd = sub.add_parser("fast-deploy", parents=parents,
+                        help="deploy a critical fix to one environment now: no QA, no quiet "
+                             "period (fast_deploy)")
+    fd.add_argument("env")
+    fd.add_argument("version")
+    fd.add_argument("--reason", required=True, metavar="R", help="why it cannot wait (recorded, pushed)")
+    fd.add_argument("--internal", action="store_true",
+                    help="an undisclosed security build: its version is shown nowhere (a label instead)")
+    fd.add_argument("--rollout", choices=ROLLOUT_MODES, help=ROLLOUT_HELP)
+    fd.set_defaults(func=cmd_fast_deploy)
 
     c = sub.add_parser("canary", parents=[common], help="canary traffic")
     csub = c.add_subparsers(dest="canary_command", required=True, metavar="weight")
