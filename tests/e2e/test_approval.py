@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import gitlab
@@ -39,7 +40,17 @@ pytestmark = [pytest.mark.airflow, pytest.mark.lab]
 OCTET = int(os.environ.get("LIFTOFF_APPROVAL_E2E_LAB_OCTET", "55"))
 VERSION = "17.7.0+rnightly.3001.abcdef3-0"
 ON_CALL = "oncall-ada"
-SATURDAY = "2026-12-05T12:00:00+00:00"
+
+
+def next_saturday_noon(now: datetime | None = None) -> str:
+    """The stack's clock: noon UTC of the next Saturday, always ahead of the real clock (a fixed
+    date would fall behind it, and the freezes made on the stack's clock would have ended)."""
+    now = now or datetime.now(UTC)
+    day = now.date() + timedelta(days=(5 - now.weekday()) % 7 or 7)
+    return datetime(day.year, day.month, day.day, 12, tzinfo=UTC).isoformat()
+
+
+SATURDAY = next_saturday_noon()
 
 
 @pytest.fixture(scope="module")
