@@ -136,6 +136,7 @@ def write_json(path: Path, data) -> None:
 # A small file rewritten in place is still whole after a kill -9: one write within a page
 # completes or does not start.
 IN_PLACE_MAX_BYTES = 4096
+_overwrite_lock = threading.Lock()
 
 
 def overwrite_json(path: Path, data) -> None:
@@ -157,16 +158,14 @@ def overwrite_json(path: Path, data) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        size = os.fstat(fd).st_size
-        if size > IN_PLACE_MAX_BYTES:  # written whole before: shrink it once
-            os.close(fd)
-            fd = -1
-            write_json(path, data)
-            return
-        os.pwrite(fd, text.ljust(size, b" "), 0)
+        with _overwrite_lock:  # the size read and the write together (labd writes from one thread)
+            size = os.fstat(fd).st_size
+            if size <= IN_PLACE_MAX_BYTES:
+                os.pwrite(fd, text.ljust(size, b" "), 0)
+                return
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
+    write_json(path, data)  # over a page, written whole before: shrink it once
 
 
 class World:
