@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import gitlab
 import pytest
+import requests
 import yaml
 
 from lab.gitlab_api import PRODUCTION_PROJECT_PATH
@@ -303,3 +305,19 @@ def test_liftoff_freeze_and_unfreeze_go_through_the_lock_dag(stack: Stack, lab: 
     finally:
         store.close()
     assert liftoff(stack, "freeze", "gprd", "--for", "2 fortnights", "--reason", "CR-1 x")[0] == 2
+
+
+def test_liftoff_traffic_sends_traffic_through_the_traffic_dag(stack: Stack, lab: Lab):
+    code, out, err = liftoff(stack, "--json", "traffic", "--env", "gstg", "--rps", "4", "--for", "3s",
+                             "--endpoint", "/help", "--watch", "--interval", "1")
+    assert (code, err) == (0, ""), out
+    run_id = json.loads(out.splitlines()[0])["dag_run_id"]
+    assert stack.dag_run("traffic", run_id)["conf"] == {"environments": ["gstg"], "rps": 4.0, "duration_s": 3,
+                                                        "endpoints": ["/help"]}
+    gateway = f"http://{lab.config.pushgateway_addr}/metrics"
+    metrics = requests.get(gateway, timeout=30).text
+    sent = [float(m.group(1)) for m in re.finditer(
+        r'liftoff_traffic_requests_total\{[^}]*env="gstg"[^}]*job="liftoff_traffic"[^}]*\} (\S+)', metrics)]
+    assert sent and sum(sent) >= 4, metrics[:2000]  # about 12 requests: 4 a second for 3 s
+    assert liftoff(stack, "traffic", "--rps", "0")[0] == 2
+

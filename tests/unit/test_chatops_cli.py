@@ -31,7 +31,7 @@ class FakeAirflow:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.dags = {"deploy_canary", "rollback", "deploy_production", "canary_weight", "post_deploy_patch",
-                     "deploy_lock", "fast_deploy"}
+                     "deploy_lock", "fast_deploy", "traffic"}
         self.run_states: list[str] = ["success"]  # successive answers of GET dagRuns/{id}
         self.task_instances: list[dict] = []
         self.xcoms: dict[tuple[str, str], object] = {}
@@ -353,6 +353,35 @@ def test_an_internal_fast_deploy_shows_its_label_and_never_its_version(fake):
 ])
 def test_fast_deploy_refuses_bad_input_in_one_line_and_triggers_nothing(fake, argv, message):
     code, _, err = run_cli(fake, *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert fake.triggers() == []
+
+
+def test_traffic_triggers_the_traffic_dag_with_only_what_was_given(fake):
+    assert run_cli(fake, "traffic")[0] == 0
+    code, out, _ = run_cli(fake, "traffic", "--env", "gstg", "--env", "gprd-cny", "--env", "gstg",
+                           "--rps", "20", "--for", "10m", "--endpoint", "/explore", "--endpoint", "/help?x=1",
+                           "--concurrency", "4")
+    assert code == 0 and RUN in out
+    first, second = fake.triggers()
+    assert first["path"] == "/api/v2/dags/traffic/dagRuns" and first["body"]["conf"] == {}
+    assert second["body"]["conf"] == {"environments": ["gstg", "gprd-cny"], "rps": 20.0, "duration_s": 600,
+                                      "concurrency": 4, "endpoints": ["/explore", "/help?x=1"]}
+    assert second["body"]["note"] == "traffic to gstg, gprd-cny (liftoff CLI)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--rps", "0"), "rps must be within"),
+    (("--rps", "1000"), "rps must be within"),
+    (("--for", "2h"), "at most 3600 s"),
+    (("--for", "0m"), "is zero"),
+    (("--concurrency", "0"), "concurrency must be within"),
+    (("--endpoint", "http://elsewhere.example/"), "is not a path"),
+    (("--endpoint", "/../admin"), "is not a path"),
+    (("--env", "gs tg"), "env"),
+])
+def test_traffic_refuses_bad_input_in_one_line_and_triggers_nothing(fake, argv, message):
+    code, _, err = run_cli(fake, "traffic", *argv)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert fake.triggers() == []
 

@@ -5,6 +5,7 @@
     liftoff rollback gprd [--to VERSION] [--fast] [--reason R]
     liftoff rollback check gprd
     liftoff fast-deploy gprd 17.6.1-ee.0 --reason "CVE-... fix" [--internal]
+    liftoff traffic [--env gstg --env gprd-cny] [--rps 5] [--for 10m] [--endpoint /explore]
     liftoff canary weight 5 | --drain | --ready | --maint  [--force]
     liftoff patch gprd fix-123.patch --roles web,api --reason "..."
     liftoff lock gprd --reason "..."      liftoff unlock gprd --reason "..."
@@ -59,6 +60,7 @@ DAG_CANARY_WEIGHT = "canary_weight"
 DAG_PATCH = "post_deploy_patch"
 DAG_LOCK = "deploy_lock"
 DAG_FAST = "fast_deploy"
+DAG_TRAFFIC = "traffic"
 STATUS_DAGS = (DAG_CANARY, DAG_PRODUCTION)
 SAFETY_TASK = "safety_check"
 MAX_PATCH_BYTES = 256 * 1024
@@ -148,6 +150,29 @@ def fast_deploy_conf(env: str, version: str, *, reason: str, internal: bool = Fa
                      rollout: str | None = None) -> dict:
     return _rollout({"environment": validate_name("env", env), "version": _version(version),
                      "reason": validate_reason(reason), "internal": bool(internal)}, rollout)
+
+
+def traffic_conf(envs: Sequence[str] | None = None, *, rps: float | None = None, duration: str | None = None,
+                 endpoints: Sequence[str] | None = None, concurrency: int | None = None) -> dict:
+    """The traffic DAG's conf: only what is given (the DAG's defaults for the rest), each bound
+    checked here as the DAG checks it."""
+    from liftoff.checks import parse_duration
+    from liftoff.traffic import DEFAULT_ENDPOINTS, MAX_DURATION_S, validate
+
+    conf: dict[str, Any] = {}
+    if envs:
+        conf["environments"] = [validate_name("env", e) for e in dict.fromkeys(envs)]
+    seconds = None if duration is None else int(parse_duration(duration).total_seconds())
+    if seconds is not None and seconds > MAX_DURATION_S:
+        raise InvalidInput(f"traffic runs at most {MAX_DURATION_S:g} s at a time, got --for {duration}")
+    paths = validate(5.0 if rps is None else rps, 300 if seconds is None else seconds,
+                     list(endpoints or DEFAULT_ENDPOINTS), 16 if concurrency is None else concurrency)
+    for key, value in (("rps", rps), ("duration_s", seconds), ("concurrency", concurrency)):
+        if value is not None:
+            conf[key] = value
+    if endpoints:
+        conf["endpoints"] = paths
+    return conf
 
 
 def canary_weight_conf(weight: int | str, *, force: bool = False) -> dict:
@@ -471,6 +496,14 @@ def cmd_fast_deploy(client: AirflowClient, out: Output, args: argparse.Namespace
     shown = internal_label(conf["version"]) if conf["internal"] else conf["version"]
     what = f"fast deploy {shown} to {conf['environment']}"
     return _triggered(client, out, args, trigger(client, out, DAG_FAST, conf, what))
+
+
+def cmd_traffic(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
+    conf = traffic_conf(args.env, rps=args.rps, duration=args.duration, endpoints=args.endpoint,
+                        concurrency=args.concurrency)
+    where = ", ".join(conf.get("environments", [])) or "the default environments"
+    what = f"traffic to {where}"
+    return _triggered(client, out, args, trigger(client, out, DAG_TRAFFIC, conf, what))
 
 
 def cmd_canary(client: AirflowClient, out: Output, args: argparse.Namespace) -> int:
@@ -1290,6 +1323,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an undisclosed security build: its version is shown nowhere (a label instead)")
     fd.add_argument("--rollout", choices=ROLLOUT_MODES, help=ROLLOUT_HELP)
     fd.set_defaults(func=cmd_fast_deploy)
+
+    tr = sub.add_parser("traffic", parents=parents,
+                        help="synthetic traffic against environments for a while, metrics to the "
+                             "Pushgateway (traffic)")
+    tr.add_argument("--env", action="append", metavar="ENV",
+                    help="an environment (repeatable; default: staging, canary and the main fleet)")
+    tr.add_argument("--rps", type=float, help="requests a second per environment (default 5)")
+    tr.add_argument("--for", dest="duration", metavar="DURATION", help="how long: 300s, 10m, 1h (default 5m)")
+    tr.add_argument("--endpoint", action="append", metavar="PATH", help="a path to request (repeatable)")
+    tr.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at most (default 16)")
+    tr.set_defaults(func=cmd_traffic)
 
     c = sub.add_parser("canary", parents=[common], help="canary traffic")
     csub = c.add_subparsers(dest="canary_command", required=True, metavar="weight")
