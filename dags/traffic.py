@@ -14,7 +14,10 @@ from __future__ import annotations
 from airflow.sdk import Param, dag, task
 
 from liftoff.traffic import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_DURATION_S,
     DEFAULT_ENDPOINTS,
+    DEFAULT_RPS,
     MAX_CONCURRENCY,
     MAX_DURATION_S,
     MAX_ENDPOINTS,
@@ -59,14 +62,16 @@ def send_traffic() -> dict:
                               title="Environments",
                               description="Where to send traffic (canary with its QA cookie; the main "
                                           "fleet is the canary judge's baseline)."),
-        "rps": Param(5, type="number", exclusiveMinimum=0, maximum=MAX_RPS, title="Requests a second",
+        "rps": Param(DEFAULT_RPS, type="number", exclusiveMinimum=0, maximum=MAX_RPS,
+                     title="Requests a second",
                      description="Per environment."),
-        "duration_s": Param(300, type="integer", minimum=1, maximum=int(MAX_DURATION_S),
+        "duration_s": Param(DEFAULT_DURATION_S, type="integer", minimum=1, maximum=int(MAX_DURATION_S),
                             title="Duration (seconds)", description="How long this run sends traffic."),
         "endpoints": Param(list(DEFAULT_ENDPOINTS), type="array", minItems=1, maxItems=MAX_ENDPOINTS,
                            items={"type": "string", "pattern": ENDPOINT_PATTERN}, title="Endpoints",
                            description="Paths requested in turn on each environment's URL."),
-        "concurrency": Param(16, type="integer", minimum=1, maximum=MAX_CONCURRENCY, title="Workers",
+        "concurrency": Param(DEFAULT_CONCURRENCY, type="integer", minimum=1, maximum=MAX_CONCURRENCY,
+                             title="Workers",
                              description="Requests in flight at most, per environment."),
     },
     doc_md=__doc__,

@@ -127,9 +127,13 @@ def pids_above(highest: int) -> None:
 
 def write_json(path: Path, data) -> None:
     """Write atomically: a reader never sees half a file."""
+    _replace(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _replace(path: Path, text: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.write_bytes(text)
     os.replace(tmp, path)
 
 
@@ -150,7 +154,7 @@ def overwrite_json(path: Path, data) -> None:
     :func:`write_json`."""
     text = json.dumps(data, indent=1, sort_keys=True).encode()
     if len(text) > IN_PLACE_MAX_BYTES:
-        write_json(path, data)
+        _replace(path, text)
         return
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -165,7 +169,7 @@ def overwrite_json(path: Path, data) -> None:
                 return
     finally:
         os.close(fd)
-    write_json(path, data)  # over a page, written whole before: shrink it once
+    _replace(path, text)  # over a page, written whole before: shrink it once
 
 
 class World:

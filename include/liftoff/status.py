@@ -195,6 +195,26 @@ def internal_traces(version: str) -> list[str]:
     return sorted((f for f in forms if len(f) >= 5), key=lambda f: (-len(f), f))
 
 
+def scrub_internal(value: Any, version: str) -> Any:
+    """``value`` (text, or dicts and lists of it) with every form of an internal build's
+    version (:func:`internal_traces`) as its :func:`internal_label`."""
+    shown = internal_label(version)
+    traces = internal_traces(version)
+
+    def scrub(v: Any) -> Any:
+        if isinstance(v, str):
+            for trace in traces:
+                v = v.replace(trace, shown)
+            return v
+        if isinstance(v, dict):
+            return {scrub(k): scrub(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [scrub(x) for x in v]
+        return v
+
+    return scrub(value)
+
+
 def internal_redactor(internal: Iterable[str]) -> Redact:
     """``redact`` for :func:`snapshot`: the versions in ``internal`` as :func:`internal_label`."""
     hidden = frozenset(v for v in internal if v)

@@ -40,6 +40,10 @@ MAX_DURATION_S = 3600.0
 MAX_CONCURRENCY = 256
 MAX_ENDPOINTS = 20
 DEFAULT_ENDPOINTS = ("/", "/explore", "/api/v4/projects", "/help")
+# the traffic DAG's defaults (its form and `liftoff traffic`)
+DEFAULT_RPS = 5
+DEFAULT_DURATION_S = 300
+DEFAULT_CONCURRENCY = 16
 DEFAULT_TIMEOUT_S = 5.0
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ENDPOINT_PATTERN = r"^/[A-Za-z0-9/_.~%=&?-]{0,200}$"
@@ -231,7 +235,7 @@ async def _request(session: Any, target: Target, endpoint: str, stats: EnvStats,
 
 
 async def run_traffic(targets: Sequence[Target], *, rps: float, duration_s: float,
-                      endpoints: Sequence[str] = DEFAULT_ENDPOINTS, concurrency: int = 16,
+                      endpoints: Sequence[str] = DEFAULT_ENDPOINTS, concurrency: int = DEFAULT_CONCURRENCY,
                       timeout: float = DEFAULT_TIMEOUT_S,
                       push: Callable[[EnvStats, float], bool] | None = None,
                       push_interval_s: float = 5.0) -> dict[str, EnvStats]:
@@ -321,7 +325,7 @@ def alert_rules(window: str = "1m", error_ratio: float = 0.05, p95_s: float = 1.
 
 
 def run_from_inventory(inventory: Inventory, envs: Iterable[str], *, rps: float, duration_s: float,
-                       endpoints: Sequence[str] | None = None, concurrency: int = 16,
+                       endpoints: Sequence[str] | None = None, concurrency: int = DEFAULT_CONCURRENCY,
                        push_interval_s: float = 5.0) -> dict:
     """The traffic DAG's task: run against the environments' URLs, push to the inventory's
     Pushgateway, return a summary per environment."""

@@ -205,22 +205,9 @@ def scrub_internal(value: Any, version: str, internal: bool) -> Any:
     ``internal-<short hash>``."""
     if not internal:
         return value
-    from liftoff.status import internal_label, internal_traces
+    from liftoff.status import scrub_internal as scrub
 
-    shown = internal_label(version)
-
-    def scrub(v: Any) -> Any:
-        if isinstance(v, str):
-            for trace in internal_traces(version):
-                v = v.replace(trace, shown)
-            return v
-        if isinstance(v, dict):
-            return {scrub(k): scrub(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [scrub(x) for x in v]
-        return v
-
-    return scrub(value)
+    return scrub(value, version)
 
 
 def params() -> dict[str, Any]:

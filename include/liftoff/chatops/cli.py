@@ -48,7 +48,7 @@ from liftoff.chatops.api import (
 )
 from liftoff.errors import InvalidInput
 from liftoff.inventory import ROLLOUT_MODES
-from liftoff.status import internal_label, internal_traces
+from liftoff.status import internal_label, scrub_internal
 from liftoff.versions import parse_version, validate_name, validate_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
@@ -157,7 +157,14 @@ def traffic_conf(envs: Sequence[str] | None = None, *, rps: float | None = None,
     """The traffic DAG's conf: only what is given (the DAG's defaults for the rest), each bound
     checked here as the DAG checks it."""
     from liftoff.checks import parse_duration
-    from liftoff.traffic import DEFAULT_ENDPOINTS, MAX_DURATION_S, validate
+    from liftoff.traffic import (
+        DEFAULT_CONCURRENCY,
+        DEFAULT_DURATION_S,
+        DEFAULT_ENDPOINTS,
+        DEFAULT_RPS,
+        MAX_DURATION_S,
+        validate,
+    )
 
     conf: dict[str, Any] = {}
     if envs:
@@ -165,8 +172,9 @@ def traffic_conf(envs: Sequence[str] | None = None, *, rps: float | None = None,
     seconds = None if duration is None else int(parse_duration(duration).total_seconds())
     if seconds is not None and seconds > MAX_DURATION_S:
         raise InvalidInput(f"traffic runs at most {MAX_DURATION_S:g} s at a time, got --for {duration}")
-    paths = validate(5.0 if rps is None else rps, 300 if seconds is None else seconds,
-                     list(endpoints or DEFAULT_ENDPOINTS), 16 if concurrency is None else concurrency)
+    paths = validate(DEFAULT_RPS if rps is None else rps,
+                     DEFAULT_DURATION_S if seconds is None else seconds, list(endpoints or DEFAULT_ENDPOINTS),
+                     DEFAULT_CONCURRENCY if concurrency is None else concurrency)
     for key, value in (("rps", rps), ("duration_s", seconds), ("concurrency", concurrency)):
         if value is not None:
             conf[key] = value
@@ -366,16 +374,8 @@ def _conf_summary(conf: Mapping[str, Any]) -> dict:
     if isinstance(shown.get("patch"), str):
         shown["patch"] = f"<{len(shown['patch'].encode())} bytes>"
     if shown.get("internal") is True:
-        shown = {k: _hide_internal(v, str(conf["version"])) if isinstance(v, str) else v
-                 for k, v in shown.items()}
+        shown = scrub_internal(shown, str(conf["version"]))
     return shown
-
-
-def _hide_internal(text: str, version: str) -> str:
-    label = internal_label(version)
-    for trace in internal_traces(version):
-        text = text.replace(trace, label)
-    return text
 
 
 def readable_run_id(what: str, now: datetime | None = None) -> str:
